@@ -1,0 +1,5 @@
+import sys
+
+from selfforcing.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""Samplers: the few-step denoiser of a Self Forcing student and the many-step Euler
+sampler with classifier-free guidance used by teachers.
+
+A sampler only sees ``model_fn(x_t, t) -> v`` (the flow), so it is independent of
+attention mode, KV caches and text conditioning.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from selfforcing.diffusion.schedule import FlowMatchSchedule
+
+FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def few_step_denoise(
+    model_fn: FlowFn,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: FlowMatchSchedule,
+    *,
+    exit_index: int | None = None,
+    grad: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Denoise ``noise`` through the few-step list and return the clean estimate ``x0``.
+
+    Each step predicts ``x0`` and, unless it is the exit step, re-noises it with *fresh*
+    Gaussian noise to the next timestep (the DMD few-step sampler, paper Alg. 1 lines 5-12).
+    ``exit_index`` stops early (Self Forcing's stochastic gradient truncation draws it at
+    random during training); with ``grad`` only the exit step builds an autograd graph.
+    """
+    last = len(timesteps) - 1 if exit_index is None else exit_index
+    x = noise
+    for i in range(last + 1):
+        t = timesteps[i].expand(x.shape[0])
+        with torch.set_grad_enabled(grad and i == last):
+            x0 = schedule.x0_from_flow(x, model_fn(x, t), t)
+        if i == last:
+            return x0
+        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = schedule.add_noise(x0, fresh, timesteps[i + 1].expand(x.shape[0]))
+    raise ValueError("empty timestep list")
+
+
+@torch.no_grad()
+def euler_sample_cfg(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
+    noise: torch.Tensor,
+    schedule: FlowMatchSchedule,
+    num_steps: int = 50,
+    guidance_scale: float = 3.0,
+) -> torch.Tensor:
+    """Integrate the probability-flow ODE from ``noise`` (sigma = 1) to sigma = 0 with Euler steps.
+
+    ``model_fn(x, t, cond)`` returns the conditional (``cond=True``) or unconditional flow;
+    classifier-free guidance mixes them as ``v_u + w (v_c - v_u)``. ``guidance_scale == 1``
+    skips the unconditional pass.
+    """
+    timesteps = torch.cat([schedule.sampling_timesteps(num_steps), torch.zeros(1)]).to(noise.device)
+    x = noise
+    for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+        tb = t.expand(x.shape[0])
+        v = model_fn(x, tb, True)
+        if guidance_scale != 1.0:
+            v_uncond = model_fn(x, tb, False)
+            v = v_uncond + guidance_scale * (v - v_uncond)
+        x = x + (schedule.sigma(t_next) - schedule.sigma(t)) * v
+    return x

@@ -1,0 +1,259 @@
+"""Streaming text-to-video: prompt -> text embedding -> rollout -> streaming VAE decode.
+
+``StreamingPipeline.stream`` is a Python iterator: each chunk's frames are decoded and
+handed out as soon as its few denoising steps finish, so a caller can show or write them
+while later chunks are still being generated. Time to first frame and throughput are
+recorded in ``pipeline.stats``.
+
+A model directory is either
+
+* a selfforcing directory: ``selfforcing.json`` (sampling, text encoder and VAE configs)
+  plus ``transformer/`` (diffusers layout), written by ``save_pretrained``; or
+* a diffusers Wan2.1-T2V pipeline directory (``model_index.json``, ``transformer/``,
+  ``vae/``, ``text_encoder/``, ``tokenizer/``), streamed with Self Forcing's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from selfforcing.diffusion.schedule import FlowMatchSchedule
+from selfforcing.errors import SelfForcingError
+from selfforcing.inference.rollout import rollout
+from selfforcing.models.convert import load_state_dict_file
+from selfforcing.models.kv_cache import ROPE_MODES, KVCache
+from selfforcing.models.text_encoders import TextEncoder, text_encoder_from_config, validate_prompts
+from selfforcing.models.vae import VideoVAE, vae_from_config
+from selfforcing.models.wan import CausalWanModel
+from selfforcing.utils import atomic_path
+
+PIPELINE_CONFIG = "selfforcing.json"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a causal student streams; stored in ``selfforcing.json`` under ``"sampling"``."""
+
+    frames_per_chunk: int = 3  # latent frames per chunk: 3 chunk-wise (paper default), 1 frame-wise
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)  # paper's list, warped by the shift
+    timestep_shift: float = 5.0
+    kv_cache_frames: int = 21  # past latent frames the rolling cache holds (L)
+    sink_frames: int = 0  # first frames never evicted
+    rope_positions: str = "absolute"  # or "relative" for unbounded length
+    context_noise: float = 0.0  # timestep of the cache-fill pass (0 = clean context)
+    height: int = 480  # output video size in pixels
+    width: int = 832
+    fps: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "denoising_steps", tuple(self.denoising_steps))
+        if self.frames_per_chunk < 1:
+            raise SelfForcingError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
+        if self.kv_cache_frames - self.sink_frames < self.frames_per_chunk:
+            raise SelfForcingError(
+                f"kv_cache_frames ({self.kv_cache_frames}) minus sink_frames ({self.sink_frames}) "
+                f"must hold at least one chunk ({self.frames_per_chunk} frames)"
+            )
+        if self.rope_positions not in ROPE_MODES:
+            raise SelfForcingError(f"rope_positions must be one of {ROPE_MODES}, got {self.rope_positions!r}")
+        if not 0 <= self.context_noise < 1000:
+            raise SelfForcingError(f"context_noise must be in [0, 1000), got {self.context_noise}")
+        if min(self.height, self.width, self.fps) < 1:
+            raise SelfForcingError("height, width and fps must be positive")
+        FlowMatchSchedule(shift=self.timestep_shift).few_step_timesteps(self.denoising_steps)  # validates
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SelfForcingError(f"unknown sampling config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["denoising_steps"] = list(self.denoising_steps)
+        return d
+
+
+@dataclass
+class StreamStats:
+    """Wall-clock figures of the last stream."""
+
+    first_frame_s: float | None = None  # from the call to the first decoded frame
+    frames: int = 0  # video frames produced (per batch element)
+    elapsed_s: float = 0.0
+    chunk_times_s: list[float] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class VideoChunk:
+    index: int  # chunk number in the stream
+    start_frame: int  # index of its first video frame
+    frames: torch.Tensor  # (B, T, H, W, 3) uint8
+    latents: torch.Tensor  # (B, C, n, h, w)
+
+
+class StreamingPipeline:
+    def __init__(self, model: CausalWanModel, text_encoder: TextEncoder, vae: VideoVAE, sampling: SamplingConfig):
+        if text_encoder.dim != model.config.text_dim:
+            raise SelfForcingError(
+                f"text encoder width {text_encoder.dim} does not match the model's text_dim {model.config.text_dim}"
+            )
+        if vae.latent_channels != model.config.in_channels:
+            raise SelfForcingError(
+                f"VAE latent channels {vae.latent_channels} do not match the model's in_channels {model.config.in_channels}"
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.sampling = sampling
+        self.schedule = FlowMatchSchedule(shift=sampling.timestep_shift)
+        self.stats = StreamStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.proj_out.weight.device
+
+    # ---- loading and saving ----------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        checkpoint: str | Path | None = None,
+    ) -> "StreamingPipeline":
+        """Load a model directory; ``checkpoint`` overrides the transformer weights
+        (e.g. a Self-Forcing ``.pt`` holding ``generator_ema``)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise SelfForcingError(f"model directory {path} does not exist")
+        if (path / PIPELINE_CONFIG).is_file():
+            cfg = _read_json(path / PIPELINE_CONFIG)
+            unknown = sorted(set(cfg) - {"sampling", "text_encoder", "vae"})
+            if unknown:
+                raise SelfForcingError(f"unknown keys in {path / PIPELINE_CONFIG}: {', '.join(unknown)}")
+            sampling = SamplingConfig.from_dict(cfg.get("sampling", {}))
+            text_cfg, vae_cfg = cfg.get("text_encoder", {"type": "umt5"}), cfg.get("vae", {"type": "wan"})
+        elif (path / "model_index.json").is_file():
+            sampling, text_cfg, vae_cfg = SamplingConfig(), {"type": "umt5"}, {"type": "wan"}
+        else:
+            raise SelfForcingError(
+                f"{path} is not a model directory: expected {PIPELINE_CONFIG} (selfforcing) "
+                "or model_index.json (diffusers Wan pipeline)"
+            )
+        model = CausalWanModel.from_pretrained(path / "transformer")
+        if checkpoint is not None:
+            model.load_weights(load_state_dict_file(checkpoint))
+        model.to(device=device, dtype=dtype)
+        text_encoder = text_encoder_from_config(text_cfg, path, device=device)
+        vae = vae_from_config(vae_cfg, path / "vae", device=device)
+        return cls(model, text_encoder, vae, sampling)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a selfforcing model directory (config last, so a partial write is never loadable)."""
+        path = Path(path)
+        self.model.save_pretrained(path / "transformer")
+        cfg = {"sampling": self.sampling.to_dict(), "text_encoder": self.text_encoder.config(), "vae": self.vae.config()}
+        with atomic_path(path / PIPELINE_CONFIG) as tmp:
+            tmp.write_text(json.dumps(cfg, indent=2))
+
+    # ---- streaming --------------------------------------------------------
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames needed for ``num_frames`` video frames, or a clear error."""
+        if not isinstance(num_frames, int) or num_frames <= 0:
+            raise SelfForcingError(f"number of frames must be a positive integer, got {num_frames!r}")
+        r, n = self.vae.temporal_ratio, self.sampling.frames_per_chunk
+        if r > 1 and (num_frames - 1) % r:
+            raise SelfForcingError(f"this VAE makes 1 + {r}k video frames; {num_frames} is not of that form")
+        latent = num_frames if r == 1 else (num_frames - 1) // r + 1
+        if latent % n:
+            valid = [self.video_frames(k * n) for k in (max(1, latent // n), latent // n + 1)]
+            raise SelfForcingError(
+                f"{num_frames} frames is {latent} latent frames, not a multiple of the chunk size "
+                f"({n} latent frames); try {' or '.join(map(str, sorted(set(valid))))}"
+            )
+        return latent
+
+    def video_frames(self, latent_frames: int) -> int:
+        r = self.vae.temporal_ratio
+        return latent_frames if r == 1 else 1 + r * (latent_frames - 1)
+
+    def new_cache(self) -> KVCache:
+        s = self.sampling
+        return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts: list[str] | str,
+        num_frames: int | None,
+        seed: int = 0,
+        initial_latents: torch.Tensor | None = None,
+    ) -> Iterator[VideoChunk]:
+        """Generate and yield video chunk by chunk; ``num_frames=None`` streams until the caller stops.
+
+        ``initial_latents`` (B, C, F0, h, w) continues a given video (extension): those frames
+        only fill the KV cache.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        validate_prompts(prompts)
+        num_chunks = None if num_frames is None else self.latent_frames(num_frames) // self.sampling.frames_per_chunk
+        s, device = self.sampling, self.device
+        ratio = self.vae.spatial_ratio * self.model.config.patch_size[1]
+        if s.height % ratio or s.width % ratio:
+            raise SelfForcingError(f"height and width must be multiples of {ratio}, got {s.height}x{s.width}")
+        chunk_shape = (len(prompts), self.model.config.in_channels, s.frames_per_chunk,
+                       s.height // self.vae.spatial_ratio, s.width // self.vae.spatial_ratio)
+        if initial_latents is not None and (initial_latents.shape[:2] != chunk_shape[:2] or initial_latents.shape[3:] != chunk_shape[3:]):
+            raise SelfForcingError(f"initial latents of shape {tuple(initial_latents.shape)} do not match {chunk_shape}")
+
+        self.stats = stats = StreamStats()
+        start = time.perf_counter()
+        generator = torch.Generator(device).manual_seed(seed)
+        text = self.model.encode_text(self.text_encoder.encode(prompts).to(device))
+        timesteps = self.schedule.few_step_timesteps(s.denoising_steps).to(device)
+        decoder = self.vae.stream_decoder()
+        chunks = rollout(
+            self.model, text, self.new_cache(), self.schedule, timesteps, chunk_shape, num_chunks,
+            generator=generator, context_t=s.context_noise,
+            prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
+        )
+        for index, x0 in enumerate(chunks):
+            frames = to_uint8(decoder.decode_chunk(x0))
+            now = time.perf_counter()
+            if stats.first_frame_s is None:
+                stats.first_frame_s = now - start
+            stats.chunk_times_s.append(now - start - sum(stats.chunk_times_s))
+            yield VideoChunk(index, stats.frames, frames, x0)
+            stats.frames += frames.shape[1]
+            stats.elapsed_s = time.perf_counter() - start
+
+    def generate(self, prompts: list[str] | str, num_frames: int, seed: int = 0) -> torch.Tensor:
+        """Whole video (B, T, H, W, 3) uint8."""
+        return torch.cat([c.frames for c in self.stream(prompts, num_frames, seed)], dim=1)
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SelfForcingError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SelfForcingError(f"{path} must hold a JSON object")
+    return data

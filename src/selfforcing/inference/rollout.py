@@ -1,0 +1,75 @@
+"""The autoregressive rollout: the one loop behind streaming inference, Self Forcing
+training and the live server.
+
+For each chunk (paper Algorithm 1 for training, Algorithm 2 for inference):
+
+1. start from pure noise and denoise through the few-step list, attending to the KV cache
+   of earlier *generated* chunks (never ground truth: that is the point of Self Forcing);
+2. hand the clean chunk ``x0`` to the caller (the generator ``yield``\\ s it at once);
+3. run one more forward on the detached clean chunk (timestep ``context_t``, 0 by default,
+   optionally noised) to write its K/V into the cache, evicting the oldest frames when full.
+
+Training passes ``exit_index``/``grad`` so that only the exit step builds a graph
+(stochastic gradient truncation, §3.3); the cache-fill pass never does.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from selfforcing.diffusion.samplers import few_step_denoise
+from selfforcing.diffusion.schedule import FlowMatchSchedule
+from selfforcing.models.kv_cache import KVCache
+from selfforcing.models.wan import CausalWanModel, TextContext
+
+
+def rollout(
+    model: CausalWanModel,
+    text: TextContext,
+    cache: KVCache,
+    schedule: FlowMatchSchedule,
+    timesteps: torch.Tensor,
+    chunk_shape: tuple[int, ...],
+    num_chunks: int | None,
+    *,
+    generator: torch.Generator | None = None,
+    context_t: float = 0.0,
+    prefix: torch.Tensor | None = None,
+    exit_index: int | None = None,
+    grad: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield clean latent chunks of shape ``chunk_shape`` (B, C, n, h, w); ``num_chunks=None`` streams for ever.
+
+    ``prefix`` (B, C, F0, h, w) holds given clean latents to continue from (video
+    extension): they only fill the cache, in pieces of ``n`` frames, and are not yielded.
+    """
+    device = timesteps.device
+    frames_per_chunk = chunk_shape[2]
+
+    def flow(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t, text, kv_cache=cache)
+
+    if prefix is not None:
+        for start in range(0, prefix.shape[2], frames_per_chunk):
+            _fill_cache(model, text, cache, schedule, prefix[:, :, start:start + frames_per_chunk], context_t, generator)
+    chunk = 0
+    while num_chunks is None or chunk < num_chunks:
+        noise = torch.randn(chunk_shape, generator=generator, device=device)
+        x0 = few_step_denoise(
+            flow, noise, timesteps, schedule, exit_index=exit_index, grad=grad, generator=generator
+        )
+        yield x0
+        _fill_cache(model, text, cache, schedule, x0.detach(), context_t, generator)
+        chunk += 1
+
+
+@torch.no_grad()
+def _fill_cache(model, text, cache, schedule, x0, context_t, generator) -> None:
+    """Write a clean chunk's K/V into the cache (optionally noised to ``context_t``)."""
+    t = torch.full((x0.shape[0],), float(context_t), device=x0.device)
+    if context_t > 0:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x0 = schedule.add_noise(x0, noise, t)
+    model(x0, t, text, kv_cache=cache, update_cache=True)

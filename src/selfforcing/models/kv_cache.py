@@ -1,0 +1,127 @@
+"""Rolling self-attention KV cache for streaming generation (paper Algorithm 2).
+
+The cache holds the keys and values of up to ``capacity`` past latent frames for every
+block, in buffers preallocated once so that every chunk step sees the same shapes.
+Storage is a ring of frame *slots*: when the cache is full, the next frames overwrite the
+slots of the oldest frames (O(1) bookkeeping, no copies), except for ``sink_frames`` first
+frames that are never evicted. Attention is permutation-invariant over keys, so slot order
+does not matter; each slot remembers its frame's position for RoPE instead.
+
+Keys are stored *before* RoPE. Positions are applied at read time, either the absolute
+frame index (``rope_positions="absolute"``, exact equivalence with a parallel forward) or
+renumbered from the start of the window (``"relative"``), so that generation can run for
+ever without positions passing the end of the RoPE table.
+
+A forward that stores a chunk follows ``evict`` -> ``append`` (once per layer) -> ``commit``:
+every layer must still read the old window while the chunk is being written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from selfforcing.errors import SelfForcingError
+
+ROPE_MODES = ("absolute", "relative")
+
+
+class KVCache:
+    def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute"):
+        if capacity < 0 or sink_frames < 0:
+            raise SelfForcingError(f"cache capacity and sink frames must be >= 0, got {capacity}, {sink_frames}")
+        if sink_frames > capacity:
+            raise SelfForcingError(f"sink_frames ({sink_frames}) cannot exceed the cache capacity ({capacity})")
+        if rope_positions not in ROPE_MODES:
+            raise SelfForcingError(f"rope_positions must be one of {ROPE_MODES}, got {rope_positions!r}")
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.sink_frames = sink_frames
+        self.rope_positions = rope_positions
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self.reset()
+
+    # ---- state -----------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every frame (buffers stay allocated for the next stream)."""
+        self.slot_frame = torch.full((self.capacity,), -1, dtype=torch.long)  # frame index held by each slot
+        self.num_valid = 0  # slots [0, num_valid) hold frames
+        self.frames_seen = 0  # frames ever appended: the absolute index of the next frame
+        self.tokens_per_frame: int | None = None
+
+    def __len__(self) -> int:
+        """Number of frames currently held."""
+        return self.num_valid
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._k + self._v)
+
+    # ---- reading ---------------------------------------------------------
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached (B, frames*tokens, H, D) keys (pre-RoPE) and values of ``layer``; None if empty."""
+        if self.num_valid == 0:
+            return None
+        n = self.num_valid * self.tokens_per_frame
+        return self._k[layer][:, :n], self._v[layer][:, :n]
+
+    def positions(self) -> torch.Tensor:
+        """RoPE frame positions of the held frames, in slot order."""
+        held = self.slot_frame[: self.num_valid]
+        if self.rope_positions == "absolute":
+            return held
+        # Relative: sinks keep 0..S-1, the rest are numbered by age right after them.
+        rank = torch.empty_like(held)
+        rank[held.argsort()] = torch.arange(len(held))
+        return rank
+
+    def next_positions(self, num_frames: int) -> torch.Tensor:
+        """RoPE positions for the next ``num_frames`` frames of the stream."""
+        start = self.frames_seen if self.rope_positions == "absolute" else self.num_valid
+        return torch.arange(start, start + num_frames)
+
+    # ---- writing ---------------------------------------------------------
+    def evict(self, num_frames: int) -> torch.Tensor:
+        """Choose the slots the next ``num_frames`` frames will occupy, evicting the oldest
+        non-sink frames if the cache is full. Nothing changes until ``commit``."""
+        if num_frames > self.capacity - self.sink_frames:
+            raise SelfForcingError(
+                f"a chunk of {num_frames} frames does not fit a KV cache of {self.capacity} frames "
+                f"with {self.sink_frames} sink frames"
+            )
+        free = list(range(self.num_valid, min(self.capacity, self.num_valid + num_frames)))
+        need = num_frames - len(free)
+        held = self.slot_frame[: self.num_valid]
+        evictable = (held >= self.sink_frames).nonzero().flatten()
+        oldest = evictable[held[evictable].argsort()[:need]]
+        return torch.cat([torch.tensor(free, dtype=torch.long), oldest])
+
+    def append(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a chunk's pre-RoPE keys and values (B, frames*tokens, H, D) for one layer."""
+        if self.tokens_per_frame is None:
+            self._allocate(k, len(slots))
+        tpf = self.tokens_per_frame
+        if k.shape[1] != len(slots) * tpf or k.shape[0] != self._k[layer].shape[0]:
+            raise SelfForcingError(
+                f"chunk K/V of shape {tuple(k.shape)} does not match the cache ({tpf} tokens per frame, "
+                f"batch {self._k[layer].shape[0]}); call reset() before changing resolution or batch"
+            )
+        index = (slots[:, None] * tpf + torch.arange(tpf)).flatten().to(k.device)
+        self._k[layer].index_copy_(1, index, k.detach())  # the cache never holds an autograd graph
+        self._v[layer].index_copy_(1, index, v.detach())
+
+    def commit(self, slots: torch.Tensor) -> None:
+        """Mark ``slots`` as holding the next frames of the stream."""
+        n = len(slots)
+        self.slot_frame[slots] = torch.arange(self.frames_seen, self.frames_seen + n)
+        self.frames_seen += n
+        self.num_valid = min(self.capacity, self.num_valid + n)
+
+    def _allocate(self, k: torch.Tensor, frames: int) -> None:
+        """Size the buffers on the first append of a stream; reuse them if the shape is unchanged."""
+        batch, tokens, heads, head_dim = k.shape
+        self.tokens_per_frame = tokens // frames
+        shape = (batch, self.capacity * self.tokens_per_frame, heads, head_dim)
+        if self._k and self._k[0].shape == shape and self._k[0].dtype == k.dtype and self._k[0].device == k.device:
+            return
+        self._k = [k.new_zeros(shape) for _ in range(self.num_layers)]
+        self._v = [k.new_zeros(shape) for _ in range(self.num_layers)]

@@ -1,0 +1,525 @@
+"""The Wan2.1 text-to-video diffusion transformer, made causal.
+
+One file, one forward pass, top to bottom (read ``CausalWanModel.forward``):
+
+    video latents (B, C, F, H, W)
+      -> 3D patch embed (conv, patch (1, 2, 2))            -> tokens (B, F*h*w, dim)
+      -> per-frame sinusoidal timestep embedding -> MLP     -> adaLN modulation (6 x dim)
+      -> text embeddings -> GELU-tanh MLP                   -> cross-attention K/V per block
+      -> N x [LayerNorm+mod -> self-attn (qk-RMSNorm, 3D RoPE) -> gate
+              LayerNorm(affine) -> cross-attn to text
+              LayerNorm+mod -> FFN (GELU-tanh) -> gate]
+      -> LayerNorm+mod -> linear head -> unpatchify         -> flow v (B, C, F, H, W)
+
+Parameter names are those of diffusers' ``WanTransformer3DModel``, so its
+``save_pretrained`` directories load here without conversion.
+
+Self-attention runs in one of three modes (the only thing that differs between
+the teacher, parallel causal training and streaming inference):
+
+* full bidirectional attention (``attention=None``, no cache): the teacher;
+* a block-causal frame mask over the whole sequence (``attention=BlockCausal``):
+  Teacher/Diffusion Forcing training, chunk size 3 (chunk-wise) or 1 (frame-wise);
+* incremental (``kv_cache=...``): one chunk attends to the cached K/V of earlier
+  frames plus itself; ``update_cache=True`` stores the chunk's K/V afterwards.
+
+Timesteps may be per sample ``(B,)`` or per latent frame ``(B, F)`` in every mode.
+The model knows nothing about parallelism or training: those wrap it from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfforcing.errors import SelfForcingError
+from selfforcing.models.kv_cache import KVCache
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+# diffusers config keys that select image-to-video parts this text-to-video model does not have.
+_I2V_KEYS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class WanConfig:
+    """Architecture hyper-parameters, named as in diffusers' ``WanTransformer3DModel`` config."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise SelfForcingError(f"patch_size must be three positive ints, got {self.patch_size}")
+        if self.qk_norm != "rms_norm_across_heads":
+            raise SelfForcingError(f"only qk_norm='rms_norm_across_heads' (Wan2.1) is supported, got {self.qk_norm!r}")
+        if not self.cross_attn_norm:
+            raise SelfForcingError("only cross_attn_norm=True (Wan2.1) is supported")
+        if self.attention_head_dim % 2 or self.attention_head_dim < 6:
+            raise SelfForcingError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {self.attention_head_dim}")
+        for name in ("num_attention_heads", "in_channels", "out_channels", "text_dim", "ffn_dim", "num_layers"):
+            if getattr(self, name) < 1:
+                raise SelfForcingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.freq_dim < 2 or self.freq_dim % 2:
+            raise SelfForcingError(f"freq_dim must be even and >= 2, got {self.freq_dim}")
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WanConfig":
+        """Build from a diffusers ``config.json`` dict (``_``-prefixed metadata is ignored)."""
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        i2v = [k for k in _I2V_KEYS if d.pop(k, None) is not None]
+        if i2v:
+            raise SelfForcingError(f"image-to-video Wan configs are not supported (config sets {', '.join(i2v)})")
+        d.pop("window_size", None)  # legacy key of original Wan configs, always global attention
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SelfForcingError(f"unknown Wan config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return {"_class_name": "WanTransformer3DModel", **d}
+
+
+PRESETS: dict[str, WanConfig] = {
+    # Wan2.1-T2V-1.3B, the model Self Forcing post-trains.
+    "wan2.1-1.3b": WanConfig(),
+    # The embedded toy-world model: 12-channel pixel latents (32x32 RGB, space-to-depth 2).
+    "toy": WanConfig(
+        num_attention_heads=4, attention_head_dim=32, in_channels=12, out_channels=12,
+        text_dim=64, freq_dim=64, ffn_dim=512, num_layers=4, rope_max_seq_len=1024,
+    ),
+    # Smallest useful network, for tests.
+    "tiny": WanConfig(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+    ),
+}
+
+
+def preset(name: str) -> WanConfig:
+    if name not in PRESETS:
+        raise SelfForcingError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# --------------------------------------------------------------------------- attention masks
+@dataclass(frozen=True)
+class BlockCausal:
+    """Frame-level block-causal attention for parallel (teacher / diffusion forcing) training.
+
+    Frames are grouped into chunks of ``frames_per_chunk``; every frame sees all frames of
+    its own chunk and earlier chunks. ``window_frames`` limits the past to what a rolling
+    KV cache of that capacity would hold (``sink_frames`` first frames always kept), so one
+    parallel forward reproduces streaming inference exactly. ``hide_first_chunk_from_last``
+    is the paper's §3.4 trick: the last chunk may not attend to the first, so the model
+    learns to do without it before the rolling cache evicts it at extrapolation time.
+    """
+
+    frames_per_chunk: int = 3
+    window_frames: int | None = None
+    sink_frames: int = 0
+    hide_first_chunk_from_last: bool = False
+
+    def frame_mask(self, num_frames: int, device: torch.device | None = None) -> torch.Tensor:
+        """(F, F) bool, True where query frame i may attend key frame j."""
+        n = self.frames_per_chunk
+        if num_frames % n:
+            raise SelfForcingError(f"{num_frames} latent frames is not a multiple of frames_per_chunk={n}")
+        idx = torch.arange(num_frames, device=device)
+        chunk_start = (idx // n * n)[:, None]  # first frame of the query's chunk
+        key = idx[None, :]
+        allowed = key < chunk_start + n
+        if self.window_frames is not None:
+            recent = key >= chunk_start - (self.window_frames - self.sink_frames)
+            allowed &= recent | (key >= chunk_start) | (key < self.sink_frames)
+        if self.hide_first_chunk_from_last and num_frames > n:
+            last = idx[:, None] >= num_frames - n
+            allowed &= ~(last & (key < n))
+        return allowed
+
+
+# --------------------------------------------------------------------------- building blocks
+class LayerNormFP32(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the activation dtype (as Wan does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+class MLP2(nn.Module):
+    """linear_1 -> activation -> linear_2 (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, d_in: int, d_out: int, act: nn.Module):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_out)
+        self.act_1 = act
+        self.linear_2 = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep -> (embedding, 6-way adaLN modulation); text -> model width."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = MLP2(cfg.freq_dim, cfg.dim, nn.SiLU())
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
+        self.text_embedder = MLP2(cfg.text_dim, cfg.dim, nn.GELU(approximate="tanh"))
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal features of ``t`` (any shape) -> (..., freq_dim), cos first as in Wan."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.float()[..., None] * freqs
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame timesteps (B, F) -> temb (B, F, dim), modulation (B, F, 6, dim)."""
+        temb = self.time_embedder(self.sinusoid(t).to(self.time_proj.weight.dtype))
+        mod = self.time_proj(self.act_fn(temb)).unflatten(-1, (6, -1))
+        return temb, mod
+
+
+class Rope3D(nn.Module):
+    """Wan's 3D rotary embedding: head channels split into time / height / width parts.
+
+    Height and width get ``2 * (head_dim // 6)`` channels each, time the rest. Tables are
+    precomputed for ``max_seq_len`` positions per axis; frame positions are passed in
+    explicitly so that a KV cache can place frames absolutely or relative to its window.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        hw = 2 * (head_dim // 6)
+        self.split = (head_dim - 2 * hw, hw, hw)
+        self.max_seq_len = max_seq_len
+        pos = torch.arange(max_seq_len, dtype=torch.float64)
+        tables = []
+        for d in self.split:
+            inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+            tables.append(torch.outer(pos, inv_freq))
+        angles = torch.cat(tables, dim=1)  # (max_seq_len, head_dim/2), axes side by side
+        self.register_buffer("cos_table", angles.cos().float(), persistent=False)
+        self.register_buffer("sin_table", angles.sin().float(), persistent=False)
+
+    def forward(self, frame_positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (F*h*w, head_dim/2) for tokens ordered frame, row, column."""
+        if int(frame_positions.max()) >= self.max_seq_len or max(height, width) > self.max_seq_len:
+            raise SelfForcingError(
+                f"position {int(frame_positions.max())} is past the RoPE table ({self.max_seq_len} positions); "
+                "use cache-relative RoPE positions (rope_positions='relative') for unbounded generation"
+            )
+        n_t, n_h, _ = (s // 2 for s in self.split)
+        rows, cols = torch.arange(height, device=frame_positions.device), torch.arange(width, device=frame_positions.device)
+
+        def grid(table: torch.Tensor) -> torch.Tensor:
+            t_part = table[frame_positions, :n_t][:, None, None, :].expand(-1, height, width, -1)
+            h_part = table[rows, n_t:n_t + n_h][None, :, None, :].expand(len(frame_positions), -1, width, -1)
+            w_part = table[cols, n_t + n_h:][None, None, :, :].expand(len(frame_positions), height, -1, -1)
+            return torch.cat([t_part, h_part, w_part], dim=-1).flatten(0, 2)
+
+        return grid(self.cos_table), grid(self.sin_table)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` (B, N, H, D) by the token angles (N, D/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention on (B, N, H, D) tensors; ``mask`` (Nq, Nk) bool, True = attend."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+class WanAttention(nn.Module):
+    """Projections of one attention layer (q/k/v/out, RMSNorm on q and k across all heads)."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))
+
+    def key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1))
+        return k, self.to_v(x).unflatten(-1, (self.heads, -1))
+
+
+class FeedForward(nn.Module):
+    """dim -> ffn_dim -> GELU(tanh) -> dim, named like diffusers' FeedForward (net.0.proj, net.2)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(hidden, dim)])
+        self.net[0].proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+@dataclass
+class TextContext:
+    """Cross-attention K/V of every block for one batch of prompts.
+
+    Computed once per prompt (``CausalWanModel.encode_text``) and reused by every
+    denoising step and every chunk: text never changes while a prompt is streaming.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv[0][0].shape[0]
+
+
+@dataclass
+class SelfAttnInputs:
+    """What one forward's self-attention needs besides the block's own activations."""
+
+    rope_q: tuple[torch.Tensor, torch.Tensor]
+    rope_k: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+    kv_cache: KVCache | None
+    cache_slots: torch.Tensor | None  # where this forward's K/V go in the cache (None: don't store)
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNormFP32(dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, cfg.num_attention_heads, cfg.eps)
+        self.norm2 = LayerNormFP32(dim, cfg.eps, elementwise_affine=True)
+        self.attn2 = WanAttention(dim, cfg.num_attention_heads, cfg.eps)
+        self.norm3 = LayerNormFP32(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, mod, text_kv, sa: SelfAttnInputs, layer: int) -> torch.Tensor:
+        """x: (B, F, hw, dim) tokens grouped by frame; mod: (B, F, 6, dim) per-frame modulation."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod.float()).unsqueeze(3).unbind(2)
+
+        h = (self.norm1(x).float() * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self.self_attention(h.flatten(1, 2), sa, layer).view_as(x) * gate).type_as(x)
+
+        x = x + self.attn2.to_out[0](attention(self.attn2.query(self.norm2(x).flatten(1, 2)), *text_kv)).view_as(x)
+
+        h = (self.norm3(x).float() * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+    def self_attention(self, h: torch.Tensor, sa: SelfAttnInputs, layer: int) -> torch.Tensor:
+        q = self.attn1.query(h)
+        k, v = self.attn1.key_value(h)
+        k_all, v_all = k, v
+        if sa.kv_cache is not None:
+            # Keys are cached before RoPE so the cache can renumber positions (relative mode).
+            past = sa.kv_cache.window(layer)
+            if past is not None:
+                k_all, v_all = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+            if sa.cache_slots is not None:
+                sa.kv_cache.append(layer, sa.cache_slots, k, v)
+        q, k_all = apply_rope(q, *sa.rope_q), apply_rope(k_all, *sa.rope_k)
+        return self.attn1.to_out[0](attention(q, k_all, v_all, sa.mask))
+
+
+# --------------------------------------------------------------------------- the model
+class CausalWanModel(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.rope = Rope3D(config.attention_head_dim, config.rope_max_seq_len)
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
+        self.condition_embedder = ConditionEmbedder(config)
+        self.blocks = nn.ModuleList([WanBlock(config) for _ in range(config.num_layers)])
+        self.norm_out = LayerNormFP32(dim, config.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    # ---- text ------------------------------------------------------------
+    def encode_text(self, context: torch.Tensor) -> TextContext:
+        """Text-encoder output (B, L, text_dim) -> per-block cross-attention K/V."""
+        if context.ndim != 3 or context.shape[-1] != self.config.text_dim:
+            raise SelfForcingError(
+                f"text embeddings must have shape (B, L, {self.config.text_dim}), got {tuple(context.shape)}"
+            )
+        text = self.condition_embedder.text_embedder(context.to(self.proj_out.weight.dtype))
+        return TextContext([block.attn2.key_value(text) for block in self.blocks])
+
+    # ---- forward ---------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | TextContext,
+        *,
+        attention: BlockCausal | None = None,
+        kv_cache: KVCache | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
+        """Predict the flow ``v = noise - x0`` for latents ``x`` (B, C, F, H, W) at timesteps ``t``.
+
+        ``t`` is (B,) or per latent frame (B, F). With ``kv_cache`` the F frames are the next
+        chunk of a stream; they attend to the cache and themselves, and are appended to the
+        cache when ``update_cache`` (the clean "cache-fill" pass of the paper's Algorithm 2).
+        """
+        cfg = self.config
+        B, _, num_frames, height, width = x.shape
+        pt, ph, pw = cfg.patch_size
+        if num_frames % pt or height % ph or width % pw:
+            raise SelfForcingError(f"latent shape {tuple(x.shape[2:])} is not divisible by patch size {cfg.patch_size}")
+        f, h, w = num_frames // pt, height // ph, width // pw
+        if attention is not None and kv_cache is not None:
+            raise SelfForcingError("pass either a block-causal mask or a KV cache, not both")
+
+        # 1. Patchify: (B, C, F, H, W) -> (B, f, h*w, dim), tokens grouped by frame.
+        tokens = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(3).permute(0, 2, 3, 1)
+
+        # 2. Per-frame timestep embedding and adaLN modulation.
+        temb, mod = self.condition_embedder.time(self._per_frame(t, B, f, x.device))
+        text = context if isinstance(context, TextContext) else self.encode_text(context)
+        if text.batch_size != B:
+            raise SelfForcingError(f"text batch {text.batch_size} does not match latent batch {B}")
+
+        # 3. Positions and the self-attention mode.
+        sa = self._self_attn_inputs(f, h, w, attention, kv_cache, update_cache, x.device)
+
+        # 4. Transformer blocks.
+        for layer, block in enumerate(self.blocks):
+            tokens = block(tokens, mod, text.kv[layer], sa, layer)
+        if sa.cache_slots is not None:
+            kv_cache.commit(sa.cache_slots)
+
+        # 5. Output norm + modulation, linear head, unpatchify.
+        shift, scale = (self.scale_shift_table + temb[:, :, None].float()).unsqueeze(3).unbind(2)
+        out = self.proj_out((self.norm_out(tokens).float() * (1 + scale) + shift).type_as(tokens))
+        out = out.view(B, f, h, w, pt, ph, pw, -1)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, num_frames, height, width)
+
+    @staticmethod
+    def _per_frame(t: torch.Tensor, batch: int, frames: int, device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            t = t[:, None].expand(-1, frames)
+        if t.shape != (batch, frames):
+            raise SelfForcingError(f"timesteps must have shape ({batch},) or ({batch}, {frames}), got {tuple(t.shape)}")
+        return t
+
+    def _self_attn_inputs(self, f, h, w, attention, kv_cache, update_cache, device) -> SelfAttnInputs:
+        tokens_per_frame = h * w
+        if kv_cache is None:
+            rope = self.rope(torch.arange(f, device=device), h, w)
+            mask = None
+            if attention is not None:
+                frame_mask = attention.frame_mask(f, device)
+                mask = frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+            return SelfAttnInputs(rope, rope, mask, None, None)
+        query_pos = kv_cache.next_positions(f).to(device)
+        key_pos = torch.cat([kv_cache.positions().to(device), query_pos])
+        slots = kv_cache.evict(f) if update_cache else None
+        return SelfAttnInputs(self.rope(query_pos, h, w), self.rope(key_pos, h, w), None, kv_cache, slots)
+
+    # ---- persistence -----------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        """Load a diffusers ``WanTransformer3DModel`` directory (config.json + safetensors, sharded or not)."""
+        from selfforcing.models.convert import check_keys
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if (path / "transformer" / CONFIG_NAME).is_file():  # a whole diffusers pipeline directory
+            path = path / "transformer"
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise SelfForcingError(f"no Wan transformer at {path}: {CONFIG_NAME} not found")
+        try:
+            config = WanConfig.from_dict(json.loads(config_file.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SelfForcingError(f"cannot read {config_file}: {e}") from None
+        if (path / WEIGHTS_NAME).is_file():
+            shards = [path / WEIGHTS_NAME]
+        elif (path / WEIGHTS_INDEX_NAME).is_file():
+            index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
+            shards = [path / name for name in sorted(set(index["weight_map"].values()))]
+        else:
+            raise SelfForcingError(f"no weights in {path}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+        state = {}
+        for shard in shards:
+            if not shard.is_file():
+                raise SelfForcingError(f"weight shard {shard} is missing")
+            state.update(load_file(shard))
+        model = cls(config)
+        model.load_weights(state)
+        return model.to(device=device, dtype=dtype)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Strictly load diffusers-named weights, naming any missing or unexpected key."""
+        from selfforcing.models.convert import check_keys
+
+        check_keys(set(self.state_dict()), set(state))
+        mismatched = [
+            f"{k}: {tuple(v.shape)} vs {tuple(self.state_dict()[k].shape)}"
+            for k, v in state.items() if v.shape != self.state_dict()[k].shape
+        ]
+        if mismatched:
+            raise SelfForcingError("checkpoint shapes do not match the model config: " + "; ".join(mismatched[:10]))
+        self.load_state_dict(state)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json + safetensors in diffusers' layout (each file atomically)."""
+        from safetensors.torch import save_file
+
+        from selfforcing.utils import atomic_path
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
