@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from selfforcing.errors import SelfForcingError
@@ -44,6 +45,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             "no default model is shipped yet; pass --model DIR (a selfforcing or diffusers Wan model directory)"
         )
     pipe = StreamingPipeline.from_pretrained(args.model, device=_device(args.device), checkpoint=args.checkpoint)
+    if args.height or args.width:
+        pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
+                                width=args.width or pipe.sampling.width)
     num_frames = args.frames or pipe.video_frames(21)
     pipe.latent_frames(num_frames)  # validate before creating any output
     with mp4_writer(args.output, pipe.sampling.fps) as writer, tqdm(
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: 21 latent frames)")
     g.add_argument("--model", type=Path, default=None, help="model directory")
     g.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
+    g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")
+    g.add_argument("--width", type=_positive_int, default=None, help="video width in pixels (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import write_tiny_umt5
+
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.text_encoders import (
     HashTextEncoder,
@@ -147,41 +149,11 @@ def test_from_config_rejects_unknown_type_and_keys():
 # --------------------------------------------------------------------------- UMT5
 
 
-def _tiny_tokenizer():
-    """A T5-style unigram tokenizer built in memory: no download, no sentencepiece run."""
-    from transformers import T5Tokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    words = ["a", "cat", "dog", "plays", "piano", "in", "the", "garden", "red", "fox"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(f"▁{w}", -1.0) for w in words]
-    vocab += [(c, -5.0) for c in letters] + [(f"▁{c}", -4.0) for c in letters]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
 @pytest.fixture(scope="module")
 def umt5_dir(tmp_path_factory):
     """A tiny random UMT5 encoder saved in a diffusers pipeline layout."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
     root = tmp_path_factory.mktemp("wan")
-    tokenizer = _tiny_tokenizer()
-    tokenizer.save_pretrained(root / "tokenizer")
-    torch.manual_seed(0)
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    UMT5EncoderModel(config).save_pretrained(root / "text_encoder")
+    write_tiny_umt5(root)
     return root
 
 

@@ -1,0 +1,67 @@
+"""Tiny random models written to disk with their libraries' own ``save_pretrained`` (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from conftest import randomize_
+
+TEXT_DIM = 32  # tiny UMT5 width
+Z_DIM = 4  # tiny Wan VAE latent channels
+
+
+def tiny_t5_tokenizer():
+    """A T5-style unigram tokenizer built in memory: no download, no sentencepiece run."""
+    from transformers import T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["a", "cat", "dog", "plays", "piano", "in", "the", "garden", "red", "fox"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in words]
+    vocab += [(c, -5.0) for c in letters] + [(f"▁{c}", -4.0) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def write_tiny_umt5(root: Path) -> None:
+    """``root/tokenizer`` and ``root/text_encoder`` as in a diffusers Wan pipeline."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    config = UMT5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    UMT5EncoderModel(config).save_pretrained(root / "text_encoder")
+
+
+def write_tiny_wan_vae(path: Path) -> None:
+    """A tiny Wan2.1-style VAE (8x spatial, 4x temporal compression)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(
+        base_dim=8, z_dim=Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.5, -0.25, 1.0, -1.5], latents_std=[2.0, 0.5, 1.5, 3.0],
+    ).save_pretrained(path)
+
+
+def write_tiny_diffusers_wan_pipeline(root: Path) -> Path:
+    """A complete diffusers-layout Wan T2V directory with tiny random parts."""
+    from diffusers import WanTransformer3DModel
+
+    write_tiny_umt5(root)
+    write_tiny_wan_vae(root / "vae")
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=Z_DIM, out_channels=Z_DIM,
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+    )
+    randomize_(transformer, std=0.05).save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    return root

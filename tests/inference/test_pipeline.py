@@ -1,0 +1,166 @@
+"""Streaming pipeline and the `generate` command, end to end on tiny random models."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize_
+from factories import write_tiny_diffusers_wan_pipeline
+from selfforcing.cli import main
+from selfforcing.errors import SelfForcingError
+from selfforcing.inference import SamplingConfig, StreamingPipeline
+from selfforcing.inference.video import read_mp4
+from selfforcing.models import CausalWanModel, WanConfig, preset
+from selfforcing.models.text_encoders import HashTextEncoder
+from selfforcing.models.vae import PixelCodec
+
+
+def toy_pipeline(frames_per_chunk=3, kv_cache_frames=6, rope_max_seq_len=64, **sampling) -> StreamingPipeline:
+    torch.manual_seed(0)
+    config = WanConfig(**{**preset("tiny").__dict__, "in_channels": 12, "out_channels": 12,
+                          "rope_max_seq_len": rope_max_seq_len})
+    model = randomize_(CausalWanModel(config), std=0.1)
+    sampling = SamplingConfig(frames_per_chunk=frames_per_chunk, kv_cache_frames=kv_cache_frames,
+                              height=16, width=16, **sampling)
+    return StreamingPipeline(model, HashTextEncoder(dim=16, max_length=8), PixelCodec(patch=2), sampling)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return toy_pipeline()
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory, pipe):
+    path = tmp_path_factory.mktemp("toy_model")
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_stream_yields_decoded_chunks_progressively(pipe):
+    stream = pipe.stream("a red circle", num_frames=12, seed=0)
+    first = next(stream)  # available before the rest of the video exists
+    assert first.index == 0 and first.frames.shape == (1, 3, 16, 16, 3) and first.frames.dtype == torch.uint8
+    assert pipe.stats.first_frame_s is not None and pipe.stats.first_frame_s > 0
+    rest = list(stream)
+    assert [c.start_frame for c in rest] == [3, 6, 9]
+    assert pipe.stats.frames == 12 and pipe.stats.fps > 0
+
+
+def test_seeds_batches_and_prompts(pipe):
+    a = pipe.generate("a red circle", 6, seed=1)
+    assert torch.equal(a, pipe.generate("a red circle", 6, seed=1))
+    assert not torch.equal(a, pipe.generate("a red circle", 6, seed=2))
+    assert not torch.equal(a, pipe.generate("a blue square", 6, seed=1))
+    batch = pipe.generate(["a red circle", "a blue square"], 6, seed=1)
+    assert batch.shape == (2, 6, 16, 16, 3)
+
+
+@pytest.mark.parametrize("frames_per_chunk", [3, 1])
+def test_extrapolates_past_the_cache_with_constant_memory(frames_per_chunk):
+    pipe = toy_pipeline(frames_per_chunk=frames_per_chunk, kv_cache_frames=3)
+    video = pipe.generate("a red circle", 15)  # 5x the cache
+    assert video.shape[1] == 15 and video.float().std() > 0
+
+
+def test_relative_rope_generates_past_the_rope_table():
+    absolute = toy_pipeline(kv_cache_frames=3, rope_max_seq_len=8)
+    with pytest.raises(SelfForcingError, match="past the RoPE table"):
+        absolute.generate("a red circle", 12)
+    relative = toy_pipeline(kv_cache_frames=3, rope_max_seq_len=8, sink_frames=0, rope_positions="relative")
+    long = relative.generate("a red circle", 30)
+    assert long.shape[1] == 30
+    # relative positions only renumber: before any eviction both modes produce the same frames
+    assert torch.equal(long[:, :6], absolute.generate("a red circle", 6))
+
+
+def test_sink_frames_are_kept():
+    pipe = toy_pipeline(kv_cache_frames=4, sink_frames=1, frames_per_chunk=3)
+    assert pipe.generate("a red circle", 12).shape[1] == 12
+
+
+def test_video_extension_from_initial_latents(pipe):
+    prefix = torch.randn(1, 12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    extended = torch.cat([c.frames for c in pipe.stream("a red circle", 6, seed=0, initial_latents=prefix)], 1)
+    fresh = pipe.generate("a red circle", 6, seed=0)
+    assert extended.shape == fresh.shape and not torch.equal(extended, fresh)
+
+
+def test_save_and_load_round_trip(pipe, toy_dir):
+    loaded = StreamingPipeline.from_pretrained(toy_dir)
+    assert loaded.sampling == pipe.sampling
+    assert torch.equal(loaded.generate("a red circle", 6), pipe.generate("a red circle", 6))
+
+
+def test_bad_arguments_are_named(pipe):
+    for frames, message in [(0, "positive integer"), (-3, "positive integer"), (7, "not a multiple of the chunk size")]:
+        with pytest.raises(SelfForcingError, match=message):
+            pipe.generate("a red circle", frames)
+    with pytest.raises(SelfForcingError, match="prompt 0 is empty"):
+        pipe.generate("  ", 3)
+    with pytest.raises(SelfForcingError, match="unknown sampling config keys: bogus"):
+        SamplingConfig.from_dict({"bogus": 1})
+
+
+def run_cli(*args) -> int:
+    """Exit status of the CLI (argparse's own usage errors exit via SystemExit)."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def test_generate_writes_a_playable_mp4(toy_dir, tmp_path, capsys):
+    out = tmp_path / "video.mp4"
+    assert run_cli("generate", "a red circle", "--model", toy_dir, "-o", out, "--frames", 9, "--quiet") == 0
+    frames = read_mp4(out)
+    assert frames.shape == (9, 16, 16, 3) and frames.dtype == np.uint8
+    assert "first frame after" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("args,message", [
+    (["", "--model", "{model}"], "prompt 0 is empty"),
+    (["a cat", "--frames", "0", "--model", "{model}"], "must be a positive integer"),
+    (["a cat", "--frames", "4", "--model", "{model}"], "not a multiple of the chunk size"),
+    (["a cat", "--model", "{tmp}/missing"], "does not exist"),
+    (["a cat", "--model", "{tmp}"], "is not a model directory"),
+    (["a cat"], "no default model"),
+    (["a cat", "--model", "{model}", "--checkpoint", "{tmp}/missing.pt"], "missing.pt"),
+])
+def test_generate_bad_input_clear_error_no_output(toy_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out.mp4"
+    args = [a.format(model=toy_dir, tmp=tmp_path) for a in args]
+    assert run_cli("generate", *args, "-o", out, "--quiet") == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not any(tmp_path.glob("*.mp4*"))
+
+
+def test_checkpoint_with_wrong_keys_names_them(toy_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in StreamingPipeline.from_pretrained(toy_dir).model.state_dict().items()}
+    state["blocks.0.surprise.weight"] = state.pop("proj_out.bias")
+    save_file(state, tmp_path / "bad.safetensors")
+    out = tmp_path / "out.mp4"
+    assert run_cli("generate", "a cat", "--model", toy_dir, "--checkpoint", tmp_path / "bad.safetensors",
+                   "-o", out, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "proj_out.bias" in err and "blocks.0.surprise.weight" in err and not out.exists()
+
+
+def test_generate_from_diffusers_wan_directory(tmp_path):
+    """The full-size code path (UMT5 + Wan VAE with streaming decode + Wan DiT) on tiny random parts."""
+    root = write_tiny_diffusers_wan_pipeline(tmp_path / "wan")
+    pipe = StreamingPipeline.from_pretrained(root)
+    pipe.sampling = replace(pipe.sampling, height=32, width=32, kv_cache_frames=6)
+    video = pipe.generate("a red fox", 1 + 4 * 8)  # 9 latent frames -> 33 video frames
+    assert video.shape == (1, 33, 32, 32, 3)
+    with pytest.raises(SelfForcingError, match="1 \\+ 4k"):
+        pipe.generate("a red fox", 32)
+    out = tmp_path / "wan.mp4"
+    assert run_cli("generate", "a red fox", "--model", root, "--height", 32, "--width", 32, "--frames", 9,
+                   "-o", out, "--quiet") == 0
+    assert read_mp4(out).shape == (9, 32, 32, 3)

@@ -1,0 +1,62 @@
+"""The shared autoregressive rollout loop."""
+
+import torch
+
+from conftest import randomize_
+from selfforcing.diffusion import FlowMatchSchedule
+from selfforcing.inference import rollout
+from selfforcing.models import BlockCausal, CausalWanModel, KVCache, preset
+
+
+class Recorder(torch.nn.Module):
+    """Wraps the model and records every call of the rollout."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t, text, **kw):
+        out = self.model(x, t, text, **kw)
+        self.calls.append(dict(x=x.detach(), t=t, out=out.detach(), fill=kw.get("update_cache", False),
+                               grad=torch.is_grad_enabled()))
+        return out
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = randomize_(CausalWanModel(preset("tiny")), std=0.1).eval()
+    ctx = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))
+    return Recorder(model), model.encode_text(ctx), FlowMatchSchedule()
+
+
+@torch.no_grad()
+def test_every_chunk_attends_to_its_own_earlier_outputs():
+    recorder, text, schedule = setup()
+    timesteps = schedule.few_step_timesteps()
+    chunks = list(rollout(recorder, text, KVCache(2, capacity=9), schedule, timesteps, (1, 4, 3, 8, 8), 3,
+                          generator=torch.Generator().manual_seed(0)))
+    denoise = [c for c in recorder.calls if not c["fill"]]
+    fills = [c for c in recorder.calls if c["fill"]]
+    assert len(denoise) == 3 * 4 and len(fills) == 3
+    for c, fill in enumerate(fills):  # the cache is filled with the generated chunk itself, clean (t = 0)
+        assert torch.equal(fill["x"], chunks[c]) and (fill["t"] == 0).all()
+    for c in range(3):
+        # The last denoising step of chunk c, recomputed in parallel with the *generated* chunks
+        # 0..c-1 as clean context, gives the same flow: the rollout conditioned on its own outputs.
+        last = denoise[4 * c + 3]
+        x = torch.cat(chunks[:c] + [last["x"]], dim=2)
+        t = torch.cat([torch.zeros(1, 3 * c), last["t"][:, None].expand(1, 3)], dim=1)
+        parallel = recorder.model(x, t, text, attention=BlockCausal(3))[:, :, 3 * c:]
+        assert (parallel - last["out"]).abs().max() <= 1e-4
+
+
+def test_gradient_flows_only_through_the_exit_step():
+    recorder, text, schedule = setup()
+    cache = KVCache(2, capacity=9)
+    chunks = list(rollout(recorder, text, cache, schedule, schedule.few_step_timesteps(), (1, 4, 3, 8, 8), 3,
+                          generator=torch.Generator().manual_seed(0), exit_index=2, grad=True))
+    assert [c["grad"] for c in recorder.calls] == ([False, False, True] + [False]) * 3  # 3 steps + fill per chunk
+    assert all(c.requires_grad for c in chunks)
+    assert not cache.window(0)[0].requires_grad and cache.window(0)[0].grad_fn is None
+    torch.stack(chunks).square().mean().backward()
+    assert recorder.model.proj_out.weight.grad is not None
