@@ -11,6 +11,8 @@ from conftest import randomize_
 
 TEXT_DIM = 32  # tiny UMT5 width
 Z_DIM = 4  # tiny Wan VAE latent channels
+LATENTS_MEAN = [0.5, -0.25, 1.0, -1.5]  # non-trivial normalisation statistics
+LATENTS_STD = [2.0, 0.5, 1.5, 3.0]
 
 
 def tiny_t5_tokenizer():
@@ -47,7 +49,7 @@ def write_tiny_wan_vae(path: Path) -> None:
     torch.manual_seed(0)
     AutoencoderKLWan(
         base_dim=8, z_dim=Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.5, -0.25, 1.0, -1.5], latents_std=[2.0, 0.5, 1.5, 3.0],
+        latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
     ).save_pretrained(path)
 
 

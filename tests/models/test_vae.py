@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
+from factories import LATENTS_MEAN, LATENTS_STD, write_tiny_wan_vae
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.vae import (
     PixelCodec,
@@ -17,8 +18,6 @@ from selfforcing.models.vae import (
     vae_from_config,
 )
 
-LATENTS_MEAN = [0.5, -0.25, 1.0, -1.5]
-LATENTS_STD = [2.0, 0.5, 1.5, 3.0]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,18 +103,8 @@ def test_pixel_codec_rejects_bad_shapes():
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     """A tiny randomly initialised Wan 2.1-style VAE (8x spatial, 4x temporal) saved to disk."""
-    torch.manual_seed(0)
-    model = AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=LATENTS_MEAN,
-        latents_std=LATENTS_STD,
-    )
     path = tmp_path_factory.mktemp("wan_vae")
-    model.save_pretrained(path)
+    write_tiny_wan_vae(path)
     return path
 
 
