@@ -33,10 +33,11 @@ def _device(name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
     from tqdm import tqdm
 
     from selfforcing.inference.pipeline import StreamingPipeline
-    from selfforcing.inference.video import mp4_writer
+    from selfforcing.inference.video import mp4_writer, read_mp4
     from selfforcing.models.text_encoders import validate_prompts
 
     validate_prompts([args.prompt])
@@ -50,10 +51,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                 width=args.width or pipe.sampling.width)
     num_frames = args.frames or pipe.video_frames(21)
     pipe.latent_frames(num_frames)  # validate before creating any output
+    initial = None
+    if args.extend is not None:
+        initial = pipe.encode_video(torch.from_numpy(read_mp4(args.extend))[None])
     with mp4_writer(args.output, pipe.sampling.fps) as writer, tqdm(
         total=num_frames, unit="frame", desc="generating", disable=args.quiet
     ) as bar:
-        for chunk in pipe.stream([args.prompt], num_frames, seed=args.seed):
+        for chunk in pipe.stream([args.prompt], num_frames, seed=args.seed, initial_latents=initial):
             writer.write(chunk.frames[0])
             bar.update(chunk.frames.shape[1])
     stats = pipe.stats
@@ -80,15 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
     g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None, help="video width in pixels (default: the model's)")
+    g.add_argument("--extend", type=Path, default=None, help="continue this mp4 (its frames fill the KV cache)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="measure streaming throughput, first-frame latency and peak memory")
-    b.add_argument("--preset", default="toy", help="toy | wan2.1-1.3b (random weights)")
-    b.add_argument("--random-weights", action="store_true", default=True,
-                   help="benchmark with random weights (speed does not depend on weight values)")
+    b.add_argument("--preset", default="toy", help="toy | wan2.1-1.3b, built with random weights (speed does not depend on weight values)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1])
     b.add_argument("--latent-frames", type=_positive_int, default=21)

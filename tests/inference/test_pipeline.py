@@ -88,6 +88,16 @@ def test_video_extension_from_initial_latents(pipe):
     assert extended.shape == fresh.shape and not torch.equal(extended, fresh)
 
 
+def test_generate_extends_an_existing_video(toy_dir, tmp_path):
+    first, extended = tmp_path / "first.mp4", tmp_path / "extended.mp4"
+    assert run_cli("generate", "a red circle", "--model", toy_dir, "-o", first, "--frames", 6, "--quiet") == 0
+    assert run_cli("generate", "a red circle", "--model", toy_dir, "-o", extended, "--frames", 3,
+                   "--extend", first, "--quiet") == 0
+    assert read_mp4(extended).shape == (3, 16, 16, 3)
+    assert run_cli("generate", "a cat", "--model", toy_dir, "-o", tmp_path / "x.mp4", "--extend",
+                   tmp_path / "none.mp4", "--quiet") == 2
+
+
 def test_save_and_load_round_trip(pipe, toy_dir):
     loaded = StreamingPipeline.from_pretrained(toy_dir)
     assert loaded.sampling == pipe.sampling

@@ -204,7 +204,7 @@ class StreamingPipeline:
         """Generate and yield video chunk by chunk; ``num_frames=None`` streams until the caller stops.
 
         ``initial_latents`` (B, C, F0, h, w) continues a given video (extension): those frames
-        only fill the KV cache.
+        only fill the KV cache (see ``encode_video`` to get them from pixels).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         validate_prompts(prompts)
@@ -238,6 +238,20 @@ class StreamingPipeline:
             yield VideoChunk(index, stats.frames, frames, x0)
             stats.frames += frames.shape[1]
             stats.elapsed_s = time.perf_counter() - start
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W, 3) uint8 video -> latents to continue from, at this pipeline's size."""
+        s = self.sampling
+        if frames.ndim != 5 or frames.shape[2:] != (s.height, s.width, 3):
+            raise SelfForcingError(
+                f"video to extend must be {s.width}x{s.height} RGB frames, got shape {tuple(frames.shape)}"
+            )
+        r = self.vae.temporal_ratio
+        if r > 1 and (frames.shape[1] - 1) % r:
+            raise SelfForcingError(f"video to extend must have 1 + {r}k frames, got {frames.shape[1]}")
+        video = frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1).to(self.device)
+        return self.vae.encode(video)
 
     def generate(self, prompts: list[str] | str, num_frames: int, seed: int = 0) -> torch.Tensor:
         """Whole video (B, T, H, W, 3) uint8."""

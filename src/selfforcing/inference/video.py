@@ -58,7 +58,9 @@ def mp4_writer(path: str | Path, fps: int) -> Iterator[MP4Writer]:
 
 
 def read_mp4(path: str | Path) -> np.ndarray:
-    """Decode an mp4 to (T, H, W, 3) uint8 (used by tests and evaluation)."""
+    """Decode an mp4 to (T, H, W, 3) uint8."""
+    if not Path(path).is_file():
+        raise SelfForcingError(f"video {path} does not exist")
     reader = imageio_ffmpeg.read_frames(str(path))
     meta = next(reader)
     width, height = meta["size"]

@@ -469,7 +469,6 @@ class CausalWanModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         """Load a diffusers ``WanTransformer3DModel`` directory (config.json + safetensors, sharded or not)."""
-        from selfforcing.models.convert import check_keys
         from safetensors.torch import load_file
 
         path = Path(path)
