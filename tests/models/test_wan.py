@@ -202,3 +202,39 @@ def test_original_format_checkpoint_loads_into_the_same_network(diffusers_pair, 
     x, ctx, _ = inputs()
     t = torch.tensor([100.0, 600.0])
     assert (model.eval()(x, t, ctx) - ref(x, t, ctx).sample).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("frames_per_chunk", [3, 1])
+@torch.no_grad()
+def test_teacher_forcing_equals_streaming_on_clean_ground_truth(tiny_model, frames_per_chunk):
+    """One teacher-forcing forward = streaming each noisy chunk against a cache of the clean frames."""
+    x_noisy, ctx, g = inputs(frames=6)
+    clean = torch.randn(x_noisy.shape, generator=g)
+    t = torch.rand(2, 6, generator=g) * 1000
+    parallel = tiny_model(x_noisy, t, ctx, attention=BlockCausal(frames_per_chunk), clean_context=clean)
+    cache, text, outs = KVCache(2, capacity=6), tiny_model.encode_text(ctx), []
+    for c in range(0, 6, frames_per_chunk):
+        sl = slice(c, c + frames_per_chunk)
+        outs.append(tiny_model(x_noisy[:, :, sl], t[:, sl], text, kv_cache=cache))
+        tiny_model(clean[:, :, sl], torch.zeros(2), text, kv_cache=cache, update_cache=True)
+    assert (parallel - torch.cat(outs, 2)).abs().max() <= 1e-4
+    # the first chunk sees no context at all; later chunks do depend on the clean frames
+    other = tiny_model(x_noisy, t, ctx, attention=BlockCausal(frames_per_chunk), clean_context=clean + 1)
+    n = frames_per_chunk
+    assert torch.allclose(other[:, :, :n], parallel[:, :, :n], atol=1e-6)
+    assert not torch.allclose(other[:, :, n:], parallel[:, :, n:], atol=1e-3)
+
+
+@torch.no_grad()
+def test_hidden_cache_frames_equal_the_restricted_mask(tiny_model):
+    """Streaming with the first chunk hidden from the last equals the §3.4 block-causal mask."""
+    x, ctx, g = inputs(frames=9)
+    t = torch.rand(2, 9, generator=g) * 1000
+    cache, text, outs = KVCache(2, capacity=9), tiny_model.encode_text(ctx), []
+    for c in range(0, 9, 3):
+        if c == 6:
+            cache.hide_frames_before(3)
+        outs.append(tiny_model(x[:, :, c:c + 3], t[:, c:c + 3], text, kv_cache=cache))
+        tiny_model(x[:, :, c:c + 3], t[:, c:c + 3], text, kv_cache=cache, update_cache=True)
+    restricted = tiny_model(x, t, ctx, attention=BlockCausal(3, hide_first_chunk_from_last=True))
+    assert (restricted - torch.cat(outs, 2)).abs().max() <= 1e-4

@@ -39,11 +39,14 @@ def rollout(
     prefix: torch.Tensor | None = None,
     exit_index: int | None = None,
     grad: bool = False,
+    hide_first_chunk_from_last: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield clean latent chunks of shape ``chunk_shape`` (B, C, n, h, w); ``num_chunks=None`` streams for ever.
 
     ``prefix`` (B, C, F0, h, w) holds given clean latents to continue from (video
     extension): they only fill the cache, in pieces of ``n`` frames, and are not yielded.
+    ``hide_first_chunk_from_last`` is the §3.4 training trick: the last of ``num_chunks``
+    chunks does not attend to the first chunk (as if the rolling cache had evicted it).
     """
     device = timesteps.device
     frames_per_chunk = chunk_shape[2]
@@ -56,6 +59,8 @@ def rollout(
             _fill_cache(model, text, cache, schedule, prefix[:, :, start:start + frames_per_chunk], context_t, generator)
     chunk = 0
     while num_chunks is None or chunk < num_chunks:
+        if hide_first_chunk_from_last and chunk == num_chunks - 1 and chunk > 0:
+            cache.hide_frames_before(frames_per_chunk)
         noise = torch.randn(chunk_shape, generator=generator, device=device)
         x0 = few_step_denoise(
             flow, noise, timesteps, schedule, exit_index=exit_index, grad=grad, generator=generator

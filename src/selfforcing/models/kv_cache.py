@@ -48,6 +48,7 @@ class KVCache:
         self.num_valid = 0  # slots [0, num_valid) hold frames
         self.frames_seen = 0  # frames ever appended: the absolute index of the next frame
         self.tokens_per_frame: int | None = None
+        self.hidden_before = 0  # frames with an index below this stay cached but are not attended
 
     def __len__(self) -> int:
         """Number of frames currently held."""
@@ -63,6 +64,18 @@ class KVCache:
             return None
         n = self.num_valid * self.tokens_per_frame
         return self._k[layer][:, :n], self._v[layer][:, :n]
+
+    def hide_frames_before(self, frame: int) -> None:
+        """Stop attending to frames ``< frame`` without evicting them (paper §3.4: the last training
+        chunk may not see the first, as after eviction at extrapolation time)."""
+        self.hidden_before = frame
+
+    def key_mask(self) -> torch.Tensor | None:
+        """(frames*tokens,) bool over the window, False for hidden frames; None if nothing is hidden."""
+        held = self.slot_frame[: self.num_valid]
+        if not (held < self.hidden_before).any():
+            return None
+        return (held >= self.hidden_before).repeat_interleave(self.tokens_per_frame)
 
     def positions(self) -> torch.Tensor:
         """RoPE frame positions of the held frames, in slot order."""

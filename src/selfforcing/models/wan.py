@@ -165,6 +165,30 @@ class BlockCausal:
             allowed &= ~(last & (key < n))
         return allowed
 
+    def teacher_forcing_mask(self, num_frames: int, device: torch.device | None = None) -> torch.Tensor:
+        """(2F, 2F) mask for the sequence [clean frames ; noisy frames] of teacher forcing.
+
+        Clean frames attend block-causally among themselves (exactly what their K/V in a
+        cache would have seen); each noisy chunk attends to the clean frames of *earlier*
+        chunks and to its own noisy frames, never to its own clean version.
+        """
+        allowed = self.frame_mask(num_frames, device)
+        chunk = torch.arange(num_frames, device=device) // self.frames_per_chunk
+        same_chunk = chunk[:, None] == chunk[None, :]
+        clean_rows = torch.cat([allowed, torch.zeros_like(allowed)], dim=1)
+        noisy_rows = torch.cat([allowed & ~same_chunk, same_chunk], dim=1)
+        return torch.cat([clean_rows, noisy_rows], dim=0)
+
+
+@dataclass(frozen=True)
+class _TeacherForcingMask:
+    """Internal: the [clean ; noisy] mask of ``BlockCausal`` over a doubled sequence."""
+
+    inner: BlockCausal
+
+    def frame_mask(self, num_frames: int, device: torch.device | None = None) -> torch.Tensor:
+        return self.inner.teacher_forcing_mask(num_frames // 2, device)
+
 
 # --------------------------------------------------------------------------- building blocks
 class LayerNormFP32(nn.LayerNorm):
@@ -400,21 +424,26 @@ class CausalWanModel(nn.Module):
         attention: BlockCausal | None = None,
         kv_cache: KVCache | None = None,
         update_cache: bool = False,
+        clean_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow ``v = noise - x0`` for latents ``x`` (B, C, F, H, W) at timesteps ``t``.
 
         ``t`` is (B,) or per latent frame (B, F). With ``kv_cache`` the F frames are the next
         chunk of a stream; they attend to the cache and themselves, and are appended to the
         cache when ``update_cache`` (the clean "cache-fill" pass of the paper's Algorithm 2).
+        With ``clean_context`` (teacher forcing, needs ``attention``) every noisy chunk of ``x``
+        is conditioned on the given clean frames of earlier chunks, all chunks in one forward.
         """
         cfg = self.config
         B, _, num_frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
         if num_frames % pt or height % ph or width % pw:
             raise SelfForcingError(f"latent shape {tuple(x.shape[2:])} is not divisible by patch size {cfg.patch_size}")
-        f, h, w = num_frames // pt, height // ph, width // pw
         if attention is not None and kv_cache is not None:
             raise SelfForcingError("pass either a block-causal mask or a KV cache, not both")
+        if clean_context is not None:
+            return self._teacher_forcing(x, t, context, attention, clean_context)
+        f, h, w = num_frames // pt, height // ph, width // pw
 
         # 1. Patchify: (B, C, F, H, W) -> (B, f, h*w, dim), tokens grouped by frame.
         tokens = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(3).permute(0, 2, 3, 1)
@@ -440,6 +469,15 @@ class CausalWanModel(nn.Module):
         out = out.view(B, f, h, w, pt, ph, pw, -1)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, num_frames, height, width)
 
+    def _teacher_forcing(self, x, t, context, attention, clean):
+        """Run [clean ; noisy] as one sequence: clean frames at t = 0, both halves at the same RoPE positions."""
+        if attention is None or clean.shape != x.shape:
+            raise SelfForcingError("teacher forcing needs a BlockCausal mask and clean frames shaped like the input")
+        B, F = x.shape[0], x.shape[2]
+        t = torch.cat([torch.zeros(B, F, device=x.device), self._per_frame(t, B, F, x.device)], dim=1)
+        out = self(torch.cat([clean, x], dim=2), t, context, attention=_TeacherForcingMask(attention))
+        return out[:, :, F:]
+
     @staticmethod
     def _per_frame(t: torch.Tensor, batch: int, frames: int, device) -> torch.Tensor:
         t = torch.as_tensor(t, device=device, dtype=torch.float32)
@@ -454,7 +492,10 @@ class CausalWanModel(nn.Module):
     def _self_attn_inputs(self, f, h, w, attention, kv_cache, update_cache, device) -> SelfAttnInputs:
         tokens_per_frame = h * w
         if kv_cache is None:
-            rope = self.rope(torch.arange(f, device=device), h, w)
+            positions = torch.arange(f, device=device)
+            if isinstance(attention, _TeacherForcingMask):
+                positions = positions % (f // 2)  # a clean frame and its noisy twin share a position
+            rope = self.rope(positions, h, w)
             mask = None
             if attention is not None:
                 frame_mask = attention.frame_mask(f, device)
@@ -462,8 +503,11 @@ class CausalWanModel(nn.Module):
             return SelfAttnInputs(rope, rope, mask, None, None)
         query_pos = kv_cache.next_positions(f).to(device)
         key_pos = torch.cat([kv_cache.positions().to(device), query_pos])
+        key_mask = kv_cache.key_mask()
+        mask = None if key_mask is None else torch.cat(
+            [key_mask.to(device), torch.ones(f * tokens_per_frame, dtype=torch.bool, device=device)])[None]
         slots = kv_cache.evict(f) if update_cache else None
-        return SelfAttnInputs(self.rope(query_pos, h, w), self.rope(key_pos, h, w), None, kv_cache, slots)
+        return SelfAttnInputs(self.rope(query_pos, h, w), self.rope(key_pos, h, w), mask, kv_cache, slots)
 
     # ---- persistence -----------------------------------------------------
     @classmethod
