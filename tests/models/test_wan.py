@@ -211,7 +211,7 @@ def test_teacher_forcing_equals_streaming_on_clean_ground_truth(tiny_model, fram
     x_noisy, ctx, g = inputs(frames=6)
     clean = torch.randn(x_noisy.shape, generator=g)
     t = torch.rand(2, 6, generator=g) * 1000
-    parallel = tiny_model(x_noisy, t, ctx, attention=BlockCausal(frames_per_chunk), clean_context=clean)
+    parallel = tiny_model(x_noisy, t, ctx, attention=BlockCausal(frames_per_chunk), context_frames=clean)
     cache, text, outs = KVCache(2, capacity=6), tiny_model.encode_text(ctx), []
     for c in range(0, 6, frames_per_chunk):
         sl = slice(c, c + frames_per_chunk)
@@ -219,10 +219,24 @@ def test_teacher_forcing_equals_streaming_on_clean_ground_truth(tiny_model, fram
         tiny_model(clean[:, :, sl], torch.zeros(2), text, kv_cache=cache, update_cache=True)
     assert (parallel - torch.cat(outs, 2)).abs().max() <= 1e-4
     # the first chunk sees no context at all; later chunks do depend on the clean frames
-    other = tiny_model(x_noisy, t, ctx, attention=BlockCausal(frames_per_chunk), clean_context=clean + 1)
+    other = tiny_model(x_noisy, t, ctx, attention=BlockCausal(frames_per_chunk), context_frames=clean + 1)
     n = frames_per_chunk
     assert torch.allclose(other[:, :, :n], parallel[:, :, :n], atol=1e-6)
     assert not torch.allclose(other[:, :, n:], parallel[:, :, n:], atol=1e-3)
+
+
+@torch.no_grad()
+def test_noisy_context_frames_equal_streaming_on_a_noisy_cache(tiny_model):
+    """Diffusion-forcing context: the cache holds ground truth noised to per-frame context timesteps."""
+    x, ctx, g = inputs(frames=6)
+    frames = torch.randn(x.shape, generator=g)
+    t, frames_t = torch.rand(2, 6, generator=g) * 1000, torch.rand(2, 6, generator=g) * 1000
+    parallel = tiny_model(x, t, ctx, attention=BlockCausal(3), context_frames=frames, context_t=frames_t)
+    cache, text, outs = KVCache(2, capacity=6), tiny_model.encode_text(ctx), []
+    for c in (0, 3):
+        outs.append(tiny_model(x[:, :, c:c + 3], t[:, c:c + 3], text, kv_cache=cache))
+        tiny_model(frames[:, :, c:c + 3], frames_t[:, c:c + 3], text, kv_cache=cache, update_cache=True)
+    assert (parallel - torch.cat(outs, 2)).abs().max() <= 1e-4
 
 
 @torch.no_grad()

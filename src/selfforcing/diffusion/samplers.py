@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from selfforcing.diffusion.schedule import FlowMatchSchedule
+from selfforcing.errors import SelfForcingError
 
 FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,20 +54,37 @@ def euler_sample_cfg(
     schedule: FlowMatchSchedule,
     num_steps: int = 50,
     guidance_scale: float = 3.0,
-) -> torch.Tensor:
+    record_at: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Integrate the probability-flow ODE from ``noise`` (sigma = 1) to sigma = 0 with Euler steps.
 
     ``model_fn(x, t, cond)`` returns the conditional (``cond=True``) or unconditional flow;
     classifier-free guidance mixes them as ``v_u + w (v_c - v_u)``. ``guidance_scale == 1``
-    skips the unconditional pass.
+    skips the unconditional pass. With ``record_at`` (timesteps that must lie on the Euler
+    grid), also returns the states there, stacked on dim 1: the ODE pairs of the paper's
+    initialisation.
     """
     timesteps = torch.cat([schedule.sampling_timesteps(num_steps), torch.zeros(1)]).to(noise.device)
+    record = [] if record_at is None else [_grid_index(timesteps, t) for t in record_at.tolist()]
+    states = []
     x = noise
-    for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        if i in record:
+            states.append(x)
         tb = t.expand(x.shape[0])
         v = model_fn(x, tb, True)
         if guidance_scale != 1.0:
             v_uncond = model_fn(x, tb, False)
             v = v_uncond + guidance_scale * (v - v_uncond)
         x = x + (schedule.sigma(t_next) - schedule.sigma(t)) * v
-    return x
+    return x if record_at is None else (x, torch.stack(states, dim=1))
+
+
+def _grid_index(timesteps: torch.Tensor, t: float) -> int:
+    index = int((timesteps - t).abs().argmin())
+    if abs(float(timesteps[index]) - t) > 1e-3:
+        raise SelfForcingError(
+            f"timestep {t:.2f} is not on the {len(timesteps) - 1}-step Euler grid; use a step count that is a "
+            "multiple of the few-step list length (e.g. 48 for 4 steps)"
+        )
+    return index

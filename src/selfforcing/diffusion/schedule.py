@@ -76,6 +76,17 @@ class FlowMatchSchedule:
         base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
         return (self.warp(base) * self.num_train_timesteps).float()
 
+    def sample_timesteps(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, low: float = 0.0,
+        high: float = 1.0, device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Training timesteps: base noise level uniform in [low, high], warped by the shift
+        (DMD's score timesteps use low = 0.02, high = 0.98)."""
+        if not 0 <= low <= high <= 1:
+            raise SelfForcingError(f"timestep range must satisfy 0 <= low <= high <= 1, got [{low}, {high}]")
+        s = low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        return (self.warp(s) * self.num_train_timesteps).float()
+
     # --- conversions between x_t, x0, noise and the flow v -------------------
     def _expand(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Broadcast per-sample ``(B,)`` or per-frame ``(B, F)`` sigmas over ``(B, C, F, H, W)``."""

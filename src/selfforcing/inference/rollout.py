@@ -37,7 +37,7 @@ def rollout(
     generator: torch.Generator | None = None,
     context_t: float = 0.0,
     prefix: torch.Tensor | None = None,
-    exit_index: int | None = None,
+    exit_index: int | list[int] | None = None,
     grad: bool = False,
     hide_first_chunk_from_last: bool = False,
 ) -> Iterator[torch.Tensor]:
@@ -45,7 +45,7 @@ def rollout(
 
     ``prefix`` (B, C, F0, h, w) holds given clean latents to continue from (video
     extension): they only fill the cache, in pieces of ``n`` frames, and are not yielded.
-    ``hide_first_chunk_from_last`` is the §3.4 training trick: the last of ``num_chunks``
+    ``exit_index`` may differ per chunk (a list). ``hide_first_chunk_from_last`` is the §3.4 training trick: the last of ``num_chunks``
     chunks does not attend to the first chunk (as if the rolling cache had evicted it).
     """
     device = timesteps.device
@@ -62,9 +62,8 @@ def rollout(
         if hide_first_chunk_from_last and chunk == num_chunks - 1 and chunk > 0:
             cache.hide_frames_before(frames_per_chunk)
         noise = torch.randn(chunk_shape, generator=generator, device=device)
-        x0 = few_step_denoise(
-            flow, noise, timesteps, schedule, exit_index=exit_index, grad=grad, generator=generator
-        )
+        exit_at = exit_index[chunk] if isinstance(exit_index, list) else exit_index
+        x0 = few_step_denoise(flow, noise, timesteps, schedule, exit_index=exit_at, grad=grad, generator=generator)
         yield x0
         _fill_cache(model, text, cache, schedule, x0.detach(), context_t, generator)
         chunk += 1

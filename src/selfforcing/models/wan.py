@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.kv_cache import KVCache
@@ -327,17 +328,27 @@ class FeedForward(nn.Module):
 
 @dataclass
 class TextContext:
-    """Cross-attention K/V of every block for one batch of prompts.
+    """Projected text of one batch of prompts, with each block's cross-attention K/V.
 
-    Computed once per prompt (``CausalWanModel.encode_text``) and reused by every
-    denoising step and every chunk: text never changes while a prompt is streaming.
+    Every block computes its K/V from ``text`` on first use, inside its own forward (so a
+    sharded block only touches its own weights); without autograd they are kept and reused
+    by every later denoising step and chunk, since text never changes while a prompt streams.
     """
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    text: torch.Tensor  # (B, L, dim) after the text projection
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
-        return self.kv[0][0].shape[0]
+        return self.text.shape[0]
+
+    def layer_kv(self, layer: int, attn: "WanAttention") -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.kv:
+            return self.kv[layer]
+        kv = attn.key_value(self.text)
+        if not torch.is_grad_enabled():
+            self.kv[layer] = kv
+        return kv
 
 
 @dataclass
@@ -363,29 +374,28 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, mod, text_kv, sa: SelfAttnInputs, layer: int) -> torch.Tensor:
-        """x: (B, F, hw, dim) tokens grouped by frame; mod: (B, F, 6, dim) per-frame modulation."""
+    def forward(self, x, mod, text: TextContext, sa: SelfAttnInputs, layer: int, past_kv=None) -> torch.Tensor:
+        """x: (B, F, hw, dim) tokens grouped by frame; mod: (B, F, 6, dim) per-frame modulation;
+        past_kv: this layer's cached (k, v) window, or None."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod.float()).unsqueeze(3).unbind(2)
 
         h = (self.norm1(x).float() * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.self_attention(h.flatten(1, 2), sa, layer).view_as(x) * gate).type_as(x)
+        x = (x.float() + self.self_attention(h.flatten(1, 2), sa, layer, past_kv).view_as(x) * gate).type_as(x)
 
+        text_kv = text.layer_kv(layer, self.attn2)
         x = x + self.attn2.to_out[0](attention(self.attn2.query(self.norm2(x).flatten(1, 2)), *text_kv)).view_as(x)
 
         h = (self.norm3(x).float() * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
 
-    def self_attention(self, h: torch.Tensor, sa: SelfAttnInputs, layer: int) -> torch.Tensor:
+    def self_attention(self, h: torch.Tensor, sa: SelfAttnInputs, layer: int, past_kv) -> torch.Tensor:
         q = self.attn1.query(h)
         k, v = self.attn1.key_value(h)
         k_all, v_all = k, v
-        if sa.kv_cache is not None:
-            # Keys are cached before RoPE so the cache can renumber positions (relative mode).
-            past = sa.kv_cache.window(layer)
-            if past is not None:
-                k_all, v_all = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-            if sa.cache_slots is not None:
-                sa.kv_cache.append(layer, sa.cache_slots, k, v)
+        if past_kv is not None:  # keys are cached before RoPE so the cache can renumber positions
+            k_all, v_all = torch.cat([past_kv[0], k], dim=1), torch.cat([past_kv[1], v], dim=1)
+        if sa.cache_slots is not None:
+            sa.kv_cache.append(layer, sa.cache_slots, k, v)
         q, k_all = apply_rope(q, *sa.rope_q), apply_rope(k_all, *sa.rope_k)
         return self.attn1.to_out[0](attention(q, k_all, v_all, sa.mask))
 
@@ -403,16 +413,16 @@ class CausalWanModel(nn.Module):
         self.norm_out = LayerNormFP32(dim, config.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.gradient_checkpointing = False
 
     # ---- text ------------------------------------------------------------
     def encode_text(self, context: torch.Tensor) -> TextContext:
-        """Text-encoder output (B, L, text_dim) -> per-block cross-attention K/V."""
+        """Text-encoder output (B, L, text_dim) -> projected text for every block's cross-attention."""
         if context.ndim != 3 or context.shape[-1] != self.config.text_dim:
             raise SelfForcingError(
                 f"text embeddings must have shape (B, L, {self.config.text_dim}), got {tuple(context.shape)}"
             )
-        text = self.condition_embedder.text_embedder(context.to(self.proj_out.weight.dtype))
-        return TextContext([block.attn2.key_value(text) for block in self.blocks])
+        return TextContext(self.condition_embedder.text_embedder(context.to(self.proj_out.weight.dtype)))
 
     # ---- forward ---------------------------------------------------------
     def forward(
@@ -424,15 +434,17 @@ class CausalWanModel(nn.Module):
         attention: BlockCausal | None = None,
         kv_cache: KVCache | None = None,
         update_cache: bool = False,
-        clean_context: torch.Tensor | None = None,
+        context_frames: torch.Tensor | None = None,
+        context_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow ``v = noise - x0`` for latents ``x`` (B, C, F, H, W) at timesteps ``t``.
 
         ``t`` is (B,) or per latent frame (B, F). With ``kv_cache`` the F frames are the next
         chunk of a stream; they attend to the cache and themselves, and are appended to the
         cache when ``update_cache`` (the clean "cache-fill" pass of the paper's Algorithm 2).
-        With ``clean_context`` (teacher forcing, needs ``attention``) every noisy chunk of ``x``
-        is conditioned on the given clean frames of earlier chunks, all chunks in one forward.
+        With ``context_frames`` (needs ``attention``) every chunk of ``x`` is conditioned on the
+        given ground-truth frames of earlier chunks, all chunks in one forward: clean frames
+        (teacher forcing) or, with per-frame ``context_t`` > 0, noisy ones (diffusion forcing).
         """
         cfg = self.config
         B, _, num_frames, height, width = x.shape
@@ -441,8 +453,8 @@ class CausalWanModel(nn.Module):
             raise SelfForcingError(f"latent shape {tuple(x.shape[2:])} is not divisible by patch size {cfg.patch_size}")
         if attention is not None and kv_cache is not None:
             raise SelfForcingError("pass either a block-causal mask or a KV cache, not both")
-        if clean_context is not None:
-            return self._teacher_forcing(x, t, context, attention, clean_context)
+        if context_frames is not None:
+            return self._with_context_frames(x, t, context, attention, context_frames, context_t)
         f, h, w = num_frames // pt, height // ph, width // pw
 
         # 1. Patchify: (B, C, F, H, W) -> (B, f, h*w, dim), tokens grouped by frame.
@@ -457,9 +469,15 @@ class CausalWanModel(nn.Module):
         # 3. Positions and the self-attention mode.
         sa = self._self_attn_inputs(f, h, w, attention, kv_cache, update_cache, x.device)
 
-        # 4. Transformer blocks.
+        # 4. Transformer blocks (optionally recomputed in backward to save activation memory).
         for layer, block in enumerate(self.blocks):
-            tokens = block(tokens, mod, text.kv[layer], sa, layer)
+            past_kv = None if kv_cache is None else kv_cache.window(layer)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # The cache buffers change in place later in the rollout: recompute from a copy.
+                past_kv = None if past_kv is None else (past_kv[0].clone(), past_kv[1].clone())
+                tokens = checkpoint(block, tokens, mod, text, sa, layer, past_kv, use_reentrant=False)
+            else:
+                tokens = block(tokens, mod, text, sa, layer, past_kv)
         if sa.cache_slots is not None:
             kv_cache.commit(sa.cache_slots)
 
@@ -469,13 +487,14 @@ class CausalWanModel(nn.Module):
         out = out.view(B, f, h, w, pt, ph, pw, -1)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, num_frames, height, width)
 
-    def _teacher_forcing(self, x, t, context, attention, clean):
-        """Run [clean ; noisy] as one sequence: clean frames at t = 0, both halves at the same RoPE positions."""
-        if attention is None or clean.shape != x.shape:
-            raise SelfForcingError("teacher forcing needs a BlockCausal mask and clean frames shaped like the input")
+    def _with_context_frames(self, x, t, context, attention, frames, frames_t):
+        """Run [context frames ; x] as one sequence, both halves at the same RoPE positions."""
+        if attention is None or frames.shape != x.shape:
+            raise SelfForcingError("context frames need a BlockCausal mask and must be shaped like the input")
         B, F = x.shape[0], x.shape[2]
-        t = torch.cat([torch.zeros(B, F, device=x.device), self._per_frame(t, B, F, x.device)], dim=1)
-        out = self(torch.cat([clean, x], dim=2), t, context, attention=_TeacherForcingMask(attention))
+        frames_t = torch.zeros(B, F, device=x.device) if frames_t is None else self._per_frame(frames_t, B, F, x.device)
+        t = torch.cat([frames_t, self._per_frame(t, B, F, x.device)], dim=1)
+        out = self(torch.cat([frames, x], dim=2), t, context, attention=_TeacherForcingMask(attention))
         return out[:, :, F:]
 
     @staticmethod

@@ -1,0 +1,1 @@
+"""Training: paradigms (how the student sees context), losses, trainer."""

@@ -1,0 +1,232 @@
+"""Training configuration: one YAML file per experiment, parsed into validated dataclasses.
+
+Every key is read by something and an unknown key is an error naming it (the reference
+code's SiD config silently ran DMD). Options that only make sense for one loss or paradigm
+are rejected when given to another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfforcing.errors import SelfForcingError
+
+PARADIGMS = ("teacher", "teacher_forcing", "diffusion_forcing", "self_forcing", "ode")
+LOSSES = ("denoising", "ode", "dmd", "sid", "gan")
+DATA_SOURCES = ("toy", "latents", "prompts", "ode_pairs")
+# Which holistic losses and supervised paradigms go together.
+SUPERVISED = {"teacher": "denoising", "teacher_forcing": "denoising", "diffusion_forcing": "denoising", "ode": "ode"}
+DISTILLATION_PARADIGMS = ("self_forcing", "teacher_forcing", "diffusion_forcing")
+DISTILLATION_LOSSES = ("dmd", "sid", "gan")
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "toy"  # architecture of a fresh student (random init) ...
+    path: str | None = None  # ... or a model/transformer directory to start from
+    init: str | None = None  # checkpoint file (ours, or original Self-Forcing .pt) loaded on top
+
+
+@dataclass
+class TeacherConfig:
+    path: str  # model/transformer directory or checkpoint of the bidirectional teacher
+    preset: str | None = None  # architecture, needed when ``path`` is a bare checkpoint file
+
+
+@dataclass
+class DataConfig:
+    source: str = "toy"
+    path: str | None = None  # latent cache dir, prompt file, or ODE pairs file
+    batch_size: int = 2
+    num_frames: int = 9  # latent frames per video
+    height: int = 32  # pixels
+    width: int = 32
+    caption_dropout: float = 0.0  # teacher pretraining only (for CFG)
+
+
+@dataclass
+class ParadigmConfig:
+    name: str = "self_forcing"
+    frames_per_chunk: int = 3
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    timestep_shift: float = 5.0
+    exit_per_chunk: bool = False
+    hide_first_chunk_from_last: bool = True  # §3.4, self_forcing only
+    context_noise: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    name: str = "dmd"
+    guidance_scale: float = 3.0
+    negative_prompt: str = ""  # empty: the all-padding (zero) text embedding
+    min_t: float = 0.02
+    max_t: float = 0.98
+    generator_every: int = 5  # critic : generator update ratio
+    sid_alpha: float | None = None  # sid only (default 1.0)
+    r1_weight: float | None = None  # gan only (default 1.0)
+    gan_feature_layer: int | None = None  # gan only (default: the middle block)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    critic_lr: float = 4e-7
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 10.0
+    ema_decay: float | None = 0.99
+    ema_start: int = 0
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 10
+    checkpoint_every: int = 100
+    sample_every: int = 0  # 0: no sample videos in TensorBoard
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    output_dir: str
+    steps: int
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig | None = None
+    text_encoder: dict = field(default_factory=lambda: {"type": "hash", "dim": 64, "max_length": 32})
+    vae: dict = field(default_factory=lambda: {"type": "pixel", "patch": 2})
+    data: DataConfig = field(default_factory=DataConfig)
+    paradigm: ParadigmConfig = field(default_factory=ParadigmConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def distillation(self) -> bool:
+        return self.loss.name in DISTILLATION_LOSSES
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the model and optimiser state (not run length or
+        logging), so a resume from another experiment's checkpoint is refused."""
+        d = dataclasses.asdict(self)
+        for key in ("steps", "logging", "output_dir", "device"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    """Instantiate a config dataclass from a dict, naming unknown or missing keys."""
+    if not isinstance(data, dict):
+        raise SelfForcingError(f"config section {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SelfForcingError(f"unknown config keys in {where or 'top level'}: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _SECTIONS.get((cls, name))
+        kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip(".")) if sub and value is not None else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise SelfForcingError(f"config section {where or 'top level'}: {e}") from None
+
+
+_SECTIONS = {
+    (TrainConfig, "model"): ModelConfig,
+    (TrainConfig, "teacher"): TeacherConfig,
+    (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "paradigm"): ParadigmConfig,
+    (TrainConfig, "loss"): LossConfig,
+    (TrainConfig, "optim"): OptimConfig,
+    (TrainConfig, "logging"): LogConfig,
+}
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SelfForcingError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SelfForcingError(f"cannot parse {path}: {e}") from None
+    return config_from_dict({**(data or {}), **(overrides or {})})
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    cfg = _build(TrainConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    p, loss, data, opt = cfg.paradigm, cfg.loss, cfg.data, cfg.optim
+    _one_of("paradigm.name", p.name, PARADIGMS)
+    _one_of("loss.name", loss.name, LOSSES)
+    _one_of("data.source", data.source, DATA_SOURCES)
+    if loss.name in DISTILLATION_LOSSES:
+        if p.name not in DISTILLATION_PARADIGMS:
+            raise SelfForcingError(f"loss {loss.name} needs a generator paradigm ({', '.join(DISTILLATION_PARADIGMS)}), "
+                                   f"not {p.name}")
+        if cfg.teacher is None:
+            raise SelfForcingError(f"loss {loss.name} needs a teacher (real score and critic initialisation): "
+                                   "set teacher.path")
+    elif SUPERVISED.get(p.name) != loss.name:
+        raise SelfForcingError(f"paradigm {p.name} trains with loss {SUPERVISED.get(p.name, 'dmd/sid/gan')}, "
+                               f"not {loss.name}")
+    _only_for(loss.sid_alpha, "loss.sid_alpha", loss.name == "sid")
+    _only_for(loss.r1_weight, "loss.r1_weight", loss.name == "gan")
+    _only_for(loss.gan_feature_layer, "loss.gan_feature_layer", loss.name == "gan")
+    if data.caption_dropout and p.name != "teacher":
+        raise SelfForcingError("data.caption_dropout only applies to paradigm teacher")
+    needs_video = loss.name in ("denoising", "gan") or p.name in ("teacher_forcing", "diffusion_forcing")
+    if needs_video and data.source not in ("toy", "latents"):
+        raise SelfForcingError(f"{p.name} with {loss.name} trains on videos: data.source must be toy or latents")
+    if (p.name == "ode") != (data.source == "ode_pairs"):
+        raise SelfForcingError("paradigm ode trains on data.source ode_pairs (written by `selfforcing ode-pairs`), "
+                               "and only it does")
+    if data.source != "toy" and not data.path:
+        raise SelfForcingError(f"data.source {data.source} needs data.path")
+    if cfg.model.preset is None and cfg.model.path is None:
+        raise SelfForcingError("set model.preset or model.path")
+    if data.num_frames % p.frames_per_chunk:
+        raise SelfForcingError(f"data.num_frames {data.num_frames} is not a multiple of "
+                               f"paradigm.frames_per_chunk {p.frames_per_chunk}")
+    for name, value in [("steps", cfg.steps), ("data.batch_size", data.batch_size), ("optim.grad_accum", opt.grad_accum),
+                        ("loss.generator_every", loss.generator_every), ("logging.log_every", cfg.logging.log_every),
+                        ("logging.checkpoint_every", cfg.logging.checkpoint_every)]:
+        if not isinstance(value, int) or value < 1:
+            raise SelfForcingError(f"{name} must be a positive integer, got {value!r}")
+    if not 0 <= data.caption_dropout < 1:
+        raise SelfForcingError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
+    if opt.ema_decay is not None and not 0 < opt.ema_decay < 1:
+        raise SelfForcingError(f"optim.ema_decay must be in (0, 1) or null, got {opt.ema_decay}")
+    if len(opt.betas) != 2:
+        raise SelfForcingError(f"optim.betas must be two numbers, got {opt.betas}")
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SelfForcingError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _only_for(value: Any, name: str, applies: bool) -> None:
+    if value is not None and not applies:
+        raise SelfForcingError(f"{name} is set but does not apply to this loss")

@@ -1,0 +1,117 @@
+"""Data parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``) under torchrun.
+
+All parallelism lives here, wrapped around unmodified models: every transformer block is
+its own FSDP unit, the root holds the embeddings and head. NCCL on GPUs, gloo on CPU. Under
+a single process every helper degrades to the plain, unsharded behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from selfforcing.errors import SelfForcingError
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group if there is one; pick this rank's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SelfForcingError(f"device {device!r} requested but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistEnv(0, 1, torch.device(device))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def shard(model: nn.Module, env: DistEnv) -> nn.Module:
+    """FSDP2-shard a Wan model in place (each block, then the root); no-op on one process."""
+    if not env.distributed:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "encode_text")  # runs root-level weights outside forward
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict (collective: every rank must call it)."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def mean_across_ranks(value: float, env: DistEnv) -> float:
+    """Average a logged scalar over ranks so every rank reports the global figure."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return float(t) / env.world_size
+
+
+def local_norm(value: torch.Tensor) -> float:
+    """A gradient norm that may be a DTensor under FSDP2, as a float."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Training losses, one per file: denoising, ode, dmd, sid, gan."""

@@ -1,0 +1,80 @@
+"""ODE initialisation (the paper's first stage, from CausVid): the bidirectional teacher's
+many-step CFG sampler is run on prompts and its states at the few-step timesteps are stored
+as "ODE pairs"; the causal student then learns to map each state straight to the endpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from selfforcing.diffusion.samplers import euler_sample_cfg
+from selfforcing.diffusion.schedule import FlowMatchSchedule
+from selfforcing.errors import SelfForcingError
+from selfforcing.models.wan import BlockCausal, CausalWanModel
+from selfforcing.training.losses.ode import ode_regression_loss
+from selfforcing.utils import atomic_path
+
+
+@torch.no_grad()
+def teacher_trajectories(
+    teacher: CausalWanModel, text: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, ...],
+    schedule: FlowMatchSchedule, timesteps: torch.Tensor, num_steps: int, guidance_scale: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, S+1, C, F, h, w): states at the S few-step ``timesteps``, then the clean endpoint."""
+    cond, neg = teacher.encode_text(text), teacher.encode_text(uncond.expand_as(text))
+    noise = torch.randn(shape, generator=generator, device=text.device)
+    x0, states = euler_sample_cfg(
+        lambda x, t, c: teacher(x, t, cond if c else neg), noise, schedule, num_steps, guidance_scale,
+        record_at=timesteps,
+    )
+    return torch.cat([states, x0[:, None]], dim=1)
+
+
+def save_pairs(path: str | Path, trajectories: torch.Tensor, captions: list[str], timesteps: torch.Tensor) -> None:
+    """One safetensors file: trajectories + captions and timesteps in its metadata (atomic)."""
+    meta = {"captions": json.dumps(captions), "timesteps": json.dumps(timesteps.tolist())}
+    with atomic_path(path) as tmp:
+        save_file({"trajectories": trajectories.contiguous().cpu()}, str(tmp), metadata=meta)
+
+
+@dataclass
+class OdePairs(torch.utils.data.Dataset):
+    """Reads a file written by :func:`save_pairs`."""
+
+    trajectories: torch.Tensor
+    captions: list[str]
+    timesteps: torch.Tensor
+
+    @classmethod
+    def load(cls, path: str | Path) -> "OdePairs":
+        path = Path(path)
+        if not path.is_file():
+            raise SelfForcingError(f"no ODE pairs at {path}: run `selfforcing ode-pairs` first")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if "captions" not in meta or "trajectories" not in f.keys():
+                raise SelfForcingError(f"{path} is not an ODE pairs file")
+            trajectories = f.get_tensor("trajectories")
+        return cls(trajectories, json.loads(meta["captions"]), torch.tensor(json.loads(meta["timesteps"])))
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"trajectory": self.trajectories[i], "caption": self.captions[i], "index": i}
+
+
+def loss(
+    model: CausalWanModel, trajectory: torch.Tensor, text: torch.Tensor, schedule: FlowMatchSchedule,
+    attention: BlockCausal, timesteps: torch.Tensor, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """ODE regression of the causal student (block-causal, one random state per chunk)."""
+    ctx = model.encode_text(text)
+    return ode_regression_loss(lambda xt, t: model(xt, t, ctx, attention=attention), trajectory, timesteps,
+                               schedule, attention.frames_per_chunk, generator)
