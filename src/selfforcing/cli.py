@@ -72,6 +72,58 @@ def cmd_bench(args: argparse.Namespace) -> None:
               latent_frames=args.latent_frames, repeats=args.repeats, output=args.append)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import logging
+
+    from selfforcing.training import distributed
+    from selfforcing.training.config import load_config
+    from selfforcing.training.trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, overrides=_overrides(args.set))
+    trainer = Trainer(cfg)
+    try:
+        history = trainer.train(resume=args.resume)
+        trainer.export(Path(cfg.output_dir) / "model")
+    finally:
+        distributed.shutdown(trainer.env)
+    if trainer.env.is_main and history:
+        last = {k: round(v, 5) for k, v in history[-1].items() if k.endswith("loss")}
+        print(f"trained {cfg.name} to step {trainer.step} ({trainer.skipped} skipped); last losses {last}; "
+              f"model written to {Path(cfg.output_dir) / 'model'}")
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """``--set data.batch_size=4`` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SelfForcingError(f"--set expects KEY=VALUE, got {pair!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def cmd_ode_pairs(args: argparse.Namespace) -> None:
+    from selfforcing.training.paradigms.ode import make_ode_pairs
+
+    path = make_ode_pairs(args.config, args.prompts, args.output, num_steps=args.steps, batch_size=args.batch_size)
+    print(f"wrote ODE pairs to {path}")
+
+
+def cmd_data_toy(args: argparse.Namespace) -> None:
+    from selfforcing.data.toy_world import write_dataset
+
+    path = write_dataset(args.out, args.n, num_frames=args.frames, height=args.size, width=args.size, seed=args.seed)
+    print(f"wrote {args.n} toy-world videos to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=3)
     b.add_argument("--append", type=Path, default=None, help="append the result table to this markdown file")
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("train", help="train from a YAML experiment config (use torchrun for several processes)")
+    t.add_argument("config", type=Path)
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set steps=10 (repeatable)")
+    t.set_defaults(func=cmd_train)
+
+    o = sub.add_parser("ode-pairs", help="sample the teacher with CFG and store its states at the few-step timesteps")
+    o.add_argument("config", type=Path, help="the ODE-init training config (teacher, sizes, few-step list)")
+    o.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    o.add_argument("-o", "--output", type=Path, default=None, help="output .safetensors file (default: data.path)")
+    o.add_argument("--steps", type=_positive_int, default=48, help="Euler steps of the teacher sampler")
+    o.add_argument("--batch-size", type=_positive_int, default=8)
+    o.set_defaults(func=cmd_ode_pairs)
+
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    toy = dsub.add_parser("toy", help="write a procedurally generated toy-world dataset")
+    toy.add_argument("--out", type=Path, required=True)
+    toy.add_argument("--n", type=_positive_int, required=True)
+    toy.add_argument("--frames", type=_positive_int, default=16)
+    toy.add_argument("--size", type=_positive_int, default=32)
+    toy.add_argument("--seed", type=int, default=0)
+    toy.set_defaults(func=cmd_data_toy)
     return parser
 
 

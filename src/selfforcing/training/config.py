@@ -30,6 +30,7 @@ DISTILLATION_LOSSES = ("dmd", "sid", "gan")
 @dataclass
 class ModelConfig:
     preset: str | None = "toy"  # architecture of a fresh student (random init) ...
+    overrides: dict = field(default_factory=dict)  # ... with these WanConfig fields changed
     path: str | None = None  # ... or a model/transformer directory to start from
     init: str | None = None  # checkpoint file (ours, or original Self-Forcing .pt) loaded on top
 

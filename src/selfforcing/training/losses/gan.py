@@ -4,6 +4,11 @@ A small head classifies the critic's intermediate tokens of a noised video as re
 the dataset) or fake (a student rollout). The critic backbone and the head are trained with
 the non-saturating logistic loss plus an R1 penalty on real inputs; the generator is trained
 to make its rollouts look real.
+
+R1 (the squared input-gradient norm of the discriminator on real data) is estimated by a
+finite difference, E[(D(x + s e) - D(x))^2] / s^2 with Gaussian e, which matches the
+expected squared gradient norm to first order without a double backward (fused attention
+kernels have none, and it halves the cost).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class GANLoss:
     r1_weight: float = 1.0
     min_t: float = 0.02
     max_t: float = 0.98
+    r1_sigma: float = 0.01  # finite-difference step of the R1 estimate
 
     def _noised(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.schedule.sample_timesteps((x.shape[0],), generator, self.min_t, self.max_t, x.device)
@@ -70,10 +76,9 @@ class GANLoss:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         fake_xt, fake_t = self._noised(fake.detach(), generator)
         real_xt, real_t = self._noised(real.detach(), generator)
-        real_xt.requires_grad_(True)
         logit_fake, logit_real = logit_fn(fake_xt, fake_t), logit_fn(real_xt, real_t)
-        (grad,) = torch.autograd.grad(logit_real.sum(), real_xt, create_graph=True)
-        r1 = grad.float().square().sum(dim=tuple(range(1, grad.ndim))).mean()
+        step = self.r1_sigma * torch.randn(real_xt.shape, generator=generator, device=real_xt.device)
+        r1 = ((logit_fn(real_xt + step, real_t) - logit_real).float().square() / self.r1_sigma**2).mean()
         adversarial = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
         loss = adversarial + 0.5 * self.r1_weight * r1
         return loss, {"gan_critic": adversarial.item(), "r1": r1.item(),

@@ -31,7 +31,7 @@ def loss(
 def generate(
     model: CausalWanModel, x0: torch.Tensor, text: torch.Tensor, schedule: FlowMatchSchedule,
     attention: BlockCausal, timesteps: torch.Tensor, exit_generator: torch.Generator,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, grad: bool = True,
 ) -> torch.Tensor:
     """DF + DMD: the few-step student denoises every chunk from noise in parallel, each
     conditioned on ground truth noised to a random level per chunk; gradient at one exit step."""
@@ -43,5 +43,5 @@ def generate(
     return few_step_denoise(
         lambda x, t: model(x, t, ctx, attention=attention, context_frames=noisy_context, context_t=context_t),
         start, timesteps, schedule, exit_index=sample_exit_index(len(timesteps), exit_generator),
-        grad=True, generator=generator,
+        grad=grad, generator=generator,
     )

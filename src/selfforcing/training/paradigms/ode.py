@@ -78,3 +78,43 @@ def loss(
     ctx = model.encode_text(text)
     return ode_regression_loss(lambda xt, t: model(xt, t, ctx, attention=attention), trajectory, timesteps,
                                schedule, attention.frames_per_chunk, generator)
+
+
+def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: str | Path | None = None,
+                   num_steps: int = 48, batch_size: int = 8) -> Path:
+    """`selfforcing ode-pairs`: sample the config's teacher on every prompt and store the pairs
+    at ``output`` (default: the config's ``data.path``, where ODE-init training reads them)."""
+    from tqdm import tqdm
+
+    from selfforcing.data.prompts import read_prompts
+    from selfforcing.models.text_encoders import text_encoder_from_config
+    from selfforcing.models.vae import vae_from_config
+    from selfforcing.training.config import load_config
+    from selfforcing.training.trainer import load_teacher
+
+    cfg = load_config(config_path)
+    if cfg.teacher is None:
+        raise SelfForcingError(f"{config_path} has no teacher to sample")
+    output = Path(output or cfg.data.path)
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    prompts = read_prompts(prompts_path)
+    teacher = load_teacher(cfg.teacher, device)
+    model_dir = None if cfg.model.path is None else Path(cfg.model.path)
+    text_encoder = text_encoder_from_config(cfg.text_encoder, model_dir, device=device)
+    vae = vae_from_config(cfg.vae, None if model_dir is None else model_dir / "vae", device=device)
+    schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
+    timesteps = schedule.few_step_timesteps(cfg.paradigm.denoising_steps).to(device)
+    uncond = torch.zeros(1, text_encoder.max_length, text_encoder.dim, device=device)
+    if cfg.loss.negative_prompt.strip():
+        uncond = text_encoder.encode([cfg.loss.negative_prompt]).to(device)
+    latent = (teacher.config.in_channels, cfg.data.num_frames,
+              cfg.data.height // vae.spatial_ratio, cfg.data.width // vae.spatial_ratio)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    trajectories = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="ode pairs", unit="batch"):
+        batch = prompts[start:start + batch_size]
+        text = text_encoder.encode(batch).to(device)
+        trajectories.append(teacher_trajectories(teacher, text, uncond, (len(batch), *latent), schedule, timesteps,
+                                                 num_steps, cfg.loss.guidance_scale, generator).cpu())
+    save_pairs(output, torch.cat(trajectories), prompts, timesteps.cpu())
+    return output

@@ -20,7 +20,7 @@ def generate(
     model: CausalWanModel, shape: tuple[int, ...], text: torch.Tensor, schedule: FlowMatchSchedule,
     frames_per_chunk: int, timesteps: torch.Tensor, exit_generator: torch.Generator,
     generator: torch.Generator | None = None, *, context_t: float = 0.0, exit_per_chunk: bool = False,
-    hide_first_chunk_from_last: bool = True,
+    hide_first_chunk_from_last: bool = True, grad: bool = True,
 ) -> torch.Tensor:
     """Roll out a (B, C, F, h, w) video with gradient through the exit steps only.
 
@@ -34,7 +34,7 @@ def generate(
     cache = KVCache(len(model.blocks), capacity=F)
     chunks = rollout(
         model, model.encode_text(text), cache, schedule, timesteps, (B, C, frames_per_chunk, h, w), num_chunks,
-        generator=generator, context_t=context_t, exit_index=exits if exit_per_chunk else exits[0], grad=True,
+        generator=generator, context_t=context_t, exit_index=exits if exit_per_chunk else exits[0], grad=grad,
         hide_first_chunk_from_last=hide_first_chunk_from_last,
     )
     return torch.cat(list(chunks), dim=2)

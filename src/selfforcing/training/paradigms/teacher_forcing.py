@@ -32,7 +32,7 @@ def loss(
 def generate(
     model: CausalWanModel, x0: torch.Tensor, text: torch.Tensor, schedule: FlowMatchSchedule,
     attention: BlockCausal, timesteps: torch.Tensor, exit_generator: torch.Generator,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, grad: bool = True,
 ) -> torch.Tensor:
     """TF + DMD (CausVid-style): the few-step student denoises every chunk from noise in
     parallel, each conditioned on clean ground-truth context; gradient at one exit step."""
@@ -41,5 +41,5 @@ def generate(
     return few_step_denoise(
         lambda x, t: model(x, t, ctx, attention=attention, context_frames=x0),
         noise, timesteps, schedule, exit_index=sample_exit_index(len(timesteps), exit_generator),
-        grad=True, generator=generator,
+        grad=grad, generator=generator,
     )

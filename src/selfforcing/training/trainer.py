@@ -1,0 +1,309 @@
+"""The training loop: one loop for every experiment, driven by a :class:`TrainConfig`.
+
+Per step: (distillation) the generator is updated every ``loss.generator_every`` steps and
+the critic every step (the paper's 1:5 ratio); each update accumulates gradients over
+``optim.grad_accum`` micro-batches, clips them, and is skipped, with a message, if the loss
+or the gradient is not finite. The student's EMA follows every generator update after
+``optim.ema_start``. Checkpoints hold everything needed to resume exactly (weights, EMA,
+optimisers, random states, data position) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selfforcing.diffusion.schedule import FlowMatchSchedule
+from selfforcing.errors import SelfForcingError
+from selfforcing.models.convert import load_state_dict_file
+from selfforcing.models.text_encoders import text_encoder_from_config
+from selfforcing.models.vae import num_video_frames, vae_from_config
+from selfforcing.models.wan import CausalWanModel, WanConfig, preset
+from selfforcing.training import distributed as D
+from selfforcing.training.checkpoint import CheckpointStore
+from selfforcing.training.config import TeacherConfig, TrainConfig
+from selfforcing.training.data import DataStream, build_dataset
+from selfforcing.training.losses.gan import DiscriminatorHead
+from selfforcing.training.objective import Batch, Objective, Rngs
+
+log = logging.getLogger("selfforcing.train")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: D.DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or D.init_distributed(cfg.device)
+        device = self.env.device
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
+        self.text_encoder = text_encoder_from_config(cfg.text_encoder, _path(cfg.model.path), device=device)
+        self.vae = vae_from_config(cfg.vae, None if cfg.model.path is None else Path(cfg.model.path) / "vae",
+                                   device=device)
+        latent_hw = self._latent_hw()
+
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        self.student = self._load_student()
+        self.teacher = self._load_teacher()
+        self.critic = self.head = None
+        if cfg.distillation:
+            self.critic = copy.deepcopy(self.teacher).requires_grad_(True)  # critic starts as the teacher (DMD)
+            if cfg.loss.name == "gan":
+                self.head = DiscriminatorHead(self.critic.config.dim).to(device)
+        self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.optim.ema_decay else None
+        for model in (self.student, self.teacher, self.critic, self.ema):
+            if model is not None:
+                D.shard(model, self.env)
+        self.student.gradient_checkpointing = cfg.paradigm.gradient_checkpointing
+
+        opt = cfg.optim
+        self.gen_opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=tuple(opt.betas),
+                                         weight_decay=opt.weight_decay)
+        self.objective = Objective(cfg, self.student, self.schedule, self._uncond_text(), latent_hw,
+                                   self.teacher, self.critic, self.head)
+        self.critic_opt = None
+        if self.objective.has_critic:
+            self.critic_opt = torch.optim.AdamW(self.objective.critic_parameters(), lr=opt.critic_lr,
+                                                betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        self.data = DataStream(build_dataset(cfg, self.vae), cfg.data.batch_size, cfg.seed, self.env)
+        self.noise_rng = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + self.env.rank)
+        self.store = CheckpointStore(Path(cfg.output_dir) / "checkpoints", cfg.fingerprint(), self.env)
+        self.step = 0
+        self.skipped = 0
+
+    # ---- construction -----------------------------------------------------
+    def _load_student(self) -> CausalWanModel:
+        m = self.cfg.model
+        if m.path:
+            model = CausalWanModel.from_pretrained(m.path)
+        else:
+            model = CausalWanModel(WanConfig.from_dict({**preset(m.preset).to_dict(), **m.overrides}))
+        if m.init:
+            model.load_weights(load_state_dict_file(m.init))
+        self._check_io(model, "student")
+        return model.to(self.env.device).train()
+
+    def _load_teacher(self) -> CausalWanModel | None:
+        if self.cfg.teacher is None:
+            return None
+        teacher = load_teacher(self.cfg.teacher, self.env.device)
+        s, c = self.student.config, teacher.config
+        if (s.in_channels, s.out_channels, s.text_dim, s.patch_size) != (c.in_channels, c.out_channels, c.text_dim, c.patch_size):
+            raise SelfForcingError(
+                f"teacher and student shapes differ: teacher (in {c.in_channels}, out {c.out_channels}, text "
+                f"{c.text_dim}, patch {c.patch_size}) vs student (in {s.in_channels}, out {s.out_channels}, "
+                f"text {s.text_dim}, patch {s.patch_size})"
+            )
+        return teacher
+
+    def _check_io(self, model: CausalWanModel, role: str) -> None:
+        c = model.config
+        if c.text_dim != self.text_encoder.dim:
+            raise SelfForcingError(f"{role} text_dim {c.text_dim} does not match the text encoder ({self.text_encoder.dim})")
+        if c.in_channels != self.vae.latent_channels:
+            raise SelfForcingError(f"{role} in_channels {c.in_channels} does not match the VAE ({self.vae.latent_channels})")
+
+    def _latent_hw(self) -> tuple[int, int]:
+        d, r = self.cfg.data, self.vae.spatial_ratio
+        if d.height % r or d.width % r:
+            raise SelfForcingError(f"data.height/width must be multiples of the VAE's spatial ratio {r}")
+        return d.height // r, d.width // r
+
+    def _uncond_text(self) -> torch.Tensor:
+        """The negative prompt's embedding; empty means all padding (zeros)."""
+        neg = self.cfg.loss.negative_prompt
+        if not neg.strip():
+            return torch.zeros(1, self.text_encoder.max_length, self.text_encoder.dim, device=self.env.device)
+        return self.text_encoder.encode([neg]).to(self.env.device)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        named = {"student": self.student, "ema": self.ema, "critic": self.critic, "head": self.head}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def _optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        opts = {"student": (self.student, self.gen_opt)}
+        if self.critic_opt is not None:
+            opts["critic"] = (_CriticGroup(self.critic, self.head), self.critic_opt)
+        return opts
+
+    # ---- the loop ---------------------------------------------------------
+    def train(self, resume: bool = False) -> list[dict[str, float]]:
+        """Run to ``cfg.steps``; returns the logged figures of every step run here."""
+        cfg = self.cfg
+        if resume:
+            self.load(self.store.latest())
+        from tqdm import tqdm
+
+        writer = self._tensorboard()
+        history = []
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="it", desc=cfg.name,
+                   disable=not (cfg.logging.progress and self.env.is_main))
+        while self.step < cfg.steps:
+            start = time.perf_counter()
+            logs = self.train_step()
+            self.step += 1
+            logs["it_per_s"] = 1.0 / (time.perf_counter() - start)
+            history.append(logs)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
+            if writer is not None and self.step % cfg.logging.log_every == 0:
+                for k, v in logs.items():
+                    writer.add_scalar(k, v, self.step)
+            if self.step % cfg.logging.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return history
+
+    def train_step(self) -> dict[str, float]:
+        cfg, logs = self.cfg, {}
+        rngs = Rngs(self.noise_rng, torch.Generator().manual_seed(cfg.seed * 7919 + self.step))
+        if not cfg.distillation or self.step % cfg.loss.generator_every == 0:
+            with _frozen(self.critic, self.head):
+                updated, gen_logs = self._update("generator", self.student.parameters(), self.gen_opt,
+                                                 lambda b: self.objective.generator_loss(b, rngs))
+            logs.update(gen_logs)
+            if updated:
+                self._update_ema()
+        if self.critic_opt is not None:
+            _, critic_logs = self._update("critic", self.objective.critic_parameters(), self.critic_opt,
+                                          lambda b: self.objective.critic_loss(b, rngs))
+            logs.update(critic_logs)
+        return logs
+
+    def _update(self, role: str, params, optimizer, loss_fn) -> tuple[bool, dict[str, float]]:
+        """One optimiser step with gradient accumulation, clipping and a non-finite guard."""
+        params = [p for p in params if p.requires_grad]
+        accum = self.cfg.optim.grad_accum
+        optimizer.zero_grad(set_to_none=True)
+        total, extra = 0.0, {}
+        for _ in range(accum):
+            with self.autocast:
+                loss, extra = loss_fn(self.next_batch())
+            (loss / accum).backward()
+            total += loss.item() / accum
+        grad_norm = D.local_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        total = D.mean_across_ranks(total, self.env)
+        logs = {f"{role}_loss": total, f"{role}_grad_norm": grad_norm, **extra}
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            if self.env.is_main:
+                log.warning("step %d: %s loss %s / grad norm %s is not finite; update skipped",
+                            self.step, role, total, grad_norm)
+            return False, {**logs, f"{role}_skipped": 1.0}
+        optimizer.step()
+        return True, logs
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.optim.ema_decay if self.step >= self.cfg.optim.ema_start else 0.0
+        for e, p in zip(self.ema.parameters(), self.student.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+
+    def next_batch(self) -> Batch:
+        items = self.data.next_items()
+        device = self.env.device
+        captions = [it.get("caption", it.get("prompt")) for it in items]
+        batch = Batch(text=self.text_encoder.encode(captions).to(device))
+        if "video" in items[0]:
+            with torch.no_grad():
+                batch.latents = self.vae.encode(torch.stack([it["video"] for it in items]).to(device))
+        elif "latents" in items[0]:
+            batch.latents = torch.stack([it["latents"] for it in items]).to(device)
+        elif "trajectory" in items[0]:
+            batch.trajectories = torch.stack([it["trajectory"] for it in items]).to(device)
+        return batch
+
+    def _tensorboard(self):
+        if not (self.cfg.logging.tensorboard and self.env.is_main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(Path(self.cfg.output_dir) / "tensorboard"))
+
+    # ---- checkpoints ------------------------------------------------------
+    def save(self) -> None:
+        weights = {name: D.full_state_dict(module) for name, module in self._modules().items()}
+        optim = {name: D.optimizer_state_dict(module, opt) for name, (module, opt) in self._optimizers().items()}
+        state = {"step": self.step, "skipped": self.skipped, "data_position": self.data.position,
+                 "optimizers": optim, "noise_rng": self.noise_rng.get_state(), "torch_rng": torch.get_rng_state()}
+        self.store.save(self.step, weights, state)
+
+    def load(self, path: Path) -> None:
+        weights, state = self.store.load(path)
+        for name, module in self._modules().items():
+            D.load_full_state_dict(module, weights[name])
+        for name, (module, opt) in self._optimizers().items():
+            D.load_optimizer_state_dict(module, opt, state["optimizers"][name])
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.data.position = state["data_position"]
+        self.noise_rng.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def export(self, path: str | Path) -> None:
+        """Write a selfforcing model directory (EMA weights if kept) for `generate`."""
+        from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
+
+        p, d = self.cfg.paradigm, self.cfg.data
+        weights = D.full_state_dict(self.ema or self.student)
+        if not self.env.is_main:
+            return
+        model = CausalWanModel(self.student.config)
+        model.load_weights(weights)
+        sampling = SamplingConfig(frames_per_chunk=p.frames_per_chunk, denoising_steps=tuple(p.denoising_steps),
+                                  timestep_shift=p.timestep_shift, kv_cache_frames=d.num_frames,
+                                  context_noise=p.context_noise, height=d.height, width=d.width)
+        StreamingPipeline(model, self.text_encoder, self.vae, sampling).save_pretrained(path)
+
+
+def load_teacher(t: TeacherConfig, device: torch.device) -> CausalWanModel:
+    """A frozen bidirectional teacher from a model directory, or a checkpoint file plus a preset."""
+    path = Path(t.path)
+    if path.is_dir():
+        teacher = CausalWanModel.from_pretrained(path)
+    elif t.preset is None:
+        raise SelfForcingError(f"teacher.path {path} is not a model directory; a checkpoint file needs teacher.preset")
+    else:
+        teacher = CausalWanModel(preset(t.preset))
+        teacher.load_weights(load_state_dict_file(path))
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+class _CriticGroup(nn.Module):
+    """The critic and its optional GAN head, as one module for optimiser state dicts."""
+
+    def __init__(self, critic: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.critic = critic
+        self.head = head
+
+
+class _frozen:
+    """Disable gradients of the given modules for the duration of a generator update."""
+
+    def __init__(self, *modules: nn.Module | None):
+        self.modules = [m for m in modules if m is not None]
+
+    def __enter__(self):
+        for m in self.modules:
+            m.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.requires_grad_(True)
+        return False
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
