@@ -8,7 +8,7 @@ a single process every helper degrades to the plain, unsharded behaviour.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,15 @@ def shard(model: nn.Module, env: DistEnv) -> nn.Module:
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    encode_text = model.encode_text
+
+    def encode_text_copy(context: torch.Tensor):
+        # The text projection's output is a view (a 3-D Linear); FSDP2 warns about views
+        # returned from a forward method, so hand back an owned copy (B x L x dim, cheap).
+        ctx = encode_text(context)
+        return replace(ctx, text=ctx.text.clone())
+
+    model.encode_text = encode_text_copy
     register_fsdp_forward_method(model, "encode_text")  # runs root-level weights outside forward
     return model
 

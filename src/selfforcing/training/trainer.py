@@ -11,6 +11,7 @@ optimisers, random states, data position) and are written atomically.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -151,15 +152,27 @@ class Trainer:
             history.append(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
-            if writer is not None and self.step % cfg.logging.log_every == 0:
-                for k, v in logs.items():
-                    writer.add_scalar(k, v, self.step)
+            if self.step % cfg.logging.log_every == 0:
+                self._log_metrics(logs, writer)
             if self.step % cfg.logging.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
         if writer is not None:
             writer.close()
         return history
+
+    def _log_metrics(self, logs: dict[str, float], writer) -> None:
+        """Main rank: one JSON line per logged step in ``output_dir/metrics.jsonl`` (appended, so
+        a resumed run continues the file), and the same figures in TensorBoard if enabled."""
+        if not self.env.is_main:
+            return
+        out = Path(self.cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **logs}) + "\n")
+        if writer is not None:
+            for k, v in logs.items():
+                writer.add_scalar(k, v, self.step)
 
     def train_step(self) -> dict[str, float]:
         cfg, logs = self.cfg, {}

@@ -1,0 +1,95 @@
+"""Self Forcing rollout training and the TF / DF generators."""
+
+import torch
+
+from conftest import TINY
+from selfforcing.diffusion import FlowMatchSchedule
+from selfforcing.models import BlockCausal, CausalWanModel, WanConfig, preset
+from selfforcing.training.paradigms import diffusion_forcing, self_forcing, teacher_forcing
+
+schedule = FlowMatchSchedule()
+TIMESTEPS = schedule.few_step_timesteps()
+
+
+def tiny_student(layers=2, seed=0):
+    torch.manual_seed(seed)
+    return CausalWanModel(WanConfig.from_dict({**preset("toy").to_dict(), **TINY, "num_layers": layers}))
+
+
+def count_forwards(model):
+    """Record, for every forward, whether autograd was on and whether it filled the cache."""
+    calls = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((torch.is_grad_enabled(), kwargs.get("update_cache", False))),
+        with_kwargs=True)
+    return calls
+
+
+def rollout(model, shared_seed=0, **kw):
+    text = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(5))
+    return self_forcing.generate(model, (2, 12, 9, 8, 8), text, schedule, 3, TIMESTEPS,
+                                 torch.Generator().manual_seed(shared_seed), torch.Generator().manual_seed(1), **kw)
+
+
+def test_gradient_flows_only_through_the_exit_step_of_each_chunk():
+    model = tiny_student()
+    calls = count_forwards(model)
+    video = rollout(model)
+    exit_index = int(torch.randint(0, 4, (1,), generator=torch.Generator().manual_seed(0)))
+    per_chunk = [(False, False)] * exit_index + [(True, False)] + [(False, True)]  # denoise..., exit, cache fill
+    assert calls == per_chunk * 3
+    assert video.shape == (2, 12, 9, 8, 8) and video.requires_grad
+    video.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_exit_step_per_chunk_differs_between_chunks():
+    model = tiny_student()
+    calls = count_forwards(model)
+    with torch.no_grad():
+        rollout(model, shared_seed=3, exit_per_chunk=True, grad=False)
+    counts, n = [], 0
+    for _, fill in calls:
+        n += 1
+        if fill:
+            counts.append(n - 1)
+            n = 0
+    assert len(counts) == 3 and len(set(counts)) > 1  # different exit steps -> different step counts
+
+
+def test_restricted_attention_hides_the_first_chunk_from_the_last():
+    """One layer: the last chunk's output can only depend on the first chunk through attention,
+    so with the §3.4 restriction, changing the first chunk's cache leaves it unchanged."""
+    model = tiny_student(layers=1).eval()
+    text = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(5))
+    ctx = model.encode_text(text)
+
+    def last_chunk(first, restrict):
+        x = torch.cat([first, torch.randn(1, 12, 6, 8, 8, generator=torch.Generator().manual_seed(9))], dim=2)
+        t = torch.zeros(1, 9)
+        return model(x, t, ctx, attention=BlockCausal(3, hide_first_chunk_from_last=restrict))[:, :, 6:]
+
+    a, b = torch.randn(1, 12, 3, 8, 8), torch.randn(1, 12, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(last_chunk(a, True), last_chunk(b, True), atol=1e-6)
+        assert not torch.allclose(last_chunk(a, False), last_chunk(b, False), atol=1e-4)
+        # and the rollout applies it: restricted and unrestricted rollouts differ only in the last chunk
+        restricted = rollout(model, grad=False, hide_first_chunk_from_last=True)
+        plain = rollout(model, grad=False, hide_first_chunk_from_last=False)
+    assert torch.equal(restricted[:, :, :6], plain[:, :, :6])
+    assert not torch.allclose(restricted[:, :, 6:], plain[:, :, 6:], atol=1e-4)
+
+
+def test_tf_and_df_generators_use_ground_truth_context():
+    model = tiny_student()
+    text = torch.randn(2, 8, 16)
+    gt = torch.randn(2, 12, 6, 8, 8)
+    for paradigm in (teacher_forcing, diffusion_forcing):
+        out = paradigm.generate(model, gt, text, schedule, BlockCausal(3), TIMESTEPS, torch.Generator().manual_seed(0),
+                                torch.Generator().manual_seed(1))
+        other = paradigm.generate(model, gt + 1, text, schedule, BlockCausal(3), TIMESTEPS,
+                                  torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+        assert out.requires_grad and out.shape == gt.shape
+        # the first chunk has no context; later chunks see the (changed) ground truth
+        assert torch.allclose(out[:, :, :3], other[:, :, :3], atol=1e-5)
+        assert not torch.allclose(out[:, :, 3:], other[:, :, 3:], atol=1e-4)
