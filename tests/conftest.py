@@ -17,3 +17,12 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torc
 def tiny_model() -> CausalWanModel:
     torch.manual_seed(0)
     return randomize_(CausalWanModel(preset("tiny"))).eval()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors: thread start-up and contention would dominate the run time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -126,3 +126,55 @@ def _markdown(results: list[BenchResult], device: torch.device) -> str:
         lines.append(f"| {r.preset} | {r.frames_per_chunk} | {r.video_frames} | {r.fps:.1f} | "
                      f"{r.first_frame_s:.3f} | {r.peak_memory_gib:.2f} |")
     return "\n".join(lines)
+
+
+def run_train_bench(preset_name: str, device: torch.device, steps: int, output: Path | None) -> dict[str, float]:
+    """Seconds per training iteration of SF / TF / DF (+ DMD) at an equal config (paper Fig. 6).
+
+    Uses a random teacher of the same architecture: iteration time does not depend on weights.
+    """
+    import tempfile
+
+    from selfforcing.training.config import config_from_dict
+    from selfforcing.training.trainer import Trainer
+
+    if preset_name != "toy":
+        raise SelfForcingError("the training benchmark runs the toy preset (use a GPU config for larger models)")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        CausalWanModel(preset("toy")).save_pretrained(Path(tmp) / "teacher")
+        for paradigm in ("self_forcing", "teacher_forcing", "diffusion_forcing"):
+            cfg = config_from_dict({
+                "name": f"bench-{paradigm}", "output_dir": str(Path(tmp) / paradigm), "steps": steps + 1,
+                "device": device.type, "model": {"preset": "toy"}, "teacher": {"path": str(Path(tmp) / "teacher")},
+                "data": {"source": "toy", "batch_size": 2, "num_frames": 12, "height": 32, "width": 32},
+                "paradigm": {"name": paradigm, "frames_per_chunk": 3}, "loss": {"name": "dmd", "generator_every": 1},
+                "logging": {"progress": False, "tensorboard": False, "checkpoint_every": 10_000},
+            })
+            trainer = Trainer(cfg)
+            trainer.train_step()  # warm-up
+            trainer.step += 1
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+                trainer.step += 1
+            _sync(device)
+            results[paradigm] = (time.perf_counter() - start) / steps
+    lines = [
+        f"Command: `{' '.join(shlex.quote(a) for a in ['selfforcing', *sys.argv[1:]])}`  ",
+        f"Machine: {_machine(device)}; {time.strftime('%Y-%m-%d')}; toy preset, batch 2, 12 latent frames, "
+        "chunk 3, generator + critic (DMD) update every iteration",
+        "",
+        "| paradigm (+ DMD) | seconds / iteration | relative to Self Forcing |",
+        "|---|---|---|",
+    ]
+    for name, sec in results.items():
+        lines.append(f"| {name} | {sec:.3f} | {sec / results['self_forcing']:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if output is not None:
+        with open(output, "a") as f:
+            f.write("\n" + table + "\n")
+    return results

@@ -66,8 +66,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from selfforcing.bench import run_bench
+    from selfforcing.bench import run_bench, run_train_bench
 
+    if args.training:
+        run_train_bench(args.preset, _device(args.device), args.repeats, args.append)
+        return
     run_bench(preset=args.preset, device=_device(args.device), frames_per_chunk=args.frames_per_chunk,
               latent_frames=args.latent_frames, repeats=args.repeats, output=args.append)
 
@@ -148,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1])
     b.add_argument("--latent-frames", type=_positive_int, default=21)
     b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--training", action="store_true",
+                   help="time training iterations of Self Forcing vs Teacher / Diffusion Forcing (+ DMD) instead")
     b.add_argument("--append", type=Path, default=None, help="append the result table to this markdown file")
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train from a YAML experiment config (use torchrun for several processes)")

@@ -16,13 +16,7 @@ from selfforcing.errors import SelfForcingError
 from selfforcing.models.vae import PixelCodec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: thread start-up and contention would dominate the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def write_npy(path, frames=5, height=8, width=8, seed=0):

@@ -175,19 +175,32 @@ class Trainer:
                 writer.add_scalar(k, v, self.step)
 
     def train_step(self) -> dict[str, float]:
-        cfg, logs = self.cfg, {}
-        rngs = Rngs(self.noise_rng, torch.Generator().manual_seed(cfg.seed * 7919 + self.step))
-        if not cfg.distillation or self.step % cfg.loss.generator_every == 0:
-            with _frozen(self.critic, self.head):
-                updated, gen_logs = self._update("generator", self.student.parameters(), self.gen_opt,
-                                                 lambda b: self.objective.generator_loss(b, rngs))
-            logs.update(gen_logs)
-            if updated:
-                self._update_ema()
+        """One iteration: the generator every ``generator_every`` steps (always, when supervised),
+        the critic every step."""
+        logs = {}
+        if not self.cfg.distillation or self.step % self.cfg.loss.generator_every == 0:
+            logs.update(self.generator_step())
         if self.critic_opt is not None:
-            _, critic_logs = self._update("critic", self.objective.critic_parameters(), self.critic_opt,
-                                          lambda b: self.objective.critic_loss(b, rngs))
-            logs.update(critic_logs)
+            logs.update(self.critic_step())
+        return logs
+
+    def _rngs(self) -> Rngs:
+        # The exit-step generator depends only on (seed, step): every rank draws the same exit step.
+        return Rngs(self.noise_rng, torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step))
+
+    def generator_step(self) -> dict[str, float]:
+        rngs = self._rngs()
+        with _frozen(self.critic, self.head):  # SiD / GAN backpropagate through the critic: keep it fixed
+            updated, logs = self._update("generator", self.student.parameters(), self.gen_opt,
+                                         lambda b: self.objective.generator_loss(b, rngs))
+        if updated:
+            self._update_ema()
+        return logs
+
+    def critic_step(self) -> dict[str, float]:
+        rngs = self._rngs()
+        _, logs = self._update("critic", self.objective.critic_parameters(), self.critic_opt,
+                               lambda b: self.objective.critic_loss(b, rngs))
         return logs
 
     def _update(self, role: str, params, optimizer, loss_fn) -> tuple[bool, dict[str, float]]:

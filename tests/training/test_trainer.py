@@ -1,0 +1,167 @@
+"""The training loop: which parameters each update changes, EMA, guards, checkpoints and resume."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, tiny_config
+from selfforcing.cli import main
+from selfforcing.errors import SelfForcingError
+from selfforcing.training.config import config_from_dict
+from selfforcing.training.trainer import Trainer
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def make(tmp_path, teacher_dir=None, **sections):
+    cfg = tiny_config(tmp_path / "run", **sections)
+    if teacher_dir is not None:
+        cfg["teacher"] = {"path": str(teacher_dir)}
+    return Trainer(config_from_dict(cfg))
+
+
+@pytest.mark.parametrize("paradigm", ["teacher", "teacher_forcing", "diffusion_forcing"])
+def test_supervised_paradigms_train_the_student(tmp_path, paradigm):
+    trainer = make(tmp_path, paradigm={"name": paradigm}, loss={"name": "denoising"}, steps=2)
+    before = snapshot(trainer.student)
+    history = trainer.train()
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["generator_loss"])) for h in history)
+    assert changed(before, trainer.student)
+    assert trainer.critic is None
+
+
+@pytest.mark.parametrize("paradigm", ["self_forcing", "teacher_forcing", "diffusion_forcing"])
+@pytest.mark.parametrize("loss", ["dmd", "sid", "gan"])
+def test_distillation_updates_each_network_on_its_own_steps(tmp_path, teacher_dir, paradigm, loss):
+    trainer = make(tmp_path, teacher_dir, paradigm={"name": paradigm}, loss={"name": loss, "generator_every": 2})
+    teacher = snapshot(trainer.teacher)
+    critic = snapshot(trainer.critic)
+    heads = snapshot(trainer.head) if trainer.head is not None else None
+    student = snapshot(trainer.student)
+
+    logs = trainer.generator_step()  # generator update: the student moves, the critic (and its head) do not
+    assert "generator_loss" in logs and changed(student, trainer.student)
+    assert not changed(critic, trainer.critic) and (heads is None or not changed(heads, trainer.head))
+
+    student = snapshot(trainer.student)
+    logs = trainer.critic_step()  # critic update: the critic moves, the student does not
+    assert "critic_loss" in logs and changed(critic, trainer.critic) and not changed(student, trainer.student)
+    assert heads is None or changed(heads, trainer.head)
+    assert not changed(teacher, trainer.teacher)  # the teacher is frozen throughout
+
+    trainer.step = 1  # with generator_every=2 step 1 is critic-only
+    student = snapshot(trainer.student)
+    assert "generator_loss" not in trainer.train_step() and not changed(student, trainer.student)
+
+
+def test_ema_follows_the_student(tmp_path, teacher_dir):
+    trainer = make(tmp_path, teacher_dir, loss={"name": "dmd", "generator_every": 1}, optim={"ema_decay": 0.5})
+    initial = snapshot(trainer.ema)
+    trainer.generator_step()
+    ema, student = trainer.ema.state_dict(), trainer.student.state_dict()
+    for k in initial:
+        assert torch.allclose(ema[k], 0.5 * initial[k] + 0.5 * student[k], atol=1e-6)
+
+
+def test_non_finite_loss_skips_the_update_and_says_so(tmp_path, caplog):
+    trainer = make(tmp_path, paradigm={"name": "teacher"}, loss={"name": "denoising"})
+    handle = trainer.student.register_forward_hook(lambda m, i, out: out * float("nan"))
+    before = snapshot(trainer.student)
+    logs = trainer.generator_step()
+    handle.remove()
+    assert logs["generator_skipped"] == 1.0 and trainer.skipped == 1
+    assert not changed(before, trainer.student)
+    assert "not finite; update skipped" in caplog.text
+
+
+def ode_setup(tmp_path, batch_size, grad_accum):
+    """A deterministic objective (one ODE step, one chunk): gradients are exact functions of the batch."""
+    from selfforcing.training.paradigms.ode import save_pairs
+
+    pairs = tmp_path / "pairs.safetensors"
+    if not pairs.exists():
+        g = torch.Generator().manual_seed(0)
+        save_pairs(pairs, torch.randn(4, 2, 12, 3, 8, 8, generator=g), ["a red circle", "a blue square",
+                   "a green triangle", "a white circle"], torch.tensor([1000.0]))
+    return make(tmp_path / f"b{batch_size}a{grad_accum}",
+                paradigm={"name": "ode", "frames_per_chunk": 3, "denoising_steps": [1000]},
+                loss={"name": "ode"}, data={"source": "ode_pairs", "path": str(pairs), "num_frames": 3,
+                                            "batch_size": batch_size},
+                optim={"grad_accum": grad_accum})
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    full, accumulated = ode_setup(tmp_path, 2, 1), ode_setup(tmp_path, 1, 2)
+    full.train(), accumulated.train()
+    for (k, a), b in zip(full.student.state_dict().items(), accumulated.student.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_dir):
+    sections = dict(loss={"name": "dmd", "generator_every": 2}, logging={"checkpoint_every": 2})
+    full = make(tmp_path / "full", teacher_dir, steps=4, **sections).train()
+    make(tmp_path / "split", teacher_dir, steps=2, **sections).train()
+    resumed = make(tmp_path / "split", teacher_dir, steps=4, **sections)
+    rest = resumed.train(resume=True)
+    assert resumed.step == 4 and len(rest) == 2
+    for a, b in zip(full[2:], rest):
+        assert a["critic_loss"] == b["critic_loss"]
+        assert a.get("generator_loss") == b.get("generator_loss")
+
+
+def test_a_killed_checkpoint_write_keeps_the_previous_one(tmp_path, teacher_dir, monkeypatch):
+    trainer = make(tmp_path, teacher_dir, steps=2, logging={"checkpoint_every": 1})
+    trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step-0000002"
+    trainer.step = 3
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr("selfforcing.training.checkpoint.torch.save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert (root / "latest").read_text() == "step-0000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001", "step-0000002"]
+    make(tmp_path, teacher_dir, steps=3).train(resume=True)  # the previous checkpoint still loads
+
+
+def test_resume_refuses_another_configs_checkpoint(tmp_path, teacher_dir):
+    make(tmp_path, teacher_dir, steps=1).train()
+    other = make(tmp_path, teacher_dir, steps=2, optim={"lr": 5e-4})
+    with pytest.raises(SelfForcingError, match="written by a different config"):
+        other.train(resume=True)
+    with pytest.raises(SelfForcingError, match="nothing to resume"):
+        make(tmp_path / "fresh", teacher_dir).train(resume=True)
+
+
+def test_bad_training_inputs_name_the_problem(tmp_path, teacher_dir):
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(SelfForcingError, match="no prompts in"):
+        make(tmp_path, teacher_dir, data={"source": "prompts", "path": str(tmp_path / "empty.txt")})
+    with pytest.raises(SelfForcingError, match="does not exist"):
+        make(tmp_path, teacher_dir, data={"source": "prompts", "path": str(tmp_path / "missing.txt")})
+    with pytest.raises(SelfForcingError, match="teacher and student shapes differ"):
+        make(tmp_path, teacher_dir, model={"overrides": {**TINY, "in_channels": 3, "out_channels": 3}},
+             vae={"type": "pixel", "patch": 1})
+
+
+def test_prompt_only_self_forcing_and_the_train_command(tmp_path, teacher_dir, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle bouncing on a black background\na blue square resting\n")
+    cfg = tiny_config(tmp_path / "run", teacher={"path": str(teacher_dir)},
+                      data={"source": "prompts", "path": str(tmp_path / "prompts.txt")})
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--set", "steps=2"]) == 0
+    assert "trained test to step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model" / "selfforcing.json").is_file()
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--set", "bogus=1"]) == 2
+    assert "unknown config keys in top level: bogus" in capsys.readouterr().err
