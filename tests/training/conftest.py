@@ -7,7 +7,7 @@ import torch
 
 from selfforcing.models import CausalWanModel, WanConfig, preset
 
-TINY = {"num_attention_heads": 2, "attention_head_dim": 16, "text_dim": 16, "freq_dim": 16, "ffn_dim": 64,
+TINY = {"in_channels": 12, "out_channels": 12, "num_attention_heads": 2, "attention_head_dim": 16, "text_dim": 16, "freq_dim": 16, "ffn_dim": 64,
         "num_layers": 2}
 
 

@@ -18,14 +18,15 @@ import pytest
 import torch
 import yaml
 
+from conftest import TINY
+
 TIMEOUT_S = 300
 CONFIG = {
     "name": "fsdp-check",
     "steps": 3,
     "seed": 0,
     "device": "cpu",
-    "model": {"preset": "toy", "overrides": {"num_attention_heads": 2, "attention_head_dim": 16, "text_dim": 16,
-                                             "freq_dim": 16, "ffn_dim": 64, "num_layers": 2}},
+    "model": {"preset": "toy", "overrides": TINY},
     "text_encoder": {"type": "hash", "dim": 16, "max_length": 8},
     "vae": {"type": "pixel", "patch": 2},
     "data": {"source": "ode_pairs", "batch_size": 2, "num_frames": 3, "height": 16, "width": 16},

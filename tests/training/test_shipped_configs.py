@@ -16,7 +16,7 @@ def shrink(name: str, tmp: Path, teacher_dir: Path, **extra) -> Path:
     """The shipped config with test-size model, data and run length; everything else as shipped."""
     overrides = {
         "output_dir": str(tmp / name), "steps": 2, "model": {"path": None, "preset": "toy", "overrides": TINY},
-        "text_encoder": {"type": "hash", "dim": 16, "max_length": 8},
+        "text_encoder": {"type": "hash", "dim": 16, "max_length": 8}, "vae": {"type": "pixel", "patch": 2},
         "data": {"batch_size": 2, "num_frames": 6, "height": 16, "width": 16},
         "logging": {"progress": False, "tensorboard": False},
         **extra,
