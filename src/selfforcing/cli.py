@@ -9,6 +9,9 @@ from pathlib import Path
 
 from selfforcing.errors import SelfForcingError
 
+# The shipped Self Forcing + DMD toy-world model (see docs/RESULTS.md for how it was trained).
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "toy-sf-dmd"
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -41,11 +44,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from selfforcing.models.text_encoders import validate_prompts
 
     validate_prompts([args.prompt])
-    if args.model is None:
-        raise SelfForcingError(
-            "no default model is shipped yet; pass --model DIR (a selfforcing or diffusers Wan model directory)"
-        )
-    pipe = StreamingPipeline.from_pretrained(args.model, device=_device(args.device), checkpoint=args.checkpoint)
+    model = args.model
+    if model is None:
+        model = DEFAULT_MODEL
+        _explain_unknown_words(args.prompt)
+    pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint)
     if args.height or args.width:
         pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
                                 width=args.width or pipe.sampling.width)
@@ -63,6 +66,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stats = pipe.stats
     print(f"wrote {args.output}: {stats.frames} frames; first frame after {stats.first_frame_s:.3f} s; "
           f"{stats.fps:.1f} FPS")
+
+
+def _explain_unknown_words(prompt: str) -> None:
+    """The default model only knows the toy world's grammar: say so, and what it knows."""
+    from selfforcing.data.toy_world import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, unknown_words
+
+    unknown = unknown_words(prompt)
+    if unknown:
+        print(
+            f"note: the default toy model does not know {', '.join(repr(w) for w in unknown)}; it knows shapes "
+            f"({', '.join(SHAPES)}), colours ({', '.join(OBJECT_COLORS)}), backgrounds ({', '.join(BACKGROUND_COLORS)}) "
+            "and motions (moving left/right/up/down, bouncing, resting), e.g. "
+            "\"a red circle bouncing on a dark blue background\"",
+            file=sys.stderr,
+        )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -127,6 +145,16 @@ def cmd_data_toy(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} toy-world videos to {path}")
 
 
+def cmd_data_toy_prompts(args: argparse.Namespace) -> None:
+    from selfforcing.data.toy_world import caption, sample_scene, video_seed
+    from selfforcing.utils import atomic_path
+
+    prompts = [caption(sample_scene(video_seed(args.seed, i))) for i in range(args.n)]
+    with atomic_path(args.out) as tmp:
+        tmp.write_text("\n".join(prompts) + "\n")
+    print(f"wrote {args.n} toy-world prompts to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     g.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: 21 latent frames)")
-    g.add_argument("--model", type=Path, default=None, help="model directory")
+    g.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     g.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
     g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None, help="video width in pixels (default: the model's)")
@@ -179,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--size", type=_positive_int, default=32)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_data_toy)
+    tp = dsub.add_parser("toy-prompts", help="write toy-world captions, one per line (for ode-pairs / prompt data)")
+    tp.add_argument("--out", type=Path, required=True)
+    tp.add_argument("--n", type=_positive_int, required=True)
+    tp.add_argument("--seed", type=int, default=1, help="scene seed (training data uses 0)")
+    tp.set_defaults(func=cmd_data_toy_prompts)
     return parser
 
 

@@ -137,7 +137,6 @@ def test_generate_writes_a_playable_mp4(toy_dir, tmp_path, capsys):
     (["a cat", "--frames", "4", "--model", "{model}"], "not a multiple of the chunk size"),
     (["a cat", "--model", "{tmp}/missing"], "does not exist"),
     (["a cat", "--model", "{tmp}"], "is not a model directory"),
-    (["a cat"], "no default model"),
     (["a cat", "--model", "{model}", "--checkpoint", "{tmp}/missing.pt"], "missing.pt"),
 ])
 def test_generate_bad_input_clear_error_no_output(toy_dir, tmp_path, capsys, args, message):

@@ -165,3 +165,14 @@ def test_prompt_only_self_forcing_and_the_train_command(tmp_path, teacher_dir, c
     assert (tmp_path / "run" / "model" / "selfforcing.json").is_file()
     assert main(["train", str(tmp_path / "cfg.yaml"), "--set", "bogus=1"]) == 2
     assert "unknown config keys in top level: bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("paradigm,loss", [("teacher", "denoising"), ("self_forcing", "dmd")])
+def test_sample_videos_for_tensorboard(tmp_path, teacher_dir, paradigm, loss):
+    trainer = make(tmp_path, teacher_dir, paradigm={"name": paradigm}, loss={"name": loss},
+                   logging={"sample_every": 1, "tensorboard": True})
+    trainer.train()
+    video = trainer.sample_video("a red circle")
+    assert video.shape == (6, 16, 16, 3) and video.dtype == torch.uint8
+    assert trainer.student.training  # sampling leaves the student in training mode
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -154,6 +154,10 @@ class Trainer:
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
             if self.step % cfg.logging.log_every == 0:
                 self._log_metrics(logs, writer)
+            if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+                frames = self.sample_video(self._sample_prompt)  # collective under FSDP: every rank samples
+                if writer is not None:
+                    writer.add_images("sample", frames.permute(0, 3, 1, 2), self.step)
             if self.step % cfg.logging.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
@@ -173,6 +177,36 @@ class Trainer:
         if writer is not None:
             for k, v in logs.items():
                 writer.add_scalar(k, v, self.step)
+
+    _sample_prompt = "a red circle bouncing and a yellow square moving left on a dark blue background"
+
+    @torch.no_grad()
+    def sample_video(self, prompt: str) -> torch.Tensor:
+        """One (T, H, W, 3) uint8 video from the EMA (else the student), as it would be used:
+        the Euler CFG sampler for a bidirectional teacher, the streaming rollout otherwise."""
+        from selfforcing.diffusion.samplers import euler_sample_cfg
+        from selfforcing.inference.pipeline import to_uint8
+        from selfforcing.inference.rollout import rollout
+        from selfforcing.models.kv_cache import KVCache
+
+        model, p, d = self.ema or self.student, self.cfg.paradigm, self.cfg.data
+        was_training = model.training
+        model.eval()
+        text = model.encode_text(self.text_encoder.encode([prompt]).to(self.env.device))
+        shape = (1, model.config.in_channels, d.num_frames, *self.objective.latent_hw)
+        g = torch.Generator(self.env.device).manual_seed(self.cfg.seed)
+        if p.name == "teacher":
+            neg = model.encode_text(self.objective.uncond_text)
+            noise = torch.randn(shape, generator=g, device=self.env.device)
+            x0 = euler_sample_cfg(lambda x, t, c: model(x, t, text if c else neg), noise, self.schedule, 32,
+                                  self.cfg.loss.guidance_scale)
+        else:
+            chunk = (*shape[:2], p.frames_per_chunk, *shape[3:])
+            x0 = torch.cat(list(rollout(model, text, KVCache(len(model.blocks), d.num_frames), self.schedule,
+                                        self.objective.timesteps.to(self.env.device), chunk,
+                                        d.num_frames // p.frames_per_chunk, generator=g)), dim=2)
+        model.train(was_training)
+        return to_uint8(self.vae.decode(x0))[0]
 
     def train_step(self) -> dict[str, float]:
         """One iteration: the generator every ``generator_every`` steps (always, when supervised),
