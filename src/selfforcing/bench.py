@@ -40,7 +40,7 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device) -> S
     torch.manual_seed(0)
     model = CausalWanModel(preset(name)).to(device, dtype)
     if name == "toy":
-        vae = PixelCodec(patch=4)
+        vae = PixelCodec(patch=2)
         text = FixedTextEncoder(model.config.text_dim, 32)
         sampling = SamplingConfig(frames_per_chunk=frames_per_chunk, height=32, width=32)
     elif name == "wan2.1-1.3b":

@@ -155,6 +155,16 @@ def cmd_data_toy_prompts(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} toy-world prompts to {args.out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from selfforcing.eval.run import evaluate_model
+
+    results = evaluate_model(args.model or DEFAULT_MODEL, args.output, n=args.n, num_frames=args.frames,
+                             seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)))
+    s = results["scalars"]
+    print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
+          f"semantic {s['semantic_accuracy']:.3f}, FD {s['fd']:.3f}; report in {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps", type=_positive_int, default=48, help="Euler steps of the teacher sampler")
     o.add_argument("--batch-size", type=_positive_int, default=8)
     o.set_defaults(func=cmd_ode_pairs)
+
+    e = sub.add_parser("eval", help="score a model on held-out toy-world prompts, frame by frame")
+    e.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
+    e.add_argument("-o", "--output", type=Path, required=True, help="directory for results.json and plots")
+    e.add_argument("--n", type=_positive_int, default=32, help="number of videos")
+    e.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: training length)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=_positive_int, default=8)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)

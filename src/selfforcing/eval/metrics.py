@@ -33,8 +33,8 @@ reference than the real frames at the same index, and it also serves generated
 rollouts longer than the real clips. The pool is *background-matched*
 (:func:`reference_weights`): the background covers most of every frame, so with a few
 dozen videos the mix of backgrounds in the prompts would otherwise dominate every colour
-statistic (two disjoint sets of eight real clips differ by 0.24 in mean saturation
-unmatched, by 0.01 matched). Motion statistics (speed, jerk) are not weighted.
+statistic (eight real clips against eight others: 0.24 apart in mean saturation
+unmatched, 0.01 matched). Motion statistics (speed, jerk) are not weighted.
 
 :func:`evaluate_videos` gathers everything and an overall score in [0, 100] in the
 spirit of VBench's *Total*::
@@ -42,10 +42,10 @@ spirit of VBench's *Total*::
     total = 100 * (0.4 * S + 0.2 * Q + 0.2 * C + 0.2 * M)
 
     S = mean semantic accuracy over videos and frames
-    Q = exp(-FD / FD_SCALE)             FD over all frames; FD_SCALE = 0.3: two
-                                        disjoint sets of eight real 16-frame 32x32 clips
-                                        are about 0.1 apart (mostly small-sample bias),
-                                        so real data scores Q ~ 0.7, while colour-shifted
+    Q = exp(-FD / FD_SCALE)             FD over all frames; FD_SCALE = 0.3: eight real
+                                        16-frame 32x32 clips are 0.03-0.15 from 32 other
+                                        ones (mostly small-sample bias), so real data
+                                        scores Q = 0.6-0.9, while colour-shifted, faded
                                         or noisy clips (FD > 1) score under 0.05
     C = 1 - mean_t (|dsat_t| + |dbright_t| + palette_tv_t) / 3       (colour fidelity)
     M = (persistence + motion agreement + smoothness + speed score) / 4   (temporal)
@@ -129,17 +129,22 @@ def palette_labels(videos: Any, threshold: float = COLOR_THRESHOLD) -> np.ndarra
     """Per-pixel palette label ``(N, T, H, W)``: nearest :data:`PALETTE` index, or :data:`OTHER`.
 
     One palette colour at a time keeps memory at a few arrays the size of the video,
-    whatever the batch size.
+    whatever the batch size; channel planes avoid slow reductions over a length-3 axis.
     """
-    pixels = as_videos(videos).astype(np.float32)
-    best = np.full(pixels.shape[:-1], np.inf, dtype=np.float32)
-    labels = np.full(pixels.shape[:-1], OTHER, dtype=np.int64)
+    channels = _channels(as_videos(videos))
+    best = np.full(channels[0].shape, np.inf, dtype=np.float32)
+    labels = np.full(channels[0].shape, OTHER, dtype=np.int8)
     for index, color in enumerate(PALETTE):
-        distance = np.sqrt(((pixels - color) ** 2).sum(-1))
-        closer = distance < best
-        best[closer], labels[closer] = distance[closer], index
-    labels[best > threshold] = OTHER
+        squared = sum((plane - value) ** 2 for plane, value in zip(channels, color))
+        closer = squared < best
+        best[closer], labels[closer] = squared[closer], index
+    labels[best > threshold**2] = OTHER
     return labels
+
+
+def _channels(videos: np.ndarray) -> list[np.ndarray]:
+    """The R, G and B planes ``(N, T, H, W)`` as contiguous float32 arrays in 0..255."""
+    return [np.ascontiguousarray(videos[..., c], dtype=np.float32) for c in range(3)]
 
 
 def estimate_background(videos: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -207,18 +212,19 @@ def detect(videos: Any, threshold: float = COLOR_THRESHOLD) -> Detections:
     videos = as_videos(videos)
     height, width = videos.shape[2:4]
     labels = palette_labels(videos, threshold)
-    fraction = np.stack([(labels == k).mean((-1, -2)) for k in range(OTHER + 1)], axis=-1)
+    frame = np.arange(labels.shape[0] * labels.shape[1]).reshape(labels.shape[:2])[..., None, None]
+    counts = np.bincount((frame * (OTHER + 1) + labels).ravel(), minlength=frame.size * (OTHER + 1))
+    fraction = counts.reshape(*labels.shape[:2], OTHER + 1) / (height * width)
     ys = (np.arange(height) + 0.5) / height
     xs = (np.arange(width) + 0.5) / width
     centroids, fills = [], []
     for k in range(len(OBJECT_NAMES)):
         mask = labels == k
-        count = mask.sum((-1, -2)).astype(np.float64)
+        per_column, per_row = mask.sum(-2), mask.sum(-1)  # pixel counts (N, T, W) and (N, T, H)
+        count = per_row.sum(-1).astype(np.float64)
         safe = np.where(count > 0, count, np.nan)
-        cx = (mask * xs).sum((-1, -2)) / safe
-        cy = (mask * ys[:, None]).sum((-1, -2)) / safe
-        centroids.append(np.stack([cx, cy], axis=-1))
-        fills.append(count / (_extent(mask.any(-1)) * _extent(mask.any(-2))))  # NaN for an empty mask
+        centroids.append(np.stack([per_column @ xs / safe, per_row @ ys / safe], axis=-1))
+        fills.append(count / (_extent(per_row > 0) * _extent(per_column > 0)))  # NaN for an empty mask
     fill = np.stack(fills, axis=-1)
     area = fraction[..., : len(OBJECT_NAMES)]
     present = (area >= MIN_AREA) & (area <= MAX_AREA)
@@ -264,6 +270,7 @@ def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detection
     frame, so a model that forgets an object, morphs its shape, invents a colour or lets
     the background drift loses points from that frame on. Rendered toy-world clips score
     about 0.95 at 32x32, not 1: where objects overlap, the one behind loses its shape.
+    Pass ``detections`` (from :func:`detect` on ``videos``) to skip re-running the detector.
     """
     if detections is None:
         detections = detect(videos)
@@ -292,10 +299,10 @@ def saturation_brightness(videos: Any) -> tuple[np.ndarray, np.ndarray]:
     Saturation ``(max - min) / max`` (0 for black) is what fades first when a model's
     colours wash out; luma (Rec. 601 weights) tracks darkening or brightening.
     """
-    frames = as_videos(videos).astype(np.float32) / 255
-    high, low = frames.max(-1), frames.min(-1)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-12), 0.0)
-    luma = frames @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    r, g, b = _channels(as_videos(videos))
+    high, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    saturation = (high - low) / np.maximum(high, 1)  # integer levels: max is 0 or >= 1, and 0 gives 0
+    luma = (0.299 * r + 0.587 * g + 0.114 * b) / 255
     return saturation.mean((-1, -2)), luma.mean((-1, -2))
 
 
@@ -313,16 +320,16 @@ def frame_features(videos: Any, detections: Detections | None = None) -> np.ndar
     videos = as_videos(videos)
     if detections is None:
         detections = detect(videos)
-    frames = videos.astype(np.float32) / 255
+    planes = np.stack(_channels(videos), axis=2) / 255  # (N, T, 3, H, W)
     saturation, brightness = saturation_brightness(videos)
-    edges = (np.abs(np.diff(frames, axis=2)).mean((2, 3, 4)) + np.abs(np.diff(frames, axis=3)).mean((2, 3, 4))) / 2
+    edges = sum(np.abs(np.diff(planes, axis=axis)).mean((2, 3, 4)) for axis in (-1, -2)) / 2
     count = detections.present.sum(-1)
     fill = np.where(count > 0, np.nansum(detections.fill, -1) / np.maximum(count, 1), 0.0)
     return np.concatenate(
         [
             detections.palette_fraction,
             saturation[..., None], brightness[..., None],
-            frames.mean((2, 3)), frames.std((2, 3)),
+            planes.mean((-1, -2)), planes.std((-1, -2)),
             edges[..., None], count[..., None] / 2, fill[..., None],
         ],
         axis=-1,
@@ -386,24 +393,38 @@ def windowed_fd(
 # ------------------------------------------------------------------------ colour drift
 
 
+def _video_backgrounds(detections: Detections) -> np.ndarray:
+    """Each video's background index (N,): the one the detector reads in most of its frames."""
+    votes = np.stack([(detections.background == b).sum(1) for b in range(len(BACKGROUND_NAMES))], axis=-1)
+    return votes.argmax(-1)
+
+
+def _prompt_backgrounds(prompts: Sequence[str]) -> np.ndarray:
+    return np.array([BACKGROUND_NAMES.index(p["background"]) for p in _parse_prompts(prompts, len(prompts))])
+
+
 def reference_weights(real_detections: Detections, prompts: Sequence[str]) -> np.ndarray:
     """Weights (N_real,) summing to 1 that give the real videos the prompts' background mix.
 
-    Each real video's background is the one the detector reads in most of its frames;
-    a real video with background b gets ``share of prompts with b / real videos with b``.
-    Backgrounds no real video shows cannot be matched and drop out; when no background is
-    shared at all, the real videos are weighed equally.
+    A real video with background b gets ``share of prompts with b / real videos with b``.
+    Backgrounds no real video shows cannot be matched and drop out (see
+    :func:`reference_coverage`); when no background is shared at all, the real videos
+    are weighed equally.
     """
-    per_frame = real_detections.background
-    counts = np.stack([(per_frame == b).sum(1) for b in range(len(BACKGROUND_NAMES))], axis=-1)
-    real_background = counts.argmax(-1)
-    wanted = [BACKGROUND_NAMES.index(p["background"]) for p in _parse_prompts(prompts, len(prompts))]
-    prompt_share = np.bincount(wanted, minlength=len(BACKGROUND_NAMES)) / len(wanted)
-    real_count = np.bincount(real_background, minlength=len(BACKGROUND_NAMES))
-    weights = prompt_share[real_background] / real_count[real_background]
+    real = _video_backgrounds(real_detections)
+    prompt_share = np.bincount(_prompt_backgrounds(prompts), minlength=len(BACKGROUND_NAMES)) / len(prompts)
+    weights = prompt_share[real] / np.bincount(real, minlength=len(BACKGROUND_NAMES))[real]
     if weights.sum() == 0:
-        return np.full(len(real_background), 1 / len(real_background))
+        return np.full(len(real), 1 / len(real))
     return weights / weights.sum()
+
+
+def reference_coverage(real_detections: Detections, prompts: Sequence[str]) -> float:
+    """Fraction of prompts whose background some real video shows; below 1 the reference is biased.
+
+    A few dozen real clips cover all four backgrounds almost surely; eight often do not.
+    """
+    return float(np.isin(_prompt_backgrounds(prompts), _video_backgrounds(real_detections)).mean())
 
 
 def color_statistics(
@@ -562,7 +583,9 @@ def _json_list(values: np.ndarray) -> list[float | None]:
     return [_json_float(float(v)) for v in np.asarray(values, dtype=np.float64)]
 
 
-def total_score(semantic: float, fd: float, color_fidelity: float, temporal: float, fd_scale: float = FD_SCALE) -> float:
+def total_score(
+    semantic: float, fd: float, color_fidelity: float, temporal: float, fd_scale: float = FD_SCALE
+) -> float:
     """The overall score in [0, 100] (formula in the module docstring); NaN terms count as 0."""
     terms = {"semantic": semantic, "quality": math.exp(-fd / fd_scale), "color": color_fidelity, "temporal": temporal}
     return 100 * sum(WEIGHTS[name] * (0.0 if math.isnan(v) else v) for name, v in terms.items())
@@ -574,20 +597,25 @@ def evaluate_videos(
     """All metrics of generated ``videos`` (one prompt each) against ``real_videos``; JSON-ready.
 
     ``real_videos`` should come from the same prompt distribution (ideally rendered toy-world
-    clips); they may differ in number, length and resolution. Returns::
+    clips, a few dozen or more so every prompted background is among them). They may
+    differ in number and length (generated rollouts may be longer); keep the resolution
+    the same, as edge energy and anti-aliased edges depend on it. Returns::
 
         per_frame       generated curves over frame index: semantic_accuracy, saturation,
                         brightness, saturation_drift, brightness_drift, palette_drift (T);
                         persistence, motion_agreement, speed (T-1, pair t -> t+1);
                         jerk (T-2, centred on frames 1..T-2)
-        per_frame_real  the same-named real curves: saturation, brightness, speed, jerk
+        per_frame_real  real curves: saturation, brightness (background-matched), speed, jerk
         per_window      start (first frame of each window), fd
-        scalars         the mean of every per-frame curve, fd (all frames), quality,
-                        color_fidelity, smoothness, speed_score, temporal_consistency, total
+        scalars         the mean of every per-frame curve, reference_coverage, fd (all
+                        frames), quality, color_fidelity, smoothness, speed_score,
+                        temporal_consistency, total
         early_late      per generated curve: mean of its first and last third, late - early
 
     Undefined values (e.g. persistence when nothing is detected) are ``None``.
     """
+    if not fd_scale > 0:
+        raise SelfForcingError(f"fd_scale must be positive, got {fd_scale!r}")
     videos, real_videos = as_videos(videos), as_videos(real_videos)
     det, real_det = detect(videos), detect(real_videos)
     features, real_features = frame_features(videos, det), frame_features(real_videos, real_det)
@@ -612,6 +640,7 @@ def evaluate_videos(
     }
     starts, window_fd = windowed_fd(features, real_features, window, weights)
     scalars = {name: _nanmean(curve) for name, curve in per_frame.items()}
+    scalars["reference_coverage"] = reference_coverage(real_det, prompts)
     scalars["fd"] = frechet_distance(features, real_features, weights[:, None])
     scalars["quality"] = math.exp(-scalars["fd"] / fd_scale)
     scalars["color_fidelity"] = 1 - np.mean([scalars[f"{k}_drift"] for k in ("saturation", "brightness", "palette")])
@@ -620,7 +649,8 @@ def evaluate_videos(
     temporal = [scalars[k] for k in ("persistence", "motion_agreement", "smoothness", "speed_score")]
     scalars["temporal_consistency"] = float(np.mean(np.nan_to_num(temporal, nan=0.0)))
     scalars["total"] = total_score(
-        scalars["semantic_accuracy"], scalars["fd"], scalars["color_fidelity"], scalars["temporal_consistency"], fd_scale
+        scalars["semantic_accuracy"], scalars["fd"], scalars["color_fidelity"], scalars["temporal_consistency"],
+        fd_scale,
     )
     return {
         "num_videos": int(videos.shape[0]),

@@ -108,7 +108,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig | None = None
     text_encoder: dict = field(default_factory=lambda: {"type": "hash", "dim": 64, "max_length": 32})
-    vae: dict = field(default_factory=lambda: {"type": "pixel", "patch": 4})
+    vae: dict = field(default_factory=lambda: {"type": "pixel", "patch": 2})
     data: DataConfig = field(default_factory=DataConfig)
     paradigm: ParadigmConfig = field(default_factory=ParadigmConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -1,0 +1,27 @@
+"""`selfforcing eval` end to end on a tiny random model."""
+
+import json
+
+import torch
+
+from conftest import randomize_
+from selfforcing.cli import main
+from selfforcing.inference import SamplingConfig, StreamingPipeline
+from selfforcing.models import CausalWanModel, WanConfig, preset
+from selfforcing.models.text_encoders import HashTextEncoder
+from selfforcing.models.vae import PixelCodec
+
+
+def test_eval_command_writes_results_and_plots(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = WanConfig(**{**preset("tiny").__dict__, "in_channels": 12, "out_channels": 12})
+    sampling = SamplingConfig(frames_per_chunk=3, kv_cache_frames=6, height=32, width=32)
+    pipe = StreamingPipeline(randomize_(CausalWanModel(config), std=0.1), HashTextEncoder(16, 8), PixelCodec(2), sampling)
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(out), "--n", "4", "--frames", "9"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_videos"] == 4 and results["num_frames"] == 9
+    assert len(results["per_frame"]["semantic_accuracy"]) == 9
+    assert 0 <= results["scalars"]["total"] <= 100
+    assert list(out.glob("*.png")) and "total" in capsys.readouterr().out
