@@ -146,10 +146,10 @@ def cmd_data_toy(args: argparse.Namespace) -> None:
 
 
 def cmd_data_toy_prompts(args: argparse.Namespace) -> None:
-    from selfforcing.data.toy_world import caption, sample_scene, video_seed
+    from selfforcing.data.toy_world import toy_prompts
     from selfforcing.utils import atomic_path
 
-    prompts = [caption(sample_scene(video_seed(args.seed, i))) for i in range(args.n)]
+    prompts = toy_prompts(args.n, args.seed)
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(prompts) + "\n")
     print(f"wrote {args.n} toy-world prompts to {args.out}")
@@ -163,6 +163,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
           f"semantic {s['semantic_accuracy']:.3f}, FD {s['fd']:.3f}; report in {args.output}")
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    import logging
+
+    from selfforcing.eval.experiment import Plan, Runner
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    runner = Runner(Plan.load(args.plan), args.preset, root=args.output)
+    runner.run(only=args.only)
+    print((runner.root / "table.md").read_text())
+    print(f"results in {runner.root}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("experiment", help="train and evaluate every method of an experiment plan (the paper's table)")
+    x.add_argument("plan", type=Path)
+    x.add_argument("--preset", default="cpu", help="scale of the run, as the plan defines (micro, cpu, gpu)")
+    x.add_argument("--only", nargs="+", default=None, help="run only these methods (shared stages always run)")
+    x.add_argument("-o", "--output", type=Path, default=None, help="root directory (default: the plan's)")
+    x.set_defaults(func=cmd_experiment)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)

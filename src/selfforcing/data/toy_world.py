@@ -368,6 +368,11 @@ def unknown_words(prompt: str) -> list[str]:
 # ----------------------------------------------------------------------------- datasets
 
 
+def toy_prompts(n: int, seed: int) -> list[str]:
+    """Captions of the first ``n`` scenes of the dataset with this seed (prompt files, evaluation)."""
+    return [caption(sample_scene(video_seed(seed, i))) for i in range(n)]
+
+
 def video_seed(seed: int, index: int) -> int:
     """The scene seed of video ``index`` in a dataset seeded ``seed``.
 

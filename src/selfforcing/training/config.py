@@ -29,7 +29,7 @@ DISTILLATION_LOSSES = ("dmd", "sid", "gan")
 
 @dataclass
 class ModelConfig:
-    preset: str | None = "toy"  # architecture of a fresh student (random init) ...
+    preset: str | None = None  # architecture of a fresh student (random init) ...
     overrides: dict = field(default_factory=dict)  # ... with these WanConfig fields changed
     path: str | None = None  # ... or a model/transformer directory to start from
     init: str | None = None  # checkpoint file (ours, or original Self-Forcing .pt) loaded on top
@@ -214,8 +214,10 @@ def validate(cfg: TrainConfig) -> None:
                                "and only it does")
     if data.source != "toy" and not data.path:
         raise SelfForcingError(f"data.source {data.source} needs data.path")
-    if cfg.model.preset is None and cfg.model.path is None:
-        raise SelfForcingError("set model.preset or model.path")
+    if (cfg.model.preset is None) == (cfg.model.path is None):
+        raise SelfForcingError("set exactly one of model.preset (a fresh model) and model.path (a saved one)")
+    if cfg.model.overrides and cfg.model.path is not None:
+        raise SelfForcingError("model.overrides changes a preset's architecture; it does not apply to model.path")
     if data.num_frames % p.frames_per_chunk:
         raise SelfForcingError(f"data.num_frames {data.num_frames} is not a multiple of "
                                f"paradigm.frames_per_chunk {p.frames_per_chunk}")

@@ -1,0 +1,190 @@
+"""`selfforcing experiment PLAN --preset P`: the paper's comparison, end to end, in one command.
+
+A plan (``configs/experiments/*.yaml``) names the shared stages (teacher, ODE pairs, ODE
+init), the methods (one training config each, trained for every seed), the evaluation, and
+presets that scale it to the machine (``micro`` for tests, ``cpu``, ``gpu``). The runner
+rewrites every config's paths so that each stage starts from the outputs it depends on,
+skips stages whose model already exists (re-running resumes the table), evaluates every
+(method, seed) at the training length and at the extrapolation length (rolling KV cache),
+and writes ``table.md``, ``results.json`` and per-frame plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from selfforcing.errors import SelfForcingError
+from selfforcing.training.config import _merge, config_from_dict
+
+SUMMARY = ("total", "semantic_accuracy", "fd", "color_fidelity", "temporal_consistency")
+
+
+@dataclass
+class Preset:
+    steps_scale: float = 1.0
+    steps: int | None = None  # fixed step count instead of scaling
+    set: dict = field(default_factory=dict)  # overrides merged into every training config
+    eval: dict = field(default_factory=dict)  # overrides of the plan's eval section
+    seeds: list[int] | None = None
+    prompts: int | None = None  # number of ODE-pair prompts
+    euler_steps: int | None = None  # teacher sampler steps for the ODE pairs
+
+
+@dataclass
+class Plan:
+    name: str
+    output_dir: str
+    shared: dict
+    methods: dict
+    eval: dict
+    seeds: list[int]
+    prompts: dict
+    presets: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise SelfForcingError(f"experiment plan {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            raise SelfForcingError(f"unknown keys in experiment plan {path}: {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise SelfForcingError(f"experiment plan {path}: {e}") from None
+
+    def preset(self, name: str) -> Preset:
+        if name not in self.presets:
+            raise SelfForcingError(f"unknown preset {name!r}; the plan has {', '.join(self.presets)}")
+        try:
+            return Preset(**self.presets[name])
+        except TypeError as e:
+            raise SelfForcingError(f"preset {name}: {e}") from None
+
+
+class Runner:
+    def __init__(self, plan: Plan, preset_name: str, root: Path | None = None):
+        self.plan, self.preset = plan, plan.preset(preset_name)
+        self.root = Path(root or plan.output_dir) / preset_name
+        self.seeds = self.preset.seeds or plan.seeds
+        self.log: list[str] = []
+
+    # ---- stages -------------------------------------------------------------
+    def model_dir(self, stage: str, seed: int | None = None) -> Path:
+        return self.root / (stage if seed is None else f"{stage}-seed{seed}") / "model"
+
+    def stage_config(self, spec: dict, output: Path, seed: int) -> dict:
+        """A training config with this run's paths, seed, preset overrides and step count."""
+        cfg = yaml.safe_load(Path(spec["config"]).read_text())
+        cfg = _merge(cfg, {"output_dir": str(output), "seed": seed})
+        cfg = _merge(cfg, spec.get("set", {}))
+        cfg = _merge(cfg, self.preset.set)
+        if "model" in spec:  # start from an earlier stage's model: its architecture comes with it
+            cfg["model"] = {"path": str(self.model_dir(spec["model"])), "preset": None}
+        if "teacher" in spec:
+            cfg["teacher"] = {"path": str(self.model_dir(spec["teacher"]))}
+        if spec.get("pairs"):
+            cfg["data"] = {**cfg["data"], "path": str(self.root / "ode_pairs.safetensors")}
+        cfg["steps"] = self.preset.steps or max(1, math.ceil(cfg["steps"] * self.preset.steps_scale))
+        cfg.setdefault("logging", {})["progress"] = False
+        return cfg
+
+    def train(self, name: str, spec: dict, seed: int, per_seed: bool) -> Path:
+        from selfforcing.training.trainer import Trainer
+
+        out = self.root / (f"{name}-seed{seed}" if per_seed else name)
+        if (out / "model" / "selfforcing.json").is_file():
+            return out / "model"
+        cfg = config_from_dict(self.stage_config(spec, out, seed))
+        start = time.perf_counter()
+        trainer = Trainer(cfg)
+        trainer.train(resume=(out / "checkpoints" / "latest").is_file())
+        trainer.export(out / "model")
+        self.log.append(f"{out.name}: {cfg.steps} steps in {time.perf_counter() - start:.0f} s")
+        return out / "model"
+
+    def ode_pairs(self, spec: dict) -> None:
+        from selfforcing.data.toy_world import toy_prompts
+        from selfforcing.training.paradigms.ode import make_ode_pairs
+
+        pairs = self.root / "ode_pairs.safetensors"
+        if pairs.is_file():
+            return
+        n = self.preset.prompts or self.plan.prompts["n"]
+        prompts = self.root / "prompts.txt"
+        prompts.write_text("\n".join(toy_prompts(n, self.plan.prompts["seed"])) + "\n")
+        config = self.root / "ode_pairs.yaml"
+        config.write_text(yaml.safe_dump(self.stage_config(spec, self.root / "ode_pairs", self.seeds[0])))
+        start = time.perf_counter()
+        make_ode_pairs(config, prompts, pairs, num_steps=self.preset.euler_steps or spec.get("euler_steps", 48))
+        self.log.append(f"ode pairs: {n} prompts in {time.perf_counter() - start:.0f} s")
+
+    # ---- the table ------------------------------------------------------------
+    def run(self, only: list[str] | None = None) -> dict:
+        from selfforcing.eval.report import write_report
+        from selfforcing.eval.run import evaluate_model
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name, spec in self.plan.shared.items():
+            if spec.get("ode_pairs"):
+                self.ode_pairs(spec)
+            else:
+                self.train(name, spec, self.seeds[0], per_seed=False)
+        ev = {**self.plan.eval, **self.preset.eval}
+        results: dict[str, dict] = {}
+        for name, spec in self.plan.methods.items():
+            if only and name not in only:
+                continue
+            for seed in self.seeds:
+                model = self.train(name, spec, seed, per_seed=True)
+                for length, frames in (("train", ev.get("frames")), ("long", ev.get("long_frames"))):
+                    if frames is None:
+                        continue
+                    out = self.root / "eval" / length / f"{name}-seed{seed}"
+                    results.setdefault(length, {}).setdefault(name, []).append(
+                        evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3)))
+        summary = {length: {name: summarize(runs) for name, runs in methods.items()}
+                   for length, methods in results.items()}
+        for length, methods in results.items():
+            write_report({name: runs[0] for name, runs in methods.items()}, self.root / "plots" / length)
+        (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.root / "table.md").write_text(markdown_table(summary, self.seeds, self.log))
+        return summary
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of the headline scalars, plus early-vs-late drift."""
+    out = {}
+    for key in SUMMARY:
+        values = [r["scalars"][key] for r in runs if r["scalars"].get(key) is not None]
+        out[key] = {"mean": statistics.fmean(values) if values else None,
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    late = [r["early_late"]["semantic_accuracy"] for r in runs]
+    out["semantic_early"] = statistics.fmean(x["early"] for x in late)
+    out["semantic_late"] = statistics.fmean(x["late"] for x in late)
+    out["fps"] = statistics.fmean(r["stream"]["fps"] for r in runs)
+    return out
+
+
+def markdown_table(summary: dict, seeds: list[int], log: list[str]) -> str:
+    lines = []
+    for length, methods in summary.items():
+        lines += [f"### {length} length (mean ± std over seeds {seeds})", "",
+                  "| method | total | semantic | FD | colour fidelity | temporal | semantic early → late | FPS |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, s in methods.items():
+            cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if s[k]["mean"] is not None else "n/a"
+                     for k in SUMMARY]
+            lines.append(f"| {name} | " + " | ".join(cells)
+                         + f" | {s['semantic_early']:.3f} → {s['semantic_late']:.3f} | {s['fps']:.1f} |")
+        lines.append("")
+    return "\n".join(lines + ["Stages run: " + "; ".join(log) if log else "All stages were already trained."]) + "\n"
