@@ -177,6 +177,17 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     print(f"results in {runner.root}")
 
 
+def cmd_data_encode(args: argparse.Namespace) -> None:
+    from selfforcing.data.video_folder import encode_video_folder
+    from selfforcing.models.vae import PixelCodec, WanVAE
+
+    device = _device(args.device)
+    vae = WanVAE.from_pretrained(args.wan_vae, device=device) if args.wan_vae else PixelCodec(args.pixel_patch)
+    index = encode_video_folder(args.folder, vae, args.out, args.frames, args.height, args.width, device=device,
+                                overwrite=args.overwrite)
+    print(f"encoded {index['num_items']} videos to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--size", type=_positive_int, default=32)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_data_toy)
+    enc = dsub.add_parser("encode", help="encode a folder of captioned videos to a latent cache (data.source: latents)")
+    enc.add_argument("folder", type=Path)
+    enc.add_argument("--out", type=Path, required=True)
+    enc.add_argument("--frames", type=_positive_int, required=True, help="video frames per clip")
+    enc.add_argument("--height", type=_positive_int, required=True)
+    enc.add_argument("--width", type=_positive_int, required=True)
+    enc.add_argument("--wan-vae", type=Path, default=None, help="a diffusers Wan VAE directory (default: pixel codec)")
+    enc.add_argument("--pixel-patch", type=_positive_int, default=2, help="pixel codec space-to-depth factor")
+    enc.add_argument("--device", default="cpu")
+    enc.add_argument("--overwrite", action="store_true")
+    enc.set_defaults(func=cmd_data_encode)
     tp = dsub.add_parser("toy-prompts", help="write toy-world captions, one per line (for ode-pairs / prompt data)")
     tp.add_argument("--out", type=Path, required=True)
     tp.add_argument("--n", type=_positive_int, required=True)

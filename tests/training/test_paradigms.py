@@ -93,3 +93,23 @@ def test_tf_and_df_generators_use_ground_truth_context():
         # the first chunk has no context; later chunks see the (changed) ground truth
         assert torch.allclose(out[:, :, :3], other[:, :, :3], atol=1e-5)
         assert not torch.allclose(out[:, :, 3:], other[:, :, 3:], atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_student()
+        model.gradient_checkpointing = checkpointing
+        rollout(model).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cross_attention_projections_get_gradients_whatever_the_exit_step():
+    """Text K/V cached by the no-grad steps must not cut the exit step's graph to attn2.to_k/to_v."""
+    for seed in range(6):  # several exit steps, including late ones
+        model = tiny_student()
+        rollout(model, shared_seed=seed).square().mean().backward()
+        assert all(b.attn2.to_k.weight.grad is not None and b.attn2.to_k.weight.grad.abs().sum() > 0
+                   for b in model.blocks)

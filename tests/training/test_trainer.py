@@ -176,3 +176,13 @@ def test_sample_videos_for_tensorboard(tmp_path, teacher_dir, paradigm, loss):
     assert video.shape == (6, 16, 16, 3) and video.dtype == torch.uint8
     assert trainer.student.training  # sampling leaves the student in training mode
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_train_on_an_encoded_video_folder(tmp_path, capsys):
+    """data toy -> data encode -> train with data.source latents."""
+    assert main(["data", "toy", "--out", str(tmp_path / "videos"), "--n", "3", "--frames", "6", "--size", "16"]) == 0
+    assert main(["data", "encode", str(tmp_path / "videos"), "--out", str(tmp_path / "cache"), "--frames", "6",
+                 "--height", "16", "--width", "16"]) == 0
+    trainer = make(tmp_path, paradigm={"name": "diffusion_forcing"}, loss={"name": "denoising"},
+                   data={"source": "latents", "path": str(tmp_path / "cache")})
+    assert len(trainer.train()) == 2

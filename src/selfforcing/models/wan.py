@@ -346,12 +346,13 @@ class TextContext:
         return self.text.shape[0]
 
     def layer_kv(self, layer: int, attn: "WanAttention") -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.kv:
-            return self.kv[layer]
-        kv = attn.key_value(self.text)
-        if not torch.is_grad_enabled():
-            self.kv[layer] = kv
-        return kv
+        # Only K/V computed without autograd are kept: a forward that trains must build its own
+        # graph to the K/V projections (and be recomputable under gradient checkpointing).
+        if torch.is_grad_enabled():
+            return attn.key_value(self.text)
+        if layer not in self.kv:
+            self.kv[layer] = attn.key_value(self.text)
+        return self.kv[layer]
 
 
 @dataclass
