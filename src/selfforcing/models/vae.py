@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 from einops import rearrange
 from torch import nn
 
 from selfforcing.errors import SelfForcingError
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: only the Wan VAE needs it, so it is imported there
+    from diffusers import AutoencoderKLWan
 
 
 @runtime_checkable
@@ -207,6 +208,8 @@ class WanVAE(nn.Module):
         if class_name != "AutoencoderKLWan":
             raise SelfForcingError(f"{config_file} describes a {class_name}, not an AutoencoderKLWan")
         try:
+            from diffusers import AutoencoderKLWan
+
             model = AutoencoderKLWan.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError) as error:
             raise SelfForcingError(f"could not load the Wan VAE from {path}: {error}") from error
@@ -256,6 +259,8 @@ class WanStreamDecoder:
 
     def __init__(self, vae: WanVAE) -> None:
         self._vae = vae
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
         num_convs = sum(isinstance(module, WanCausalConv3d) for module in vae.model.decoder.modules())
         self._feat_cache: list[Any] = [None] * num_convs
         self._frame_shape: tuple[int, ...] | None = None  # (B, h, w) of the first chunk
@@ -282,6 +287,8 @@ class WanStreamDecoder:
             )
         video = torch.cat(frames, dim=2)
         if model.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
             video = unpatchify(video, patch_size=model.config.patch_size)
         return video.clamp(-1.0, 1.0)
 
