@@ -173,3 +173,17 @@ def test_generate_from_diffusers_wan_directory(tmp_path):
     assert run_cli("generate", "a red fox", "--model", root, "--height", 32, "--width", 32, "--frames", 9,
                    "-o", out, "--quiet") == 0
     assert read_mp4(out).shape == (9, 32, 32, 3)
+
+
+def test_generate_uses_the_shipped_default_model(tmp_path, capsys):
+    """No --model: the embedded Self Forcing toy model streams offline on the CPU."""
+    from selfforcing.cli import DEFAULT_MODEL
+
+    assert (DEFAULT_MODEL / "selfforcing.json").is_file()
+    out = tmp_path / "default.mp4"
+    assert run_cli("generate", "a red circle bouncing on a dark blue background", "-o", out, "--frames", 12,
+                   "--quiet") == 0
+    assert read_mp4(out).shape == (12, 32, 32, 3)
+    # a prompt outside the toy grammar is explained, not refused
+    assert run_cli("generate", "a cat playing the piano", "-o", tmp_path / "cat.mp4", "--frames", 3, "--quiet") == 0
+    assert "does not know 'cat'" in capsys.readouterr().err
