@@ -1,16 +1,8 @@
 import pytest
 import torch
 
+from factories import randomize_
 from selfforcing.models.wan import CausalWanModel, preset
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Re-draw every parameter so no LayerNorm/RMSNorm weight is trivially 1 (tests see all of them)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 @pytest.fixture

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 
-from conftest import randomize_
 
 TEXT_DIM = 32  # tiny UMT5 width
 Z_DIM = 4  # tiny Wan VAE latent channels
@@ -67,3 +67,35 @@ def write_tiny_diffusers_wan_pipeline(root: Path) -> Path:
     randomize_(transformer, std=0.05).save_pretrained(root / "transformer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     return root
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Re-draw every parameter so no LayerNorm/RMSNorm weight is trivially 1 (tests see all of them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+# A toy-preset student at test size (12-channel pixel latents, hash text of width 16).
+TINY = {"in_channels": 12, "out_channels": 12, "num_attention_heads": 2, "attention_head_dim": 16,
+        "text_dim": 16, "freq_dim": 16, "ffn_dim": 64, "num_layers": 2}
+
+
+def tiny_config(output_dir, **sections) -> dict:
+    """A training config dict at test size; ``sections`` replace or extend the defaults."""
+    cfg = {
+        "name": "test", "output_dir": str(output_dir), "steps": 2, "seed": 0,
+        "model": {"preset": "toy", "overrides": dict(TINY)},
+        "text_encoder": {"type": "hash", "dim": 16, "max_length": 8},
+        "vae": {"type": "pixel", "patch": 2},
+        "data": {"source": "toy", "batch_size": 2, "num_frames": 6, "height": 16, "width": 16},
+        "paradigm": {"name": "self_forcing", "frames_per_chunk": 3},
+        "loss": {"name": "dmd", "generator_every": 2},
+        "optim": {"lr": 1e-3, "critic_lr": 1e-3, "ema_decay": 0.9},
+        "logging": {"progress": False, "tensorboard": False, "log_every": 1, "checkpoint_every": 100},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return copy.deepcopy(cfg)

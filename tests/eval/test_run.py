@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from conftest import randomize_
+from factories import randomize_
 from selfforcing.cli import main
 from selfforcing.inference import SamplingConfig, StreamingPipeline
 from selfforcing.models import CausalWanModel, WanConfig, preset

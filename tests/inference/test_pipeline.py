@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
+from factories import randomize_
 from factories import write_tiny_diffusers_wan_pipeline
 from selfforcing.cli import main
 from selfforcing.errors import SelfForcingError

@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import randomize_
+from factories import randomize_
 from selfforcing.diffusion import FlowMatchSchedule
 from selfforcing.inference import rollout
 from selfforcing.models import BlockCausal, CausalWanModel, KVCache, preset

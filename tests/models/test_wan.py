@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from conftest import randomize_
+from factories import randomize_
 from selfforcing.errors import SelfForcingError
 from selfforcing.models import BlockCausal, CausalWanModel, KVCache, WanConfig, preset
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from factories import tiny_config
 from selfforcing.errors import SelfForcingError
 from selfforcing.training.config import config_from_dict, load_config
 

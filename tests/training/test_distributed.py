@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY
+from factories import TINY
 
 TIMEOUT_S = 300
 CONFIG = {

@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import TINY
+from factories import TINY
 from selfforcing.diffusion import FlowMatchSchedule
 from selfforcing.models import BlockCausal, CausalWanModel, WanConfig, preset
 from selfforcing.training.paradigms import diffusion_forcing, self_forcing, teacher_forcing

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY
+from factories import TINY
 from selfforcing.cli import main
+from selfforcing.training.config import merge_overrides
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "toy"
 
@@ -24,15 +25,8 @@ def shrink(name: str, tmp: Path, teacher_dir: Path, **extra) -> Path:
     if "teacher" in yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()):
         overrides["teacher"] = {"path": str(teacher_dir)}
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(_merge(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), overrides)))
+    path.write_text(yaml.safe_dump(merge_overrides(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), overrides)))
     return path
-
-
-def _merge(base, over):
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
-    return out
 
 
 @pytest.mark.parametrize("name", ["teacher", "tf", "df", "sf_dmd", "sf_dmd_framewise", "sf_sid", "sf_gan",

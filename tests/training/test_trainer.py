@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, tiny_config
+from factories import TINY, tiny_config
 from selfforcing.cli import main
 from selfforcing.errors import SelfForcingError
 from selfforcing.training.config import config_from_dict

@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.training.config import _merge, config_from_dict
+from selfforcing.utils import atomic_path
+from selfforcing.training.config import config_from_dict, merge_overrides
 
 SUMMARY = ("total", "semantic_accuracy", "fd", "color_fidelity", "temporal_consistency")
 
@@ -85,9 +86,9 @@ class Runner:
     def stage_config(self, spec: dict, output: Path, seed: int) -> dict:
         """A training config with this run's paths, seed, preset overrides and step count."""
         cfg = yaml.safe_load(Path(spec["config"]).read_text())
-        cfg = _merge(cfg, {"output_dir": str(output), "seed": seed})
-        cfg = _merge(cfg, spec.get("set", {}))
-        cfg = _merge(cfg, self.preset.set)
+        cfg = merge_overrides(cfg, {"output_dir": str(output), "seed": seed})
+        cfg = merge_overrides(cfg, spec.get("set", {}))
+        cfg = merge_overrides(cfg, self.preset.set)
         if "model" in spec:  # start from an earlier stage's model: its architecture comes with it
             cfg["model"] = {"path": str(self.model_dir(spec["model"])), "preset": None}
         if "teacher" in spec:
@@ -121,7 +122,8 @@ class Runner:
             return
         n = self.preset.prompts or self.plan.prompts["n"]
         prompts = self.root / "prompts.txt"
-        prompts.write_text("\n".join(toy_prompts(n, self.plan.prompts["seed"])) + "\n")
+        with atomic_path(prompts) as tmp:
+            tmp.write_text("\n".join(toy_prompts(n, self.plan.prompts["seed"])) + "\n")
         config = self.root / "ode_pairs.yaml"
         config.write_text(yaml.safe_dump(self.stage_config(spec, self.root / "ode_pairs", self.seeds[0])))
         start = time.perf_counter()

@@ -168,15 +168,15 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SelfForcingError(f"cannot parse {path}: {e}") from None
-    return config_from_dict(_merge(data or {}, overrides or {}))
+    return config_from_dict(merge_overrides(data or {}, overrides or {}))
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_overrides(base: dict, overrides: dict) -> dict:
     """``overrides`` on top of ``base``, section by section (``data.batch_size`` keeps ``data.path``)."""
     out = dict(base)
     for key, value in overrides.items():
         old = out.get(key)
-        out[key] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        out[key] = merge_overrides(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
     return out
 
 
