@@ -24,7 +24,7 @@ from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.convert import load_state_dict_file
 from selfforcing.models.text_encoders import text_encoder_from_config
-from selfforcing.models.vae import num_video_frames, vae_from_config
+from selfforcing.models.vae import vae_from_config
 from selfforcing.models.wan import CausalWanModel, WanConfig, preset
 from selfforcing.training import distributed as D
 from selfforcing.training.checkpoint import CheckpointStore
