@@ -122,5 +122,8 @@ def barrier(env: DistEnv) -> None:
 
 
 def shutdown(env: DistEnv) -> None:
+    """Leave the process group together: a rank that tears down gloo while another is still
+    working (rank 0 writes the exported model alone) can abort the job."""
     if env.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
