@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -88,7 +88,6 @@ class StreamStats:
     first_frame_s: float | None = None  # from the call to the first decoded frame
     frames: int = 0  # video frames produced (per batch element)
     elapsed_s: float = 0.0
-    chunk_times_s: list[float] = field(default_factory=list)
 
     @property
     def fps(self) -> float:
@@ -234,7 +233,6 @@ class StreamingPipeline:
             now = time.perf_counter()
             if stats.first_frame_s is None:
                 stats.first_frame_s = now - start
-            stats.chunk_times_s.append(now - start - sum(stats.chunk_times_s))
             yield VideoChunk(index, stats.frames, frames, x0)
             stats.frames += frames.shape[1]
             stats.elapsed_s = time.perf_counter() - start

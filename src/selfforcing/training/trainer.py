@@ -65,7 +65,7 @@ class Trainer:
         opt = cfg.optim
         self.gen_opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=tuple(opt.betas),
                                          weight_decay=opt.weight_decay)
-        self.objective = Objective(cfg, self.student, self.schedule, self._uncond_text(), latent_hw,
+        self.objective = Objective(cfg, self.student, self.schedule, negative_text(self.text_encoder, cfg.loss.negative_prompt, device), latent_hw,
                                    self.teacher, self.critic, self.head)
         self.critic_opt = None
         if self.objective.has_critic:
@@ -114,13 +114,6 @@ class Trainer:
         if d.height % r or d.width % r:
             raise SelfForcingError(f"data.height/width must be multiples of the VAE's spatial ratio {r}")
         return d.height // r, d.width // r
-
-    def _uncond_text(self) -> torch.Tensor:
-        """The negative prompt's embedding; empty means all padding (zeros)."""
-        neg = self.cfg.loss.negative_prompt
-        if not neg.strip():
-            return torch.zeros(1, self.text_encoder.max_length, self.text_encoder.dim, device=self.env.device)
-        return self.text_encoder.encode([neg]).to(self.env.device)
 
     def _modules(self) -> dict[str, nn.Module]:
         named = {"student": self.student, "ema": self.ema, "critic": self.critic, "head": self.head}
@@ -325,6 +318,13 @@ class Trainer:
                                   timestep_shift=p.timestep_shift, kv_cache_frames=d.num_frames,
                                   context_noise=p.context_noise, height=d.height, width=d.width)
         StreamingPipeline(model, self.text_encoder, self.vae, sampling).save_pretrained(path)
+
+
+def negative_text(text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
+    """(1, L, dim) embedding of the negative prompt (CFG and caption dropout); empty means all padding (zeros)."""
+    if not prompt.strip():
+        return torch.zeros(1, text_encoder.max_length, text_encoder.dim, device=device)
+    return text_encoder.encode([prompt]).to(device)
 
 
 def load_teacher(t: TeacherConfig, device: torch.device) -> CausalWanModel:

@@ -90,7 +90,7 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
     from selfforcing.models.text_encoders import text_encoder_from_config
     from selfforcing.models.vae import vae_from_config
     from selfforcing.training.config import load_config
-    from selfforcing.training.trainer import load_teacher
+    from selfforcing.training.trainer import load_teacher, negative_text
 
     cfg = load_config(config_path)
     if cfg.teacher is None:
@@ -104,9 +104,7 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
     vae = vae_from_config(cfg.vae, None if model_dir is None else model_dir / "vae", device=device)
     schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
     timesteps = schedule.few_step_timesteps(cfg.paradigm.denoising_steps).to(device)
-    uncond = torch.zeros(1, text_encoder.max_length, text_encoder.dim, device=device)
-    if cfg.loss.negative_prompt.strip():
-        uncond = text_encoder.encode([cfg.loss.negative_prompt]).to(device)
+    uncond = negative_text(text_encoder, cfg.loss.negative_prompt, device)
     latent = (teacher.config.in_channels, cfg.data.num_frames,
               cfg.data.height // vae.spatial_ratio, cfg.data.width // vae.spatial_ratio)
     generator = torch.Generator(device).manual_seed(cfg.seed)
