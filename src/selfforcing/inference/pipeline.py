@@ -25,12 +25,13 @@ import torch
 
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
+from selfforcing.inference.conditioning import Conditioning
 from selfforcing.inference.rollout import rollout
 from selfforcing.models.convert import load_state_dict_file
 from selfforcing.models.kv_cache import ROPE_MODES, KVCache
 from selfforcing.models.text_encoders import TextEncoder, text_encoder_from_config, validate_prompts
 from selfforcing.models.vae import VideoVAE, vae_from_config
-from selfforcing.models.wan import CausalWanModel
+from selfforcing.models.wan import CausalWanModel, TextContext
 from selfforcing.utils import atomic_path
 
 PIPELINE_CONFIG = "selfforcing.json"
@@ -193,9 +194,16 @@ class StreamingPipeline:
         return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions)
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: list[str] | str) -> TextContext:
+        """Prompts -> the projected text every block's cross-attention reads."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        validate_prompts(prompts)
+        return self.model.encode_text(self.text_encoder.encode(prompts).to(self.device))
+
+    @torch.no_grad()
     def stream(
         self,
-        prompts: list[str] | str,
+        prompts: list[str] | str | Conditioning,
         num_frames: int | None,
         seed: int = 0,
         initial_latents: torch.Tensor | None = None,
@@ -203,24 +211,25 @@ class StreamingPipeline:
         """Generate and yield video chunk by chunk; ``num_frames=None`` streams until the caller stops.
 
         ``initial_latents`` (B, C, F0, h, w) continues a given video (extension): those frames
-        only fill the KV cache (see ``encode_video`` to get them from pixels).
+        only fill the KV cache (see ``encode_video`` to get them from pixels). Pass a
+        ``Conditioning`` (from ``encode_prompts``) instead of prompts to switch prompts while
+        the stream runs.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        validate_prompts(prompts)
+        start = time.perf_counter()
+        text = prompts if isinstance(prompts, Conditioning) else self.encode_prompts(prompts)
+        batch = text.text.batch_size if isinstance(text, Conditioning) else text.batch_size
         num_chunks = None if num_frames is None else self.latent_frames(num_frames) // self.sampling.frames_per_chunk
         s, device = self.sampling, self.device
         ratio = self.vae.spatial_ratio * self.model.config.patch_size[1]
         if s.height % ratio or s.width % ratio:
             raise SelfForcingError(f"height and width must be multiples of {ratio}, got {s.height}x{s.width}")
-        chunk_shape = (len(prompts), self.model.config.in_channels, s.frames_per_chunk,
+        chunk_shape = (batch, self.model.config.in_channels, s.frames_per_chunk,
                        s.height // self.vae.spatial_ratio, s.width // self.vae.spatial_ratio)
         if initial_latents is not None and (initial_latents.shape[:2] != chunk_shape[:2] or initial_latents.shape[3:] != chunk_shape[3:]):
             raise SelfForcingError(f"initial latents of shape {tuple(initial_latents.shape)} do not match {chunk_shape}")
 
         self.stats = stats = StreamStats()
-        start = time.perf_counter()
         generator = torch.Generator(device).manual_seed(seed)
-        text = self.model.encode_text(self.text_encoder.encode(prompts).to(device))
         timesteps = self.schedule.few_step_timesteps(s.denoising_steps).to(device)
         decoder = self.vae.stream_decoder()
         chunks = rollout(

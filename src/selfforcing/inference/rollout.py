@@ -11,6 +11,10 @@ For each chunk (paper Algorithm 1 for training, Algorithm 2 for inference):
 
 Training passes ``exit_index``/``grad`` so that only the exit step builds a graph
 (stochastic gradient truncation, §3.3); the cache-fill pass never does.
+
+The live server passes a ``Conditioning`` instead of a fixed text, to switch prompts between
+chunks; a ``"recache"`` switch re-encodes the held frames under the new prompt before step 1,
+which is why the loop keeps the clean latents of the frames its cache holds.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch
 
 from selfforcing.diffusion.samplers import few_step_denoise
 from selfforcing.diffusion.schedule import FlowMatchSchedule
+from selfforcing.inference.conditioning import Conditioning
 from selfforcing.models.kv_cache import KVCache
 from selfforcing.models.wan import CausalWanModel, TextContext
 
 
 def rollout(
     model: CausalWanModel,
-    text: TextContext,
+    text: TextContext | Conditioning,
     cache: KVCache,
     schedule: FlowMatchSchedule,
     timesteps: torch.Tensor,
@@ -50,23 +55,58 @@ def rollout(
     """
     device = timesteps.device
     frames_per_chunk = chunk_shape[2]
+    conditioning = text if isinstance(text, Conditioning) else Conditioning(text)
+    text = conditioning.text
+    held: dict[int, torch.Tensor] = {}  # stream frame index -> clean latent of a frame the cache holds
 
     def flow(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model(x, t, text, kv_cache=cache)
 
+    def fill_cache(text: TextContext, x0: torch.Tensor) -> None:
+        _fill_cache(model, text, cache, schedule, x0, context_t, generator)
+
+    def remember(x0: torch.Tensor) -> None:
+        first = cache.frames_seen - x0.shape[2]
+        held.update({first + i: x0[:, :, i:i + 1] for i in range(x0.shape[2])})
+        for frame in held.keys() - set(cache.held_frames()):
+            del held[frame]
+
     if prefix is not None:
         for start in range(0, prefix.shape[2], frames_per_chunk):
-            _fill_cache(model, text, cache, schedule, prefix[:, :, start:start + frames_per_chunk], context_t, generator)
+            fill_cache(text, prefix[:, :, start:start + frames_per_chunk])
+            remember(prefix[:, :, start:start + frames_per_chunk])
     chunk = 0
     while num_chunks is None or chunk < num_chunks:
+        text, recache = conditioning.next_chunk()
+        if recache:
+            _recache(text, cache, held, frames_per_chunk, fill_cache)
         if hide_first_chunk_from_last and chunk == num_chunks - 1 and chunk > 0:
             cache.hide_frames_before(frames_per_chunk)
         noise = torch.randn(chunk_shape, generator=generator, device=device)
         exit_at = exit_index[chunk] if isinstance(exit_index, list) else exit_index
         x0 = few_step_denoise(flow, noise, timesteps, schedule, exit_index=exit_at, grad=grad, generator=generator)
         yield x0
-        _fill_cache(model, text, cache, schedule, x0.detach(), context_t, generator)
+        fill_cache(text, x0.detach())
+        remember(x0.detach())
         chunk += 1
+
+
+def _recache(text: TextContext, cache: KVCache, held: dict[int, torch.Tensor], frames_per_chunk: int, fill_cache) -> None:
+    """Re-encode the held frames under ``text`` at their original stream positions (LongLive's
+    KV re-cache), in pieces of one chunk as they were first written."""
+    frames, next_frame = cache.held_frames(), cache.frames_seen
+    cache.reset()
+    runs: list[list[int]] = []  # contiguous stretches: sinks, then the recent frames
+    for f in frames:
+        if runs and f == runs[-1][-1] + 1:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    for run in runs:
+        cache.skip_to(run[0])
+        for i in range(0, len(run), frames_per_chunk):
+            fill_cache(text, torch.cat([held[f] for f in run[i:i + frames_per_chunk]], dim=2))
+    cache.skip_to(next_frame)
 
 
 @torch.no_grad()

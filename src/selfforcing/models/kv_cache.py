@@ -50,6 +50,18 @@ class KVCache:
         self.tokens_per_frame: int | None = None
         self.hidden_before = 0  # frames with an index below this stay cached but are not attended
 
+    def skip_to(self, frame: int) -> None:
+        """Number the next appended frame ``frame``: after a ``reset``, re-filling held frames at
+        their original stream positions (re-encoding them under a new prompt) needs the gaps
+        that eviction left between the sinks and the recent frames."""
+        if frame < self.frames_seen:
+            raise SelfForcingError(f"cannot skip back to frame {frame}: frame {self.frames_seen} is next")
+        self.frames_seen = frame
+
+    def held_frames(self) -> list[int]:
+        """Stream indices of the frames held, oldest first."""
+        return sorted(self.slot_frame[: self.num_valid].tolist())
+
     def __len__(self) -> int:
         """Number of frames currently held."""
         return self.num_valid
