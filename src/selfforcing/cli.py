@@ -83,6 +83,19 @@ def _explain_unknown_words(prompt: str) -> None:
         )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from selfforcing.inference.pipeline import StreamingPipeline
+    from selfforcing.inference.server import ServerOptions, is_loopback, serve
+
+    options = ServerOptions(max_streams=args.max_streams)  # validates before the model loads
+    if not is_loopback(args.host):
+        print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
+              file=sys.stderr)
+    pipe = StreamingPipeline.from_pretrained(args.model or DEFAULT_MODEL, device=_device(args.device),
+                                             checkpoint=args.checkpoint)
+    serve(pipe, host=args.host, port=args.port, options=options)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from selfforcing.bench import run_bench, run_train_bench
 
@@ -205,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("serve", help="serve a web page that streams video live and switches prompts mid-stream")
+    v.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
+    v.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-streams", type=_positive_int, default=1, help="concurrent streams; more clients are told busy")
+    v.add_argument("--device", default="cpu")
+    v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="measure streaming throughput, first-frame latency and peak memory")
     b.add_argument("--preset", default="toy", help="toy | wan2.1-1.3b, built with random weights (speed does not depend on weight values)")

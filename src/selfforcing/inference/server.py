@@ -1,0 +1,258 @@
+"""`selfforcing serve`: watch and steer a stream live in the browser.
+
+One FastAPI app: ``/`` is the page, ``/ws`` the WebSocket, ``/health`` a JSON status. Each
+WebSocket connection owns at most one ``StreamSession``: a generator thread running the
+pipeline's rolling-cache stream (unbounded: it runs until the client stops it), with its own
+KV cache and ``Conditioning`` so the prompt can be switched between chunks.
+
+Back-pressure: the thread encodes frames to JPEG and offers them to a bounded queue that
+drops the oldest frame when full, so a slow client sees a live picture with skipped frames
+and the server's memory stays flat. Generation is paced to the stream's frame rate (at most
+one chunk ahead of real time) so no compute goes to frames nobody can watch. A disconnect
+stops the thread at the next chunk boundary and frees its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+
+from selfforcing.errors import SelfForcingError
+from selfforcing.inference.conditioning import SWITCH_MODES, Conditioning
+from selfforcing.inference.pipeline import StreamingPipeline
+from selfforcing.inference.protocol import (
+    MAX_BLEND_CHUNKS, MAX_FPS, MAX_PROMPT_CHARS, ProtocolError, Reset, Start, Stop, Switch, frame_message,
+    parse_message,
+)
+
+MAX_MESSAGE_BYTES = 64 * 1024  # uvicorn closes the connection on larger client messages
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    max_streams: int = 1
+    queue_frames: int = 8  # frames buffered per client before the oldest are dropped
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.max_streams < 1 or self.queue_frames < 1 or not 1 <= self.jpeg_quality <= 100:
+            raise SelfForcingError("max_streams and queue_frames must be >= 1, jpeg_quality in [1, 100]")
+
+
+def encode_jpeg(frame: torch.Tensor, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame.numpy()).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class Outbox:
+    """What waits to be sent to one client, touched only on the event loop: control events
+    (a bounded backlog) and frames (at most ``max_frames``; the stalest is dropped first)."""
+
+    def __init__(self, max_frames: int, max_events: int = 256):
+        self.events: deque[dict] = deque(maxlen=max_events)
+        self.frames: deque[bytes] = deque()
+        self.max_frames = max_frames
+        self.dropped = 0
+        self._ready = asyncio.Event()
+
+    def put_event(self, event: dict) -> None:
+        self.events.append(event)
+        self._ready.set()
+
+    def put_frame(self, message: bytes) -> None:
+        if len(self.frames) >= self.max_frames:
+            self.frames.popleft()
+            self.dropped += 1
+        self.frames.append(message)
+        self._ready.set()
+
+    def clear_frames(self) -> None:
+        self.frames.clear()
+
+    async def get(self) -> str | bytes:
+        """The next message, events first (so an error is never stuck behind frames)."""
+        while not (self.events or self.frames):
+            self._ready.clear()
+            await self._ready.wait()
+        return json.dumps(self.events.popleft()) if self.events else self.frames.popleft()
+
+
+class StreamSession:
+    """One client's stream: a generator thread feeding the client's outbox."""
+
+    def __init__(self, pipeline: StreamingPipeline, loop: asyncio.AbstractEventLoop, options: ServerOptions):
+        self.pipeline, self.loop, self.options = pipeline, loop, options
+        self.outbox = Outbox(options.queue_frames)
+        self.request: Start | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._switches: deque[Switch] = deque()  # handed to the thread; deque append/popleft are atomic
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self, request: Start) -> None:
+        await self.stop()
+        self.request = request
+        self._stop, self._switches = threading.Event(), deque()
+        self._thread = threading.Thread(target=self._generate, args=(request, self._stop, self._switches),
+                                        daemon=True, name="selfforcing-stream")
+        self._thread.start()
+
+    def switch(self, request: Switch) -> None:
+        if not self.running:
+            raise ProtocolError("no stream is running: send start first")
+        self._switches.append(request)
+
+    async def stop(self) -> None:
+        """Stop the thread (at its next chunk boundary) and wait for it, off the event loop."""
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self.outbox.clear_frames()
+
+    # ---- the generator thread ---------------------------------------------
+    def _generate(self, request: Start, stop: threading.Event, switches: deque) -> None:
+        pipe = self.pipeline
+        fps = request.fps or pipe.sampling.fps
+        try:
+            start = time.perf_counter()
+            conditioning = Conditioning(pipe.encode_prompts([request.prompt]))
+            frame_index, first_frame_s = 0, None
+            for chunk in pipe.stream(conditioning, None, seed=request.seed):
+                if stop.is_set():
+                    break
+                first_frame_s = first_frame_s or time.perf_counter() - start
+                video = chunk.frames[0]
+                for frame in video:
+                    message = frame_message(frame_index, chunk.index, time.perf_counter() - start,
+                                            encode_jpeg(frame, self.options.jpeg_quality), video.shape[2], video.shape[1])
+                    self.loop.call_soon_threadsafe(self.outbox.put_frame, message)
+                    frame_index += 1
+                self._emit({"type": "stats", "chunk": chunk.index, "frames": frame_index, "dropped": self.outbox.dropped,
+                            "fps": frame_index / (time.perf_counter() - start), "first_frame_s": first_frame_s})
+                while switches:
+                    switch = switches.popleft()
+                    conditioning.switch(pipe.encode_prompts([switch.prompt]), switch.mode, switch.blend_chunks)
+                    self._emit({"type": "switched", "prompt": switch.prompt, "mode": switch.mode,
+                                "from_frame": frame_index})
+                # Pace to the playback clock: stay at most one chunk ahead of real time.
+                ahead = (frame_index - video.shape[0]) / fps - (time.perf_counter() - start)
+                if ahead > 0 and stop.wait(ahead):
+                    break
+        except Exception as e:  # a failing stream must reach its client, not kill the server
+            self._emit({"type": "error", "message": f"generation failed: {e}"})
+
+    def _emit(self, event: dict) -> None:
+        self.loop.call_soon_threadsafe(self.outbox.put_event, event)
+
+
+def create_app(pipeline: StreamingPipeline, options: ServerOptions = ServerOptions()) -> FastAPI:
+    app = FastAPI(title="selfforcing live", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.sessions = set()
+    page = resources.files("selfforcing.inference").joinpath("static/index.html").read_text()
+    s = pipeline.sampling
+    ready = {"type": "ready", "width": s.width, "height": s.height, "fps": s.fps, "modes": list(SWITCH_MODES),
+             "max_prompt_chars": MAX_PROMPT_CHARS, "max_fps": MAX_FPS, "max_blend_chunks": MAX_BLEND_CHUNKS}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"streams": len(app.state.sessions), "max_streams": options.max_streams,
+                             "generating": sum(x.running for x in app.state.sessions)})
+
+    @app.websocket("/ws")
+    async def websocket(ws: WebSocket) -> None:
+        await ws.accept()
+        if len(app.state.sessions) >= options.max_streams:
+            await ws.send_json({"type": "busy", "message": f"the server is busy: all {options.max_streams} "
+                                "stream slots are taken, try again later"})
+            await ws.close(code=1013)  # "try again later"
+            return
+        session = StreamSession(pipeline, asyncio.get_running_loop(), options)
+        app.state.sessions.add(session)
+        try:
+            session.outbox.put_event(ready)
+            await _serve(ws, session)
+        finally:
+            await session.stop()
+            app.state.sessions.discard(session)
+
+    return app
+
+
+async def _serve(ws: WebSocket, session: StreamSession) -> None:
+    """Receive control messages while one task sends the outbox, until the client leaves."""
+
+    async def send_outbox() -> None:
+        while True:
+            message = await session.outbox.get()
+            await (ws.send_text(message) if isinstance(message, str) else ws.send_bytes(message))
+
+    sender = asyncio.create_task(send_outbox())
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            try:
+                await _handle(parse_message(raw if raw is not None else message.get("bytes")), session)
+            except ProtocolError as e:
+                session.outbox.put_event({"type": "error", "message": str(e)})
+    except (WebSocketDisconnect, RuntimeError):
+        return
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+
+async def _handle(message, session: StreamSession) -> None:
+    if isinstance(message, Start):
+        await session.start(message)
+        session.outbox.put_event({"type": "started", "prompt": message.prompt, "seed": message.seed})
+    elif isinstance(message, Switch):
+        session.switch(message)
+    elif isinstance(message, Stop):
+        await session.stop()
+        session.outbox.put_event({"type": "stopped"})
+    elif isinstance(message, Reset):
+        if session.request is None:
+            raise ProtocolError("nothing to reset: send start first")
+        await session.start(session.request)
+        session.outbox.put_event({"type": "started", "prompt": session.request.prompt, "seed": session.request.seed})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(pipeline: StreamingPipeline, host: str = "127.0.0.1", port: int = 8000,
+          options: ServerOptions = ServerOptions()) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(pipeline, options), host=host, port=port, ws_max_size=MAX_MESSAGE_BYTES,
+                log_level="info")

@@ -1,0 +1,291 @@
+"""The live server over a real WebSocket: protocol, busy refusal, disconnects, load and fuzz."""
+
+import asyncio
+import json
+import os
+import random
+import threading
+import time
+
+import psutil
+import pytest
+import websockets
+from live_server import frames_in, is_event, live_server, receive_until
+
+from selfforcing.inference.protocol import MAX_PROMPT_CHARS, ProtocolError, Start, Switch, parse_message
+from selfforcing.inference.server import MAX_MESSAGE_BYTES, Outbox, is_loopback
+
+PROMPT = "a yellow square bouncing on a dark blue background"
+FAST = 120  # frames per second asked by the tests: pacing never holds them back for long
+
+
+@pytest.fixture(scope="module")
+def shared_server():
+    with live_server(max_streams=2) as s:
+        yield s
+
+
+@pytest.fixture
+def server(shared_server):
+    """The module's server, once the previous test's connections have been cleaned up."""
+    app = shared_server[1]
+    deadline = time.monotonic() + 20
+    while app.state.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return shared_server
+
+
+def connect(address):
+    return websockets.connect(f"ws://{address}/ws", max_size=2**20)
+
+
+def stream_threads() -> int:
+    return sum(t.name == "selfforcing-stream" and t.is_alive() for t in threading.enumerate())
+
+
+async def wait_until(condition, timeout=20.0):
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
+def test_start_frames_in_order_switch_stop_and_reset(server):
+    address, _ = server
+
+    async def session():
+        async with connect(address) as ws:
+            ready = json.loads(await ws.recv())
+            assert ready["type"] == "ready" and (ready["width"], ready["height"]) == (32, 32)
+            await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "seed": 3, "fps": FAST}))
+            got = await receive_until(ws, lambda item: len(frames_in([item])) and item[0] >= 8)
+            assert got[0] == {"type": "started", "prompt": PROMPT, "seed": 3}
+            assert frames_in(got) == list(range(9))  # every frame, in order, indices from 0
+            chunks = [item[1] for item in got if isinstance(item, tuple)]
+            assert chunks == sorted(chunks) and chunks[:3] == [0, 0, 0]
+            assert all(item[2][:2] == b"\xff\xd8" for item in got if isinstance(item, tuple))  # JPEG
+
+            await ws.send(json.dumps({"type": "switch", "prompt": "a green square bouncing on a dark blue background",
+                                      "mode": "blend", "blend_chunks": 2}))
+            got = await receive_until(ws, is_event("switched"))
+            switched = got[-1]
+            assert switched["mode"] == "blend" and switched["from_frame"] % 3 == 0
+            got = await receive_until(ws, lambda item: isinstance(item, tuple) and item[0] >= switched["from_frame"] + 3)
+            frames = frames_in(got)
+            assert frames == list(range(frames[0], frames[-1] + 1))  # the stream goes on without a gap
+
+            await ws.send(json.dumps({"type": "stop"}))
+            await receive_until(ws, is_event("stopped"))
+            with pytest.raises(TimeoutError):  # nothing more arrives once stopped
+                await receive_until(ws, lambda item: isinstance(item, tuple), timeout=0.6)
+
+            await ws.send(json.dumps({"type": "reset"}))
+            got = await receive_until(ws, lambda item: isinstance(item, tuple) and item[0] >= 2)
+            assert got[0]["type"] == "started" and got[0]["seed"] == 3
+            assert frames_in(got) == [0, 1, 2]  # from frame 0 again, same prompt and seed
+
+    asyncio.run(session())
+
+
+def test_same_seed_streams_the_same_frames(server):
+    address, _ = server
+
+    async def first_frames():
+        async with connect(address) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "seed": 7, "fps": FAST}))
+            got = await receive_until(ws, lambda item: isinstance(item, tuple) and item[0] == 5)
+            return [item[2] for item in got if isinstance(item, tuple)]
+
+    assert asyncio.run(first_frames()) == asyncio.run(first_frames())
+
+
+def test_the_client_over_max_streams_is_told_busy_and_a_freed_slot_is_reused(server):
+    address, app = server
+
+    async def session():
+        async with connect(address) as a, connect(address) as b:
+            for ws in (a, b):
+                assert json.loads(await ws.recv())["type"] == "ready"
+            async with connect(address) as c:
+                busy = json.loads(await c.recv())
+                assert busy["type"] == "busy" and "busy" in busy["message"]
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await c.recv()
+                assert closed.value.rcvd.code == 1013
+            await a.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST}))
+            await receive_until(a, lambda item: isinstance(item, tuple))
+        await wait_until(lambda: not app.state.sessions)  # both slots free again
+        async with connect(address) as d:
+            assert json.loads(await d.recv())["type"] == "ready"
+
+    asyncio.run(session())
+
+
+def test_a_disconnect_mid_stream_frees_the_stream_at_once(server):
+    address, app = server
+
+    async def session():
+        ws = await connect(address)
+        await ws.recv()
+        await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST}))
+        await receive_until(ws, lambda item: isinstance(item, tuple) and item[0] >= 3)
+        assert stream_threads() == 1
+        await ws.close()
+        start = time.perf_counter()
+        await wait_until(lambda: not app.state.sessions and stream_threads() == 0, timeout=5)
+        return time.perf_counter() - start
+
+    assert asyncio.run(session()) < 2.0  # one chunk boundary at most
+
+
+def test_max_streams_clients_all_stream_while_memory_stays_flat(server):
+    address, app = server
+    rss = psutil.Process(os.getpid()).memory_info
+
+    async def client(counts, i, seconds):
+        async with connect(address) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "seed": i, "fps": FAST}))
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                if isinstance(await ws.recv(), bytes):
+                    counts[i] += 1
+
+    async def load(seconds):
+        counts = [0, 0]
+        await asyncio.gather(*(client(counts, i, seconds) for i in range(2)))
+        await wait_until(lambda: not app.state.sessions)
+        return counts
+
+    asyncio.run(load(2))  # warm-up: allocator pools, JPEG encoder, thread pool
+    before = rss().rss
+    counts = [asyncio.run(load(2)) for _ in range(3)]
+    growth_mb = (rss().rss - before) / 2**20
+    assert all(min(c) >= 6 for c in counts), counts
+    assert growth_mb < 40, f"memory grew by {growth_mb:.1f} MB over three rounds of load"
+
+
+HOSTILE = [
+    "", "{", "[]", "null", "42", '"start"', "{}", '{"type": 5}', '{"type": "launch"}', '{"type": null}',
+    '{"type": "start"}', '{"type": "start", "prompt": ""}', '{"type": "start", "prompt": "   "}',
+    '{"type": "start", "prompt": 42}', '{"type": "start", "prompt": ["a"]}', '{"type": "start", "prompt": null}',
+    '{"type": "start", "prompt": "a red circle", "seed": -1}', '{"type": "start", "prompt": "a", "seed": 1e30}',
+    '{"type": "start", "prompt": "a", "seed": "7"}', '{"type": "start", "prompt": "a", "seed": true}',
+    '{"type": "start", "prompt": "a", "seed": 2147483648}', '{"type": "start", "prompt": "a", "fps": 0}',
+    '{"type": "start", "prompt": "a", "fps": -3}', '{"type": "start", "prompt": "a", "fps": 1e9}',
+    '{"type": "start", "prompt": "a", "fps": NaN}', '{"type": "start", "prompt": "a", "fps": Infinity}',
+    '{"type": "start", "prompt": "a", "path": "/etc/passwd"}', '{"type": "start", "prompt": "a", "model": "../x"}',
+    '{"type": "switch", "prompt": "a"}', '{"type": "switch", "prompt": "a", "mode": "fade"}',
+    '{"type": "switch", "prompt": "a", "blend_chunks": 0}', '{"type": "switch", "prompt": "a", "blend_chunks": 1000}',
+    '{"type": "stop", "now": true}', '{"type": "reset"}', '{"type": "STOP"}', "[" * 5000 + "]" * 5000,
+    '{"type": "start", "prompt": "' + "x" * (MAX_PROMPT_CHARS + 1) + '"}',
+    '{"type": "start", "prompt": "' + "\\u0000" * 10 + '"}', "\x00\x01\x02", '{"type": "start", "prompt": "\\udfff"}',
+    '{"type": "start", "prompt": "a red circle\\n\\u001b[2J"}',
+]
+
+
+def hostile_messages(n: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    messages = list(HOSTILE)
+    while len(messages) < n:
+        kind = rng.randrange(4)
+        if kind == 0:  # binary junk
+            messages.append(rng.randbytes(rng.randrange(1, 2048)))
+        elif kind == 1:  # a valid message, mangled
+            text = json.dumps({"type": "switch", "prompt": "a red circle", "blend_chunks": 2})
+            cut = rng.randrange(len(text))
+            messages.append(text[:cut] + chr(rng.randrange(32, 0x2FFF)) + text[cut + 1:])
+        elif kind == 2:  # random values of the wrong type or range
+            value = rng.choice([None, True, -1, 10**20, 1.5, "x" * rng.randrange(600, 20000), [], {}, "\ud800"])
+            messages.append(json.dumps({"type": rng.choice(["start", "switch"]), "prompt": value, "seed": value}))
+        else:  # random printable text
+            messages.append("".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(1, 200))))
+    return messages
+
+
+def test_fuzz_every_hostile_message_gets_an_error_reply_and_other_clients_keep_streaming(server):
+    address, _ = server
+    messages = hostile_messages(1200)
+
+    async def watcher(stop: asyncio.Event, counts: list[int]):
+        async with connect(address) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST}))
+            while not stop.is_set():
+                if isinstance(await ws.recv(), bytes):
+                    counts[0] += 1
+
+    async def attacker():
+        async with connect(address) as ws:
+            await ws.recv()
+            errors = 0
+            for message in messages:
+                await ws.send(message)
+                reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                errors += reply["type"] == "error" and bool(reply["message"])
+            # Still serving this client too: a valid start works after the barrage.
+            await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST}))
+            got = await receive_until(ws, lambda item: isinstance(item, tuple))
+            return errors, got[0]["type"]
+
+    async def run():
+        stop, counts = asyncio.Event(), [0]
+        watching = asyncio.create_task(watcher(stop, counts))
+        await asyncio.sleep(0.5)
+        before = counts[0]
+        result = await attacker()
+        after = counts[0]
+        stop.set()
+        await asyncio.wait_for(watching, 20)
+        return result, after - before
+
+    (errors, first_reply), watched = asyncio.run(run())
+    assert errors == len(messages) >= 1000
+    assert first_reply == "started"
+    assert watched > 0  # the other client kept receiving frames throughout
+
+
+def test_a_message_over_the_size_limit_closes_only_that_connection(server):
+    address, _ = server
+
+    async def session():
+        async with connect(address) as ws:
+            await ws.recv()
+            await ws.send("x" * (MAX_MESSAGE_BYTES + 1))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd.code == 1009  # "message too big"
+        async with connect(address) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+
+    asyncio.run(session())
+
+
+def test_outbox_drops_the_stalest_frames_for_a_slow_client_and_never_grows():
+    async def run():
+        box = Outbox(max_frames=4)
+        for i in range(100):
+            box.put_frame(bytes([i]))
+        box.put_event({"type": "stats"})
+        assert len(box.frames) == 4 and box.dropped == 96
+        assert json.loads(await box.get()) == {"type": "stats"}  # events go first
+        return [await box.get() for _ in range(4)]
+
+    assert asyncio.run(run()) == [bytes([i]) for i in range(96, 100)]  # the newest frames survive
+
+
+def test_parse_message_defaults_and_clear_errors():
+    assert parse_message('{"type": "start", "prompt": "a red circle"}') == Start(type="start", prompt="a red circle")
+    switch = parse_message('{"type": "switch", "prompt": "p"}')
+    assert isinstance(switch, Switch) and (switch.mode, switch.blend_chunks) == ("recache", 3)
+    for raw, reason in [(b"\x00", "binary"), ("{", "not valid JSON"), ("[1]", "JSON object"),
+                        ('{"type": "go"}', "unknown message type"), ('{"type": "start"}', "start: prompt"),
+                        ('{"type": "start", "prompt": "a", "seed": "1"}', "start: seed"),
+                        ('{"type": "start", "prompt": "a", "file": "/etc/passwd"}', "file")]:
+        with pytest.raises(ProtocolError, match=reason):
+            parse_message(raw)
+
+
+def test_only_loopback_counts_as_loopback():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
