@@ -17,6 +17,7 @@ def test_micro_table_runs_end_to_end(tmp_path, capsys):
         assert f"| {method} |" in table
     assert "train length" in table and "long length" in table
     assert (root / "summary.json").is_file() and list((root / "plots" / "long").glob("*.png"))
+    assert (root / "plots" / "long" / "samples.png").stat().st_size > 1000
     # re-running skips every trained stage
     assert main(["experiment", str(PLAN), "--preset", "micro", "-o", str(tmp_path)]) == 0
     assert "All stages were already trained." in (root / "table.md").read_text()

@@ -4,9 +4,10 @@ A plan (``configs/experiments/*.yaml``) names the shared stages (teacher, ODE pa
 init), the methods (one training config each, trained for every seed), the evaluation, and
 presets that scale it to the machine (``micro`` for tests, ``cpu``, ``gpu``). The runner
 rewrites every config's paths so that each stage starts from the outputs it depends on,
-skips stages whose model already exists (re-running resumes the table), evaluates every
-(method, seed) at the training length and at the extrapolation length (rolling KV cache),
-and writes ``table.md``, ``results.json`` and per-frame plots.
+skips stages whose model or evaluation already exists (re-running resumes the table),
+evaluates every (method, seed) at the training length and at the extrapolation length
+(rolling KV cache), and writes ``table.md``, ``summary.json``, per-frame plots and sample
+strips.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 import yaml
 
 from selfforcing.errors import SelfForcingError
+from selfforcing.eval.report import RESULTS_FILE
 from selfforcing.utils import atomic_path
 from selfforcing.training.config import config_from_dict, merge_overrides
 
+SAMPLE_PROMPTS = 2  # held-out prompts in the sample strips
 SUMMARY = ("total", "semantic_accuracy", "fd", "color_fidelity", "temporal_consistency")
 
 
@@ -159,18 +162,37 @@ class Runner:
                     if frames is None:
                         continue
                     out = self.root / "eval" / length / f"{name}-seed{seed}"
-                    start = time.perf_counter()
-                    results.setdefault(length, {}).setdefault(name, []).append(
-                        evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3)))
-                    self.eval_seconds += time.perf_counter() - start
+                    if (out / RESULTS_FILE).is_file():
+                        result = json.loads((out / RESULTS_FILE).read_text())
+                    else:
+                        start = time.perf_counter()
+                        result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed,
+                                                window=ev.get("window", 3))
+                        self.eval_seconds += time.perf_counter() - start
+                    results.setdefault(length, {}).setdefault(name, []).append(result)
         summary = {length: {name: summarize(runs) for name, runs in methods.items()}
                    for length, methods in results.items()}
         for length, methods in results.items():
             write_report({name: runs[0] for name, runs in methods.items()}, self.root / "plots" / length)
+            frames = ev["frames" if length == "train" else "long_frames"]
+            self.write_samples(list(methods), frames, self.root / "plots" / length / "samples.png")
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
         log = self.log + [f"evaluation: {self.eval_seconds:.0f} s"]
         (self.root / "table.md").write_text(markdown_table(summary, self.seeds, log, trained=bool(self.log)))
         return summary
+
+
+    def write_samples(self, methods: list[str], num_frames: int, path: Path) -> None:
+        """Sample strips of every method (first seed) for a few held-out prompts."""
+        from selfforcing.eval.report import write_sample_strips
+        from selfforcing.eval.run import eval_scenes
+        from selfforcing.data.toy_world import caption
+        from selfforcing.inference.pipeline import StreamingPipeline
+
+        prompts = [caption(scene) for scene in eval_scenes(SAMPLE_PROMPTS)]
+        videos = {name: StreamingPipeline.from_pretrained(self.model_dir(name, self.seeds[0])).generate(
+            prompts, num_frames, seed=0) for name in methods}
+        write_sample_strips(videos, prompts, path, every=max(1, num_frames // 12))
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -44,6 +44,23 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     return paths
 
 
+def write_sample_strips(videos: dict[str, Any], prompts: list[str], path: str | Path, every: int = 1) -> Path:
+    """One row per method and prompt: frames 0, ``every``, 2*``every``, ... side by side, so
+    that drift over the rollout reads left to right. ``videos[name]`` is (N, T, H, W, 3) uint8."""
+    rows = [(name, i) for name in videos for i in range(len(prompts))]
+    figure = Figure(figsize=(12, 0.5 + 0.62 * len(rows)), layout="constrained")
+    for k, (name, i) in enumerate(rows):
+        frames = np.asarray(videos[name][i])[::every]
+        axes = figure.add_subplot(len(rows), 1, k + 1)
+        axes.imshow(np.concatenate(list(frames), axis=1), interpolation="nearest")
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.set_ylabel(name if i == 0 else "", rotation=0, ha="right", va="center", fontsize="small")
+    figure.suptitle("; ".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + f" (every {every}th frame)",
+                    fontsize="small")
+    return _save(figure, Path(path))
+
+
 def _methods(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{method: result}`` whether ``results`` is one evaluation or several."""
     if not isinstance(results, dict) or not results:
