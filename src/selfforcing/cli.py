@@ -48,7 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if model is None:
         model = DEFAULT_MODEL
         _explain_unknown_words(args.prompt)
-    pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint)
+    pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
+                                             text_encoder_device=args.text_encoder_device and _device(args.text_encoder_device))
     if args.height or args.width:
         pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
                                 width=args.width or pipe.sampling.width)
@@ -92,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
               file=sys.stderr)
     pipe = StreamingPipeline.from_pretrained(args.model or DEFAULT_MODEL, device=_device(args.device),
-                                             checkpoint=args.checkpoint)
+                                             checkpoint=args.checkpoint, text_encoder_device=args.text_encoder_device and _device(args.text_encoder_device))
     serve(pipe, host=args.host, port=args.port, options=options)
 
 
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extend", type=Path, default=None, help="continue this mp4 (its frames fill the KV cache)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-streams", type=_positive_int, default=1, help="concurrent streams; more clients are told busy")
     v.add_argument("--device", default="cpu")
+    v.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
     v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="measure streaming throughput, first-frame latency and peak memory")

@@ -171,8 +171,9 @@ def test_generate_from_diffusers_wan_directory(tmp_path):
         pipe.generate("a red fox", 32)
     out = tmp_path / "wan.mp4"
     assert run_cli("generate", "a red fox", "--model", root, "--height", 32, "--width", 32, "--frames", 9,
-                   "-o", out, "--quiet") == 0
+                   "-o", out, "--quiet", "--text-encoder-device", "cpu") == 0
     assert read_mp4(out).shape == (9, 32, 32, 3)
+    assert run_cli("generate", "a red fox", "--model", root, "-o", out, "--text-encoder-device", "tpu9") == 2
 
 
 def test_generate_uses_the_shipped_default_model(tmp_path, capsys):

@@ -132,9 +132,12 @@ class StreamingPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         checkpoint: str | Path | None = None,
+        text_encoder_device: str | torch.device | None = None,
     ) -> "StreamingPipeline":
         """Load a model directory; ``checkpoint`` overrides the transformer weights
-        (e.g. a Self-Forcing ``.pt`` holding ``generator_ema``)."""
+        (e.g. a Self-Forcing ``.pt`` holding ``generator_ema``). ``text_encoder_device="cpu"``
+        keeps the text encoder (UMT5-XXL: about 11 GB in bf16) off the GPU: it runs once per
+        prompt, and only its (1, 512, 4096) output moves to the model's device."""
         path = Path(path)
         if not path.is_dir():
             raise SelfForcingError(f"model directory {path} does not exist")
@@ -156,7 +159,7 @@ class StreamingPipeline:
         if checkpoint is not None:
             model.load_weights(load_state_dict_file(checkpoint))
         model.to(device=device, dtype=dtype)
-        text_encoder = text_encoder_from_config(text_cfg, path, device=device)
+        text_encoder = text_encoder_from_config(text_cfg, path, device=text_encoder_device or device)
         vae = vae_from_config(vae_cfg, path / "vae", device=device)
         return cls(model, text_encoder, vae, sampling)
 
