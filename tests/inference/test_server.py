@@ -289,3 +289,13 @@ def test_parse_message_defaults_and_clear_errors():
 def test_only_loopback_counts_as_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+
+
+def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
+    from selfforcing.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-streams", "0"])
+    assert "--max-streams" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
