@@ -299,3 +299,19 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
     assert "--max-streams" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_stream_whose_event_loop_is_gone_stops_quietly():
+    """At server shutdown a generator thread may outlive the loop: it must stop, not raise."""
+    from collections import deque
+
+    from selfforcing.cli import DEFAULT_MODEL
+    from selfforcing.inference.pipeline import StreamingPipeline
+    from selfforcing.inference.server import ServerOptions, StreamSession
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    session = StreamSession(StreamingPipeline.from_pretrained(DEFAULT_MODEL), loop, ServerOptions())
+    stop = session._stop
+    session._generate(Start(type="start", prompt=PROMPT), stop, deque())  # returns instead of streaming for ever
+    assert stop.is_set()

@@ -142,7 +142,7 @@ class StreamSession:
                 for frame in video:
                     message = frame_message(frame_index, chunk.index, time.perf_counter() - start,
                                             encode_jpeg(frame, self.options.jpeg_quality), video.shape[2], video.shape[1])
-                    self.loop.call_soon_threadsafe(self.outbox.put_frame, message)
+                    self._post(self.outbox.put_frame, message)
                     frame_index += 1
                 self._emit({"type": "stats", "chunk": chunk.index, "frames": frame_index, "dropped": self.outbox.dropped,
                             "fps": frame_index / (time.perf_counter() - start), "first_frame_s": first_frame_s})
@@ -159,7 +159,14 @@ class StreamSession:
             self._emit({"type": "error", "message": f"generation failed: {e}"})
 
     def _emit(self, event: dict) -> None:
-        self.loop.call_soon_threadsafe(self.outbox.put_event, event)
+        self._post(self.outbox.put_event, event)
+
+    def _post(self, method, item) -> None:
+        """Hand ``item`` to the event loop; if the loop is gone (server shutting down), stop."""
+        try:
+            self.loop.call_soon_threadsafe(method, item)
+        except RuntimeError:
+            self._stop.set()
 
 
 def create_app(pipeline: StreamingPipeline, options: ServerOptions = ServerOptions()) -> FastAPI:
