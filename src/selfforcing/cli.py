@@ -35,11 +35,19 @@ def _device(name: str):
     return device
 
 
+def _load_pipeline(args: argparse.Namespace, model: Path):
+    """The pipeline of ``generate`` and ``serve``: --device, --checkpoint, --text-encoder-device."""
+    from selfforcing.inference.pipeline import StreamingPipeline
+
+    text_device = None if args.text_encoder_device is None else _device(args.text_encoder_device)
+    return StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
+                                             text_encoder_device=text_device)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from selfforcing.inference.pipeline import StreamingPipeline
     from selfforcing.inference.video import mp4_writer, read_mp4
     from selfforcing.models.text_encoders import validate_prompts
 
@@ -48,8 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if model is None:
         model = DEFAULT_MODEL
         _explain_unknown_words(args.prompt)
-    pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
-                                             text_encoder_device=args.text_encoder_device and _device(args.text_encoder_device))
+    pipe = _load_pipeline(args, model)
     if args.height or args.width:
         pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
                                 width=args.width or pipe.sampling.width)
@@ -85,16 +92,13 @@ def _explain_unknown_words(prompt: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from selfforcing.inference.pipeline import StreamingPipeline
     from selfforcing.inference.server import ServerOptions, is_loopback, serve
 
     options = ServerOptions(max_streams=args.max_streams)  # validates before the model loads
     if not is_loopback(args.host):
         print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
               file=sys.stderr)
-    pipe = StreamingPipeline.from_pretrained(args.model or DEFAULT_MODEL, device=_device(args.device),
-                                             checkpoint=args.checkpoint, text_encoder_device=args.text_encoder_device and _device(args.text_encoder_device))
-    serve(pipe, host=args.host, port=args.port, options=options)
+    serve(_load_pipeline(args, args.model or DEFAULT_MODEL), host=args.host, port=args.port, options=options)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

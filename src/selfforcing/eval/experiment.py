@@ -152,13 +152,14 @@ class Runner:
             else:
                 self.train(name, spec, self.seeds[0], per_seed=False)
         ev = {**self.plan.eval, **self.preset.eval}
+        lengths = {"train": ev.get("frames"), "long": ev.get("long_frames")}  # None: not evaluated
         results: dict[str, dict] = {}
         for name, spec in self.plan.methods.items():
             if only and name not in only:
                 continue
             for seed in self.seeds:
                 model = self.train(name, spec, seed, per_seed=True)
-                for length, frames in (("train", ev.get("frames")), ("long", ev.get("long_frames"))):
+                for length, frames in lengths.items():
                     if frames is None:
                         continue
                     out = self.root / "eval" / length / f"{name}-seed{seed}"
@@ -174,22 +175,22 @@ class Runner:
                    for length, methods in results.items()}
         for length, methods in results.items():
             write_report({name: runs[0] for name, runs in methods.items()}, self.root / "plots" / length)
-            frames = ev["frames" if length == "train" else "long_frames"]
-            self.write_samples(list(methods), frames, self.root / "plots" / length / "samples.png")
-        (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.write_samples(list(methods), lengths[length], self.root / "plots" / length / "samples.png")
         log = self.log + [f"evaluation: {self.eval_seconds:.0f} s"]
-        (self.root / "table.md").write_text(markdown_table(summary, self.seeds, log, trained=bool(self.log)))
+        with atomic_path(self.root / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        with atomic_path(self.root / "table.md") as tmp:
+            tmp.write_text(markdown_table(summary, self.seeds, log, trained=bool(self.log)))
         return summary
-
 
     def write_samples(self, methods: list[str], num_frames: int, path: Path) -> None:
         """Sample strips of every method (first seed) for a few held-out prompts."""
+        from selfforcing.data.toy_world import toy_prompts
         from selfforcing.eval.report import write_sample_strips
-        from selfforcing.eval.run import eval_scenes
-        from selfforcing.data.toy_world import caption
+        from selfforcing.eval.run import EVAL_SEED
         from selfforcing.inference.pipeline import StreamingPipeline
 
-        prompts = [caption(scene) for scene in eval_scenes(SAMPLE_PROMPTS)]
+        prompts = toy_prompts(SAMPLE_PROMPTS, EVAL_SEED)  # the first held-out evaluation prompts
         videos = {name: StreamingPipeline.from_pretrained(self.model_dir(name, self.seeds[0])).generate(
             prompts, num_frames, seed=0) for name in methods}
         write_sample_strips(videos, prompts, path, every=max(1, num_frames // 12))

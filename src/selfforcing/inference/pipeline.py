@@ -219,14 +219,13 @@ class StreamingPipeline:
         the stream runs.
         """
         start = time.perf_counter()
-        text = prompts if isinstance(prompts, Conditioning) else self.encode_prompts(prompts)
-        batch = text.text.batch_size if isinstance(text, Conditioning) else text.batch_size
+        conditioning = prompts if isinstance(prompts, Conditioning) else Conditioning(self.encode_prompts(prompts))
         num_chunks = None if num_frames is None else self.latent_frames(num_frames) // self.sampling.frames_per_chunk
         s, device = self.sampling, self.device
         ratio = self.vae.spatial_ratio * self.model.config.patch_size[1]
         if s.height % ratio or s.width % ratio:
             raise SelfForcingError(f"height and width must be multiples of {ratio}, got {s.height}x{s.width}")
-        chunk_shape = (batch, self.model.config.in_channels, s.frames_per_chunk,
+        chunk_shape = (conditioning.text.batch_size, self.model.config.in_channels, s.frames_per_chunk,
                        s.height // self.vae.spatial_ratio, s.width // self.vae.spatial_ratio)
         if initial_latents is not None and (initial_latents.shape[:2] != chunk_shape[:2] or initial_latents.shape[3:] != chunk_shape[3:]):
             raise SelfForcingError(f"initial latents of shape {tuple(initial_latents.shape)} do not match {chunk_shape}")
@@ -236,7 +235,7 @@ class StreamingPipeline:
         timesteps = self.schedule.few_step_timesteps(s.denoising_steps).to(device)
         decoder = self.vae.stream_decoder()
         chunks = rollout(
-            self.model, text, self.new_cache(), self.schedule, timesteps, chunk_shape, num_chunks,
+            self.model, conditioning, self.new_cache(), self.schedule, timesteps, chunk_shape, num_chunks,
             generator=generator, context_t=s.context_noise,
             prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
         )

@@ -233,6 +233,10 @@ async def _serve(ws: WebSocket, session: StreamSession) -> None:
 
 
 async def _handle(message, session: StreamSession) -> None:
+    if isinstance(message, Reset):  # a restart from frame 0 with the last start's prompt, seed and fps
+        if session.request is None:
+            raise ProtocolError("nothing to reset: send start first")
+        message = session.request
     if isinstance(message, Start):
         await session.start(message)
         session.outbox.put_event({"type": "started", "prompt": message.prompt, "seed": message.seed})
@@ -241,11 +245,6 @@ async def _handle(message, session: StreamSession) -> None:
     elif isinstance(message, Stop):
         await session.stop()
         session.outbox.put_event({"type": "stopped"})
-    elif isinstance(message, Reset):
-        if session.request is None:
-            raise ProtocolError("nothing to reset: send start first")
-        await session.start(session.request)
-        session.outbox.put_event({"type": "started", "prompt": session.request.prompt, "seed": session.request.seed})
 
 
 def is_loopback(host: str) -> bool:
