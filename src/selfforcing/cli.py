@@ -130,6 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         last = {k: round(v, 5) for k, v in history[-1].items() if k.endswith("loss")}
         print(f"trained {cfg.name} to step {trainer.step} ({trainer.skipped} skipped); last losses {last}; "
               f"model written to {Path(cfg.output_dir) / 'model'}")
+    distributed.exit_worker(trainer.env)
 
 
 def _overrides(pairs: list[str]) -> dict:
