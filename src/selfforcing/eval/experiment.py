@@ -54,6 +54,7 @@ class Plan:
     seeds: list[int]
     prompts: dict
     presets: dict
+    references: list[str] = field(default_factory=list)  # shared stages scored as reference rows
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -65,9 +66,13 @@ class Plan:
         if unknown:
             raise SelfForcingError(f"unknown keys in experiment plan {path}: {', '.join(unknown)}")
         try:
-            return cls(**data)
+            plan = cls(**data)
         except TypeError as e:
             raise SelfForcingError(f"experiment plan {path}: {e}") from None
+        stray = sorted(set(plan.references) - set(plan.shared))
+        if stray:
+            raise SelfForcingError(f"experiment plan {path}: references {', '.join(stray)} are not shared stages")
+        return plan
 
     def preset(self, name: str) -> Preset:
         if name not in self.presets:
@@ -143,7 +148,6 @@ class Runner:
     # ---- the table ------------------------------------------------------------
     def run(self, only: list[str] | None = None) -> dict:
         from selfforcing.eval.report import write_report
-        from selfforcing.eval.run import evaluate_model
 
         self.root.mkdir(parents=True, exist_ok=True)
         for name, spec in self.plan.shared.items():
@@ -153,29 +157,26 @@ class Runner:
                 self.train(name, spec, self.seeds[0], per_seed=False)
         ev = {**self.plan.eval, **self.preset.eval}
         lengths = {"train": ev.get("frames"), "long": ev.get("long_frames")}  # None: not evaluated
-        results: dict[str, dict] = {}
-        for name, spec in self.plan.methods.items():
-            if only and name not in only:
-                continue
+        lengths = {length: frames for length, frames in lengths.items() if frames is not None}
+        results: dict[str, dict] = {length: {} for length in lengths}
+        samples: dict[str, Path] = {}  # row -> the model its sample strip shows (first seed)
+        rows = [(name, name, True) for name in self.plan.methods if not only or name in only]
+        rows += [(f"{name} (reference)", name, False) for name in self.plan.references]
+        for row, stage, per_seed in rows:
             for seed in self.seeds:
-                model = self.train(name, spec, seed, per_seed=True)
+                if per_seed:
+                    model = self.train(stage, self.plan.methods[stage], seed, per_seed=True)
+                else:  # a shared stage: one model, evaluated with every seed's noise
+                    model = self.model_dir(stage)
+                samples.setdefault(row, model)
                 for length, frames in lengths.items():
-                    if frames is None:
-                        continue
-                    out = self.root / "eval" / length / f"{name}-seed{seed}"
-                    if (out / RESULTS_FILE).is_file():
-                        result = json.loads((out / RESULTS_FILE).read_text())
-                    else:
-                        start = time.perf_counter()
-                        result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed,
-                                                window=ev.get("window", 3))
-                        self.eval_seconds += time.perf_counter() - start
-                    results.setdefault(length, {}).setdefault(name, []).append(result)
-        summary = {length: {name: summarize(runs) for name, runs in methods.items()}
-                   for length, methods in results.items()}
-        for length, methods in results.items():
-            write_report({name: runs[0] for name, runs in methods.items()}, self.root / "plots" / length)
-            self.write_samples(list(methods), lengths[length], self.root / "plots" / length / "samples.png")
+                    results[length].setdefault(row, []).append(
+                        self.evaluate(model, self.root / "eval" / length / f"{stage}-seed{seed}", frames, seed, ev))
+        summary = {length: {row: summarize(runs) for row, runs in by_row.items()}
+                   for length, by_row in results.items()}
+        for length, by_row in results.items():
+            write_report({row: runs[0] for row, runs in by_row.items()}, self.root / "plots" / length)
+            self.write_samples(samples, lengths[length], self.root / "plots" / length / "samples.png")
         log = self.log + [f"evaluation: {self.eval_seconds:.0f} s"]
         with atomic_path(self.root / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -183,16 +184,27 @@ class Runner:
             tmp.write_text(markdown_table(summary, self.seeds, log, trained=bool(self.log)))
         return summary
 
-    def write_samples(self, methods: list[str], num_frames: int, path: Path) -> None:
-        """Sample strips of every method (first seed) for a few held-out prompts."""
+    def evaluate(self, model: Path, out: Path, frames: int, seed: int, ev: dict) -> dict:
+        """Score one model at one length, reusing an evaluation that is already on disk."""
+        from selfforcing.eval.run import evaluate_model
+
+        if (out / RESULTS_FILE).is_file():
+            return json.loads((out / RESULTS_FILE).read_text())
+        start = time.perf_counter()
+        result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3))
+        self.eval_seconds += time.perf_counter() - start
+        return result
+
+    def write_samples(self, models: dict[str, Path], num_frames: int, path: Path) -> None:
+        """Sample strips of every row (first seed) for a few held-out prompts."""
         from selfforcing.data.toy_world import toy_prompts
         from selfforcing.eval.report import write_sample_strips
         from selfforcing.eval.run import EVAL_SEED
         from selfforcing.inference.pipeline import StreamingPipeline
 
         prompts = toy_prompts(SAMPLE_PROMPTS, EVAL_SEED)  # the first held-out evaluation prompts
-        videos = {name: StreamingPipeline.from_pretrained(self.model_dir(name, self.seeds[0])).generate(
-            prompts, num_frames, seed=0) for name in methods}
+        videos = {row: StreamingPipeline.from_pretrained(model).generate(prompts, num_frames, seed=0)
+                  for row, model in models.items()}
         write_sample_strips(videos, prompts, path, every=max(1, num_frames // 12))
 
 
