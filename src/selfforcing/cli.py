@@ -178,7 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from selfforcing.eval.run import evaluate_model
 
     results = evaluate_model(args.model or DEFAULT_MODEL, args.output, n=args.n, num_frames=args.frames,
-                             seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)))
+                             seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
+                             window=args.window)
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
           f"semantic {s['semantic_accuracy']:.3f}, FD {s['fd']:.3f}; report in {args.output}")
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_positive_int, default=32, help="number of videos")
     e.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: training length)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--window", type=_positive_int, default=4, help="frames per window of the windowed metrics (FD)")
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)

@@ -36,3 +36,7 @@ def test_plan_refuses_a_reference_that_is_not_a_shared_stage(tmp_path):
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(SelfForcingError, match="references sf_dmd are not shared stages"):
         Plan.load(path)
+    plan["references"] = ["ode_pairs"]  # a shared stage, but it writes pairs, not a model
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(SelfForcingError, match="references ode_pairs are not shared stages"):
+        Plan.load(path)

@@ -19,9 +19,11 @@ def test_eval_command_writes_results_and_plots(tmp_path, capsys):
     pipe = StreamingPipeline(randomize_(CausalWanModel(config), std=0.1), HashTextEncoder(16, 8), PixelCodec(2), sampling)
     pipe.save_pretrained(tmp_path / "model")
     out = tmp_path / "report"
-    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(out), "--n", "4", "--frames", "9"]) == 0
+    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(out), "--n", "4", "--frames", "9",
+                 "--window", "3"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["num_videos"] == 4 and results["num_frames"] == 9
     assert len(results["per_frame"]["semantic_accuracy"]) == 9
+    assert results["window"] == 3 and results["per_window"]["start"] == [0, 3, 6]  # FD per 3-frame window
     assert 0 <= results["scalars"]["total"] <= 100
     assert list(out.glob("*.png")) and "total" in capsys.readouterr().out

@@ -69,9 +69,11 @@ class Plan:
             plan = cls(**data)
         except TypeError as e:
             raise SelfForcingError(f"experiment plan {path}: {e}") from None
-        stray = sorted(set(plan.references) - set(plan.shared))
+        trained = {name for name, spec in plan.shared.items() if not spec.get("ode_pairs")}
+        stray = sorted(set(plan.references) - trained)
         if stray:
-            raise SelfForcingError(f"experiment plan {path}: references {', '.join(stray)} are not shared stages")
+            raise SelfForcingError(f"experiment plan {path}: references {', '.join(stray)} are not shared stages "
+                                   f"with a model ({', '.join(sorted(trained))})")
         return plan
 
     def preset(self, name: str) -> Preset:
