@@ -93,7 +93,7 @@ def tiny_config(output_dir, **sections) -> dict:
         "data": {"source": "toy", "batch_size": 2, "num_frames": 6, "height": 16, "width": 16},
         "paradigm": {"name": "self_forcing", "frames_per_chunk": 3},
         "loss": {"name": "dmd", "generator_every": 2},
-        "optim": {"lr": 1e-3, "critic_lr": 1e-3, "ema_decay": 0.9},
+        "optim": {"lr": 1e-3, "critic_lr": 1e-3, "ema_decay": 0.9, "ema_start": 0, "weight_decay": 0.0},
         "logging": {"progress": False, "tensorboard": False, "log_every": 1, "checkpoint_every": 100},
     }
     for key, value in sections.items():

@@ -208,6 +208,31 @@ def cmd_data_encode(args: argparse.Namespace) -> None:
     print(f"encoded {index['num_items']} videos to {args.out}")
 
 
+def cmd_data_encode_prompts(args: argparse.Namespace) -> None:
+    """Run UMT5 once over a prompt file so training looks embeddings up instead of holding UMT5."""
+    import torch
+
+    from selfforcing.data.prompts import read_prompts
+    from selfforcing.models.text_encoders import (WAN_NEGATIVE_PROMPT, CachedTextEncoder, UMT5TextEncoder,
+                                                  write_text_cache)
+
+    prompts = read_prompts(args.prompts)  # before loading gigabytes of weights
+    negative = WAN_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    if args.output.is_dir():
+        raise SelfForcingError(f"-o {args.output} is a directory; give the cache file, "
+                               f"e.g. {args.output / 'prompts.safetensors'}")
+    if not (args.model / "text_encoder").is_dir():
+        raise SelfForcingError(f"{args.model} has no text_encoder/ directory; --model takes a diffusers-layout Wan "
+                               "directory (text_encoder/ and tokenizer/)")
+    encoder = UMT5TextEncoder.from_pretrained(args.model / "text_encoder", args.model / "tokenizer",
+                                              device=_device(args.device), max_length=args.max_length)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    path = write_text_cache(args.output, prompts + [negative], encoder, batch_size=args.batch_size, dtype=dtype)
+    size = path.stat().st_size
+    shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+    print(f"cached {len(CachedTextEncoder(path).prompts)} prompt embeddings in {path} ({shown})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("config", type=Path, help="the ODE-init training config (teacher, sizes, few-step list)")
     o.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     o.add_argument("-o", "--output", type=Path, default=None, help="output .safetensors file (default: data.path)")
-    o.add_argument("--steps", type=_positive_int, default=48, help="Euler steps of the teacher sampler")
+    o.add_argument("--steps", type=_positive_int, default=None,
+                   help="Euler steps of the teacher sampler (default: loss.ode_sampling_steps, else 48)")
     o.add_argument("--batch-size", type=_positive_int, default=8)
     o.set_defaults(func=cmd_ode_pairs)
 
@@ -305,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--n", type=_positive_int, required=True)
     tp.add_argument("--seed", type=int, default=1, help="scene seed (training data uses 0)")
     tp.set_defaults(func=cmd_data_toy_prompts)
+    ep = dsub.add_parser("encode-prompts", help="embed a prompt file with UMT5 once (text_encoder type: cache)")
+    ep.add_argument("prompts", type=Path, help="text file, one prompt per line")
+    ep.add_argument("--model", type=Path, required=True,
+                    help="diffusers-layout Wan directory (text_encoder/, tokenizer/)")
+    ep.add_argument("-o", "--output", type=Path, required=True, help="cache file to write (.safetensors)")
+    ep.add_argument("--negative-prompt", default=None,
+                    help="also cached, for CFG (default: Wan2.1's standard negative prompt; \"\" for none)")
+    ep.add_argument("--batch-size", type=_positive_int, default=16)
+    ep.add_argument("--device", default="cpu")
+    ep.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="storage type of the embeddings")
+    ep.add_argument("--max-length", type=_positive_int, default=512, help="UMT5 tokens per prompt (Wan: 512)")
+    ep.set_defaults(func=cmd_data_encode_prompts)
     return parser
 
 

@@ -5,7 +5,7 @@ import torch
 
 from selfforcing.diffusion import FlowMatchSchedule
 from selfforcing.training.losses.denoising import denoising_loss
-from selfforcing.training.losses.dmd import DMDLoss
+from selfforcing.training.losses.dmd import DMDLoss, ScoreTimesteps
 from selfforcing.training.losses.gan import DiscriminatorHead, GANLoss
 from selfforcing.training.losses.ode import ode_regression_loss
 from selfforcing.training.losses.sid import SiDLoss
@@ -75,7 +75,7 @@ def test_gan_discriminator_learns_to_separate_real_from_fake():
     g = torch.Generator().manual_seed(0)
     head = DiscriminatorHead(dim=4, hidden=16)
     logit_fn = lambda xt, t: head(xt.permute(0, 2, 3, 4, 1))  # noqa: E731  (channels as features)
-    gan = GANLoss(schedule, r1_weight=0.1, min_t=0.0, max_t=0.02)
+    gan = GANLoss(schedule, ScoreTimesteps(schedule, "continuous", 0.0, 0.02), r1_weight=0.1)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     pattern = torch.tensor([1.0, -1.0, 1.0, -1.0]).view(1, 4, 1, 1, 1)  # real and fake differ per channel
     real = lambda: pattern + 0.1 * torch.randn(32, 4, 1, 2, 2, generator=g)  # noqa: E731

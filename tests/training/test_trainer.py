@@ -150,7 +150,7 @@ def test_bad_training_inputs_name_the_problem(tmp_path, teacher_dir):
         make(tmp_path, teacher_dir, data={"source": "prompts", "path": str(tmp_path / "empty.txt")})
     with pytest.raises(SelfForcingError, match="does not exist"):
         make(tmp_path, teacher_dir, data={"source": "prompts", "path": str(tmp_path / "missing.txt")})
-    with pytest.raises(SelfForcingError, match="teacher and student shapes differ"):
+    with pytest.raises(SelfForcingError, match="the teacher does not fit the generator"):
         make(tmp_path, teacher_dir, model={"overrides": {**TINY, "in_channels": 3, "out_channels": 3}},
              vae={"type": "pixel", "patch": 1})
 

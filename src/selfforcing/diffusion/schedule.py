@@ -87,6 +87,25 @@ class FlowMatchSchedule:
         s = low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
         return (self.warp(s) * self.num_train_timesteps).float()
 
+    def score_timesteps(
+        self, batch: int, generator: torch.Generator | None = None, low: float = 0.02, high: float = 0.98,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Timesteps of the DMD / SiD scores and the critic, drawn as the released Self-Forcing
+        code draws them: an integer ``k`` uniform in {0, ..., N-1}, shifted as ``k / N`` would be,
+        then clamped to [int(low N), int(high N)] (so the clamp acts on the *shifted* axis)."""
+        n = self.num_train_timesteps
+        k = torch.randint(0, n, (batch,), generator=generator, device=device).double()
+        t = self.warp(k / n).to(k.device) * n
+        return t.clamp(int(low * n), int(high * n)).float()
+
+    def nearest_train_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The training timestep nearest to ``t``: the released code reads the noise level of a
+        timestep off its table of N shifted training timesteps this way (argmin), while the
+        network itself is conditioned on ``t`` unrounded."""
+        table = self.train_timesteps().to(t.device, torch.float64)
+        return table[(t.double()[..., None] - table).abs().argmin(dim=-1)].float()
+
     # --- conversions between x_t, x0, noise and the flow v -------------------
     def _expand(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Broadcast per-sample ``(B,)`` or per-frame ``(B, F)`` sigmas over ``(B, C, F, H, W)``."""

@@ -163,11 +163,13 @@ class StreamingPipeline:
         vae = vae_from_config(vae_cfg, path / "vae", device=device)
         return cls(model, text_encoder, vae, sampling)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write a selfforcing model directory (config last, so a partial write is never loadable)."""
+    def save_pretrained(self, path: str | Path, text_encoder_config: dict | None = None) -> None:
+        """Write a selfforcing model directory (config last, so a partial write is never loadable).
+        ``text_encoder_config`` replaces the encoder's own (a prompt cache names its source)."""
         path = Path(path)
         self.model.save_pretrained(path / "transformer")
-        cfg = {"sampling": self.sampling.to_dict(), "text_encoder": self.text_encoder.config(), "vae": self.vae.config()}
+        cfg = {"sampling": self.sampling.to_dict(), "text_encoder": text_encoder_config or self.text_encoder.config(),
+               "vae": self.vae.config()}
         with atomic_path(path / PIPELINE_CONFIG) as tmp:
             tmp.write_text(json.dumps(cfg, indent=2))
 

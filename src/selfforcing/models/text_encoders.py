@@ -12,13 +12,18 @@ Two encoders exist:
   whole pipeline can be trained and tested offline.
 * :class:`UMT5TextEncoder` -- the UMT5-XXL encoder that real Wan checkpoints
   were trained with, loaded from a local directory.
+* :class:`CachedTextEncoder` -- UMT5 outputs precomputed by
+  :func:`write_text_cache` (``selfforcing data encode-prompts``), so training at
+  Wan scale never holds the 5.7B-parameter encoder beside three transformers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +31,14 @@ import numpy as np
 import torch
 
 from selfforcing.errors import SelfForcingError
+from selfforcing.utils import atomic_path
+
+# Wan2.1's standard negative prompt, used by its own samplers and the official Self-Forcing configs.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 
 
 class TextEncoder(Protocol):
@@ -40,8 +53,9 @@ class TextEncoder(Protocol):
         ...
 
 
-def validate_prompts(prompts: list[str]) -> None:
-    """Reject input that would silently produce a meaningless embedding."""
+def validate_prompts(prompts: list[str], allow_empty: bool = False) -> None:
+    """Reject input that would silently produce a meaningless embedding (``allow_empty``: an
+    empty prompt is the zero embedding, as for a prompt cache's negative prompt)."""
     if isinstance(prompts, str):
         # A bare string would otherwise be encoded character by character.
         raise SelfForcingError("prompts must be a list of strings, not a single string")
@@ -50,7 +64,7 @@ def validate_prompts(prompts: list[str]) -> None:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise SelfForcingError(f"prompt {i} is not a string (got {type(prompt).__name__})")
-        if not prompt.strip():
+        if not allow_empty and not prompt.strip():
             raise SelfForcingError(f"prompt {i} is empty")
 
 
@@ -201,6 +215,240 @@ class UMT5TextEncoder:
         return hidden.float() * mask[..., None].float()
 
 
+# --------------------------------------------------------------------------- prompt-embedding cache
+#
+# One safetensors file: ``lengths`` (N,) int64, then ``tokens`` (sum(lengths), dim), the
+# non-padding rows of every prompt back to back. Padding rows are exact zeros (Wan zeroes
+# them), so dropping them loses nothing and a Wan-scale cache is ~5x smaller than padded.
+# Metadata: ``format``, ``prompts`` (JSON list, the order of ``lengths``), ``dim``,
+# ``max_length`` and ``source`` (the encoder's config, so an exported model can name it).
+
+TEXT_CACHE_FORMAT = "selfforcing-text-cache/1"
+_REBUILD = "rebuild it with `selfforcing data encode-prompts`"
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_MAX_HEADER = 100_000_000  # safetensors refuses to open files with a larger header
+
+
+def _prompt_key(prompt: str) -> str:
+    """Cache lookups ignore whitespace runs, as UMT5TextEncoder does before tokenizing, so a
+    YAML negative prompt with a trailing newline still finds its embedding."""
+    return " ".join(prompt.split())
+
+
+def _short(prompt: str, limit: int = 60) -> str:
+    return prompt if len(prompt) <= limit else prompt[: limit - 3] + "..."
+
+
+def _unique_prompts(prompts: list[str]) -> list[str]:
+    """Non-empty prompts, first occurrence of each kept, in order."""
+    unique: dict[str, str] = {}
+    for prompt in prompts:
+        key = _prompt_key(prompt)
+        if key and key not in unique:
+            unique[key] = prompt
+    return list(unique.values())
+
+
+def _valid_lengths(embeddings: torch.Tensor) -> torch.Tensor:
+    """(B,) rows up to and including each prompt's last non-zero row (0 if all zero)."""
+    nonzero = embeddings.ne(0).any(dim=-1)  # (B, L); NaN counts as non-zero
+    positions = torch.arange(1, embeddings.shape[1] + 1)
+    return (nonzero * positions).amax(dim=1)
+
+
+def _cache_header(num_prompts: int, num_rows: int, dim: int, dtype: torch.dtype, metadata: dict) -> bytes:
+    """The safetensors JSON header: ``lengths`` first (its size is known up front), then ``tokens``."""
+    lengths_end = 8 * num_prompts
+    tokens_end = lengths_end + num_rows * dim * dtype.itemsize
+    header = {
+        "lengths": {"dtype": "I64", "shape": [num_prompts], "data_offsets": [0, lengths_end]},
+        "tokens": {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [num_rows, dim],
+                   "data_offsets": [lengths_end, tokens_end]},
+        "__metadata__": metadata,
+    }
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def write_text_cache(
+    path: str | Path,
+    prompts: list[str],
+    encoder: TextEncoder,
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> Path:
+    """Encode ``prompts`` once and store their embeddings for :class:`CachedTextEncoder`.
+
+    Duplicates (up to whitespace) are encoded once and empty prompts are skipped: an empty
+    prompt is the all-zero embedding, which needs no storage. Rows are streamed to disk a
+    batch at a time, so a cache far larger than memory can be written; the file appears at
+    ``path`` only when complete.
+    """
+    from tqdm import tqdm
+
+    validate_prompts(prompts, allow_empty=True)
+    _check_positive_int("batch_size", batch_size)
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise SelfForcingError(f"text cache dtype must be float32, bfloat16 or float16, got {dtype}")
+    unique = _unique_prompts(list(prompts))
+    if not unique:
+        raise SelfForcingError("no non-empty prompts to cache; empty prompts need no cache (they encode to zeros)")
+    if sys.byteorder != "little":  # safetensors is little-endian; rows are written as raw bytes
+        raise SelfForcingError("writing a text cache needs a little-endian machine")
+    dim, max_length = int(encoder.dim), int(encoder.max_length)
+    metadata = {"format": TEXT_CACHE_FORMAT, "prompts": json.dumps(unique, ensure_ascii=False),
+                "dim": str(dim), "max_length": str(max_length)}
+    if callable(getattr(encoder, "config", None)):
+        metadata["source"] = json.dumps(encoder.config())
+    # Reserve room for the header with the largest possible row count; the real header is
+    # never longer and is padded with spaces (valid JSON whitespace, as safetensors does).
+    reserved = len(_cache_header(len(unique), len(unique) * max_length, dim, dtype, metadata))
+    reserved += -reserved % 8
+    if reserved > _MAX_HEADER:
+        raise SelfForcingError(
+            f"{len(unique)} prompts make a text cache header of {reserved / 1e6:.0f} MB, over safetensors' "
+            f"100 MB limit; split the prompt file and build one cache per part"
+        )
+    lengths: list[int] = []
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as out, tqdm(
+            total=len(unique), unit="prompt", desc="encoding prompts", disable=not progress
+        ) as bar:
+            out.seek(8 + reserved + 8 * len(unique))
+            for start in range(0, len(unique), batch_size):
+                batch = unique[start : start + batch_size]
+                lengths += _write_batch(out, encoder.encode(batch), len(batch), max_length, dim, dtype)
+                bar.update(len(batch))
+            header = _cache_header(len(unique), sum(lengths), dim, dtype, metadata)
+            out.seek(0)
+            out.write(reserved.to_bytes(8, "little") + header + b" " * (reserved - len(header)))
+            out.write(np.asarray(lengths, dtype="<i8").tobytes())
+    except OSError as error:
+        raise SelfForcingError(f"cannot write text cache {path}: {error}") from None
+    return Path(path)
+
+
+def _write_batch(out: Any, embeddings: torch.Tensor, count: int, max_length: int, dim: int,
+                 dtype: torch.dtype) -> list[int]:
+    """Append the non-padding rows of one encoded batch; returns their lengths."""
+    if tuple(embeddings.shape) != (count, max_length, dim):
+        raise SelfForcingError(
+            f"text encoder returned shape {tuple(embeddings.shape)} for {count} prompts, "
+            f"expected {(count, max_length, dim)}"
+        )
+    embeddings = embeddings.detach().to("cpu", torch.float32)
+    lengths = _valid_lengths(embeddings).tolist()
+    for row, length in enumerate(lengths):
+        rows = embeddings[row, :length].to(dtype).contiguous()
+        out.write(rows.view(torch.uint8).numpy().tobytes())
+    return lengths
+
+
+class CachedTextEncoder:
+    """Prompt embeddings looked up in a file written by :func:`write_text_cache`.
+
+    Rows are read on demand from the memory-mapped file, so a cache of millions of prompts
+    costs only its prompt index in memory. Outputs are float32, zero-padded to
+    ``max_length``, and bit-identical to the source encoder's when the cache is float32.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self._file: Any = None
+        meta, lengths = self._read_index()
+        self.dim = meta["dim"]
+        self.max_length = meta["max_length"]
+        self.prompts: list[str] = meta["prompts"]
+        self.source_config: dict[str, Any] | None = meta["source"]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+        self._index = {_prompt_key(p): (s, n) for p, s, n in zip(self.prompts, starts, lengths)}
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "cache", "path": str(self.path.resolve())}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: str | torch.device = "cpu") -> CachedTextEncoder:
+        _check_keys(cfg, {"type", "path"})
+        path = cfg.get("path")
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise SelfForcingError(
+                f"a cache text encoder needs 'path', the file from `selfforcing data encode-prompts`; got {path!r}"
+            )
+        return cls(path, device=device)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        validate_prompts(prompts, allow_empty=True)
+        spans = [self._span(prompt) for prompt in prompts]  # every lookup fails before any read
+        out = torch.zeros(len(prompts), self.max_length, self.dim)
+        tokens = self._open().get_slice("tokens")
+        for row, (start, length) in enumerate(spans):
+            if length:
+                out[row, :length] = tokens[start : start + length].float()
+        return out.to(self.device)
+
+    def _span(self, prompt: str) -> tuple[int, int]:
+        key = _prompt_key(prompt)
+        if not key:
+            return 0, 0  # the empty prompt: all padding
+        try:
+            return self._index[key]
+        except KeyError:
+            raise SelfForcingError(
+                f"prompt {_short(prompt)!r} is not in the text cache {self.path}; "
+                f"{_REBUILD} from a prompt file that includes it"
+            ) from None
+
+    def _open(self) -> Any:
+        """The open file, kept between calls: re-parsing a header of many prompts is slow."""
+        from safetensors import SafetensorError, safe_open
+
+        if self._file is None:
+            if not self.path.is_file():
+                raise SelfForcingError(
+                    f"text cache {self.path} does not exist; build it with "
+                    f"`selfforcing data encode-prompts PROMPTS.txt --model WAN_DIR -o {self.path}`"
+                )
+            try:
+                self._file = safe_open(str(self.path), framework="pt")
+            except (SafetensorError, OSError) as error:
+                message = f"text cache {self.path} is truncated or corrupt ({error}); {_REBUILD}"
+                raise SelfForcingError(message) from None
+        return self._file
+
+    def _read_index(self) -> tuple[dict[str, Any], list[int]]:
+        """Metadata and per-prompt lengths, checked against the token rows."""
+        f = self._open()
+        meta = f.metadata() or {}
+        if meta.get("format") != TEXT_CACHE_FORMAT or not {"tokens", "lengths"} <= set(f.keys()):
+            raise SelfForcingError(f"{self.path} is not a text cache (written by `selfforcing data encode-prompts`)")
+        try:
+            parsed = {"prompts": json.loads(meta["prompts"]), "dim": int(meta["dim"]),
+                      "max_length": int(meta["max_length"]),
+                      "source": json.loads(meta["source"]) if "source" in meta else None}
+            lengths = f.get_tensor("lengths").tolist()
+            shape = f.get_slice("tokens").get_shape()
+        except (KeyError, ValueError) as error:
+            raise SelfForcingError(f"text cache {self.path} has unreadable metadata ({error}); {_REBUILD}") from None
+        consistent = (
+            isinstance(parsed["prompts"], list) and all(isinstance(p, str) for p in parsed["prompts"])
+            and len(parsed["prompts"]) == len(lengths) and parsed["dim"] > 0 and parsed["max_length"] > 0
+            and all(0 <= n <= parsed["max_length"] for n in lengths)
+            and shape == [sum(lengths), parsed["dim"]]
+            and f.get_slice("lengths").get_dtype() == "I64"
+            and f.get_slice("tokens").get_dtype() in _SAFETENSORS_DTYPES.values()
+        )
+        if not consistent:
+            raise SelfForcingError(
+                f"text cache {self.path} is inconsistent (prompts, lengths and rows disagree); {_REBUILD}"
+            )
+        return parsed, lengths
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The open safetensors handle cannot be pickled (DataLoader workers, spawn); reopen lazily.
+        return {**self.__dict__, "_file": None}
+
+
 def _check_keys(cfg: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(cfg) - allowed)
     if unknown:
@@ -219,7 +467,8 @@ def text_encoder_from_config(
     """Build the encoder a model config asks for.
 
     ``path`` is the model directory; a ``"umt5"`` encoder is read from its
-    ``text_encoder/`` and ``tokenizer/`` subdirectories (diffusers layout).
+    ``text_encoder/`` and ``tokenizer/`` subdirectories (diffusers layout). A
+    ``"cache"`` encoder reads its own ``path`` key (relative to the working directory).
     ``dtype`` only applies to UMT5 weights; outputs are always float32.
     """
     if not isinstance(cfg, dict):
@@ -244,4 +493,6 @@ def text_encoder_from_config(
                 f"text encoder in {path / 'text_encoder'} has dim {encoder.dim}, config says {cfg['dim']}"
             )
         return encoder
-    raise SelfForcingError(f"unknown text encoder type {kind!r}; expected 'hash' or 'umt5'")
+    if kind == "cache":
+        return CachedTextEncoder.from_config(cfg, device=device)
+    raise SelfForcingError(f"unknown text encoder type {kind!r}; expected 'hash', 'umt5' or 'cache'")

@@ -103,6 +103,36 @@ class WanConfig:
             raise SelfForcingError(f"unknown Wan config keys: {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_original_dict(cls, d: dict) -> "WanConfig":
+        """Build from an original Wan ``config.json`` (``WanModel``: dim, num_heads, in_dim, ...)."""
+        if d.get("model_type", "t2v") != "t2v":
+            raise SelfForcingError(f"only text-to-video Wan models are supported, config says {d['model_type']!r}")
+        try:
+            return cls(
+                patch_size=tuple(d.get("patch_size", (1, 2, 2))), num_attention_heads=d["num_heads"],
+                attention_head_dim=d["dim"] // d["num_heads"], in_channels=d.get("in_dim", 16),
+                out_channels=d.get("out_dim", 16), text_dim=d.get("text_dim", 4096), freq_dim=d.get("freq_dim", 256),
+                ffn_dim=d["ffn_dim"], num_layers=d["num_layers"], eps=d.get("eps", 1e-6),
+            )
+        except KeyError as e:
+            raise SelfForcingError(f"original Wan config lacks {e.args[0]!r}") from None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "WanConfig":
+        """The architecture in a model directory's ``config.json`` (diffusers or original Wan
+        layout; a pipeline directory's ``transformer/`` is found), without loading weights."""
+        config_file = _transformer_dir(Path(path)) / CONFIG_NAME
+        if not config_file.is_file():
+            raise SelfForcingError(f"no Wan transformer at {path}: {CONFIG_NAME} not found")
+        try:
+            d = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SelfForcingError(f"cannot read {config_file}: {e}") from None
+        if not isinstance(d, dict):
+            raise SelfForcingError(f"{config_file} is not a JSON object")
+        return cls.from_original_dict(d) if "num_heads" in d else cls.from_dict(d)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["patch_size"] = list(self.patch_size)
@@ -112,6 +142,8 @@ class WanConfig:
 PRESETS: dict[str, WanConfig] = {
     # Wan2.1-T2V-1.3B, the model Self Forcing post-trains.
     "wan2.1-1.3b": WanConfig(),
+    # Wan2.1-T2V-14B: the real score of the paper's DMD recipe.
+    "wan2.1-14b": WanConfig(num_attention_heads=40, ffn_dim=13824, num_layers=40),
     # The embedded toy-world model: 12-channel pixel latents (32x32 RGB, space-to-depth 2), 64 tokens
     # per latent frame. Each token then carries 48 pixel values, well below the width of 128: with a
     # flow (v) target the network must pass per-pixel noise through, so a token holding more values
@@ -132,6 +164,11 @@ def preset(name: str) -> WanConfig:
     if name not in PRESETS:
         raise SelfForcingError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def _transformer_dir(path: Path) -> Path:
+    """A whole diffusers pipeline directory holds its transformer in ``transformer/``."""
+    return path / "transformer" if (path / "transformer" / CONFIG_NAME).is_file() else path
 
 
 # --------------------------------------------------------------------------- attention masks
@@ -535,19 +572,14 @@ class CausalWanModel(nn.Module):
     # ---- persistence -----------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        """Load a diffusers ``WanTransformer3DModel`` directory (config.json + safetensors, sharded or not)."""
+        """Load a transformer directory: diffusers ``WanTransformer3DModel`` (config.json +
+        safetensors, sharded or not) or original Wan (``WanModel`` config and key names)."""
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if (path / "transformer" / CONFIG_NAME).is_file():  # a whole diffusers pipeline directory
-            path = path / "transformer"
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise SelfForcingError(f"no Wan transformer at {path}: {CONFIG_NAME} not found")
-        try:
-            config = WanConfig.from_dict(json.loads(config_file.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise SelfForcingError(f"cannot read {config_file}: {e}") from None
+        from selfforcing.models.convert import detect_format, original_to_diffusers
+
+        path = _transformer_dir(Path(path))
+        config = WanConfig.read(path)
         if (path / WEIGHTS_NAME).is_file():
             shards = [path / WEIGHTS_NAME]
         elif (path / WEIGHTS_INDEX_NAME).is_file():
@@ -560,6 +592,8 @@ class CausalWanModel(nn.Module):
             if not shard.is_file():
                 raise SelfForcingError(f"weight shard {shard} is missing")
             state.update(load_file(shard))
+        if detect_format(state) == "original":
+            state = original_to_diffusers(state)
         model = cls(config)
         model.load_weights(state)
         return model.to(device=device, dtype=dtype)

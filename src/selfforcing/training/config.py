@@ -36,8 +36,11 @@ class ModelConfig:
 
 
 @dataclass
-class TeacherConfig:
-    path: str  # model/transformer directory or checkpoint of the bidirectional teacher
+class ScoreModelConfig:
+    """A frozen real score (``teacher``) or the fake score's starting point (``critic``): any
+    size, as long as its latent channels, patch and text width match the generator's."""
+
+    path: str  # diffusers or original-format model/transformer directory, or a checkpoint file
     preset: str | None = None  # architecture, needed when ``path`` is a bare checkpoint file
 
 
@@ -64,17 +67,32 @@ class ParadigmConfig:
     gradient_checkpointing: bool = False
 
 
+SCORE_T_SAMPLING = ("official", "continuous")
+
+
 @dataclass
 class LossConfig:
     name: str = "dmd"
+    # Classifier-free guidance of the real score and of the ODE-pair teacher, always in the
+    # standard convention ``uncond + guidance_scale * (cond - uncond)``. The official
+    # Self-Forcing code writes its DMD/SiD guidance as ``cond + s * (cond - uncond)``, so its
+    # ``guidance_scale: 3.0`` is 4.0 here; its ODE-pair script already uses the standard form.
     guidance_scale: float = 3.0
     negative_prompt: str = ""  # empty: the all-padding (zero) text embedding
+    # Score / critic timesteps. "official": integer t uniform in {0..999}, shifted, clamped to
+    # [min_t, max_t] * 1000, noise level read from the nearest of the 1000 training timesteps
+    # (the released code). "continuous": base level uniform in [min_t, max_t], then shifted.
+    score_t_sampling: str = "official"
     min_t: float = 0.02
     max_t: float = 0.98
     generator_every: int = 5  # critic : generator update ratio
+    ode_sampling_steps: int | None = None  # ode only: Euler steps of the ODE-pair teacher (default 48)
     sid_alpha: float | None = None  # sid only (default 1.0)
-    r1_weight: float | None = None  # gan only (default 1.0)
+    r1_weight: float | None = None  # gan only (default 1.0; the released code: 0)
     gan_feature_layer: int | None = None  # gan only (default: the middle block)
+    gan_generator_weight: float | None = None  # gan only (default 1.0; the released code: 0.01)
+    gan_critic_weight: float | None = None  # gan only (default 1.0; the released code: 0.01)
+    gan_shared_noise: bool | None = None  # gan only: real and fake share t and noise (default false; released: true)
 
 
 @dataclass
@@ -82,11 +100,14 @@ class OptimConfig:
     lr: float = 2e-6
     critic_lr: float = 4e-7
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01
     grad_accum: int = 1
+    # Effective batch over all ranks (the official ``total_batch_size``): when set, the
+    # accumulation is derived as total / (data.batch_size * world size) and must divide.
+    total_batch_size: int | None = None
     grad_clip: float = 10.0
     ema_decay: float | None = 0.99
-    ema_start: int = 0
+    ema_start: int = 200
 
 
 @dataclass
@@ -106,7 +127,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig | None = None
+    teacher: ScoreModelConfig | None = None  # real score (frozen)
+    critic: ScoreModelConfig | None = None  # fake score / discriminator init (default: a copy of the teacher)
     text_encoder: dict = field(default_factory=lambda: {"type": "hash", "dim": 64, "max_length": 32})
     vae: dict = field(default_factory=lambda: {"type": "pixel", "patch": 2})
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,7 +173,8 @@ def _build(cls, data: Any, where: str):
 
 _SECTIONS = {
     (TrainConfig, "model"): ModelConfig,
-    (TrainConfig, "teacher"): TeacherConfig,
+    (TrainConfig, "teacher"): ScoreModelConfig,
+    (TrainConfig, "critic"): ScoreModelConfig,
     (TrainConfig, "data"): DataConfig,
     (TrainConfig, "paradigm"): ParadigmConfig,
     (TrainConfig, "loss"): LossConfig,
@@ -201,9 +224,16 @@ def validate(cfg: TrainConfig) -> None:
     elif SUPERVISED.get(p.name) != loss.name:
         raise SelfForcingError(f"paradigm {p.name} trains with loss {SUPERVISED.get(p.name, 'dmd/sid/gan')}, "
                                f"not {loss.name}")
+    if cfg.critic is not None and not cfg.distillation:
+        raise SelfForcingError(f"critic is set but loss {loss.name} trains no critic")
+    _one_of("loss.score_t_sampling", loss.score_t_sampling, SCORE_T_SAMPLING)
+    if not 0 <= loss.min_t <= loss.max_t <= 1:
+        raise SelfForcingError(f"loss.min_t/max_t must satisfy 0 <= min_t <= max_t <= 1, got {loss.min_t}, {loss.max_t}")
+    _only_for(loss.ode_sampling_steps, "loss.ode_sampling_steps", loss.name == "ode")
     _only_for(loss.sid_alpha, "loss.sid_alpha", loss.name == "sid")
     _only_for(loss.r1_weight, "loss.r1_weight", loss.name == "gan")
-    _only_for(loss.gan_feature_layer, "loss.gan_feature_layer", loss.name == "gan")
+    for key in ("gan_feature_layer", "gan_generator_weight", "gan_critic_weight", "gan_shared_noise"):
+        _only_for(getattr(loss, key), f"loss.{key}", loss.name == "gan")
     if data.caption_dropout and p.name != "teacher":
         raise SelfForcingError("data.caption_dropout only applies to paradigm teacher")
     needs_video = loss.name in ("denoising", "gan") or p.name in ("teacher_forcing", "diffusion_forcing")
@@ -230,8 +260,26 @@ def validate(cfg: TrainConfig) -> None:
         raise SelfForcingError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
     if opt.ema_decay is not None and not 0 < opt.ema_decay < 1:
         raise SelfForcingError(f"optim.ema_decay must be in (0, 1) or null, got {opt.ema_decay}")
+    if opt.total_batch_size is not None:
+        if not isinstance(opt.total_batch_size, int) or opt.total_batch_size < 1:
+            raise SelfForcingError(f"optim.total_batch_size must be a positive integer, got {opt.total_batch_size!r}")
+        if opt.grad_accum != 1:
+            raise SelfForcingError("set optim.total_batch_size or optim.grad_accum, not both")
     if len(opt.betas) != 2:
         raise SelfForcingError(f"optim.betas must be two numbers, got {opt.betas}")
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per update on each rank: ``optim.grad_accum``, or what
+    ``optim.total_batch_size`` asks for at this world size."""
+    total = cfg.optim.total_batch_size
+    if total is None:
+        return cfg.optim.grad_accum
+    per_update = cfg.data.batch_size * world_size
+    if total % per_update:
+        raise SelfForcingError(f"optim.total_batch_size {total} is not a multiple of data.batch_size "
+                               f"{cfg.data.batch_size} x {world_size} processes")
+    return total // per_update
 
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:

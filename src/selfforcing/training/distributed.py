@@ -68,12 +68,16 @@ def shard(model: nn.Module, env: DistEnv) -> nn.Module:
     if not env.distributed:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # On GPUs, as the released code's ``mixed_precision: true``: fp32 shards, bf16 gathers and
+    # compute, fp32 gradient reduction. The CPU (gloo) path stays fp32 throughout.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if env.device.type == "cuda" else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     encode_text = model.encode_text
 
     def encode_text_copy(context: torch.Tensor):

@@ -17,7 +17,7 @@ from torch import nn
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.models.wan import BlockCausal, CausalWanModel
 from selfforcing.training.config import TrainConfig
-from selfforcing.training.losses.dmd import DMDLoss
+from selfforcing.training.losses.dmd import DMDLoss, ScoreTimesteps
 from selfforcing.training.losses.gan import DiscriminatorHead, GANLoss, block_features
 from selfforcing.training.losses.sid import SiDLoss
 from selfforcing.training.paradigms import diffusion_forcing, ode, self_forcing, teacher, teacher_forcing
@@ -40,7 +40,7 @@ class Objective:
     def __init__(
         self, cfg: TrainConfig, student: CausalWanModel, schedule: FlowMatchSchedule, uncond_text: torch.Tensor,
         latent_hw: tuple[int, int], teacher_model: CausalWanModel | None = None, critic: CausalWanModel | None = None,
-        head: DiscriminatorHead | None = None,
+        head: DiscriminatorHead | None = None, ode_timesteps: torch.Tensor | None = None,
     ):
         self.cfg, self.student, self.schedule = cfg, student, schedule
         self.teacher, self.critic, self.head = teacher_model, critic, head
@@ -49,13 +49,20 @@ class Objective:
         p = cfg.paradigm
         self.attention = BlockCausal(p.frames_per_chunk, hide_first_chunk_from_last=False)
         self.timesteps = schedule.few_step_timesteps(p.denoising_steps)
+        # ODE regression labels each state with the timestep stored beside it in the pairs file.
+        self.ode_timesteps = self.timesteps if ode_timesteps is None else ode_timesteps
         loss = cfg.loss
+        score_t = ScoreTimesteps(schedule, loss.score_t_sampling, loss.min_t, loss.max_t)
         if loss.name == "dmd":
-            self.distribution_loss = DMDLoss(schedule, loss.min_t, loss.max_t)
+            self.distribution_loss = DMDLoss(schedule, score_t)
         elif loss.name == "sid":
-            self.distribution_loss = SiDLoss(schedule, loss.min_t, loss.max_t, alpha=_default(loss.sid_alpha, 1.0))
+            self.distribution_loss = SiDLoss(schedule, score_t, alpha=_default(loss.sid_alpha, 1.0))
         elif loss.name == "gan":
-            self.distribution_loss = GANLoss(schedule, _default(loss.r1_weight, 1.0), loss.min_t, loss.max_t)
+            self.distribution_loss = GANLoss(
+                schedule, score_t, r1_weight=_default(loss.r1_weight, 1.0),
+                generator_weight=_default(loss.gan_generator_weight, 1.0),
+                critic_weight=_default(loss.gan_critic_weight, 1.0), shared_noise=bool(loss.gan_shared_noise),
+            )
             self.feature_layer = _default(loss.gan_feature_layer, len(critic.blocks) // 2)
 
     @property
@@ -82,7 +89,7 @@ class Objective:
             return teacher_forcing.loss(model, batch.latents, batch.text, schedule, self.attention, g)
         if name == "diffusion_forcing":
             return diffusion_forcing.loss(model, batch.latents, batch.text, schedule, self.attention, g)
-        return ode.loss(model, batch.trajectories, batch.text, schedule, self.attention, self.timesteps, g)
+        return ode.loss(model, batch.trajectories, batch.text, schedule, self.attention, self.ode_timesteps, g)
 
     def student_samples(self, batch: Batch, rngs: Rngs, grad: bool) -> torch.Tensor:
         """Few-step student videos; with ``grad`` only the exit steps carry gradient."""
@@ -115,7 +122,8 @@ class Objective:
 
     # ---- scores -----------------------------------------------------------
     def _real_flow(self, text: torch.Tensor):
-        """Frozen teacher with classifier-free guidance (the "real" score)."""
+        """Frozen teacher with classifier-free guidance (the "real" score), standard convention
+        ``uncond + w (cond - uncond)`` (the released code's ``guidance_scale: 3.0`` is w = 4)."""
         cond, neg = self.teacher.encode_text(text), self.teacher.encode_text(self.uncond_text.expand_as(text))
         w = self.cfg.loss.guidance_scale
 

@@ -22,16 +22,15 @@ from torch import nn
 
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
-from selfforcing.models.convert import load_state_dict_file
-from selfforcing.models.text_encoders import text_encoder_from_config
-from selfforcing.models.vae import vae_from_config
-from selfforcing.models.wan import CausalWanModel, WanConfig, preset
+from selfforcing.models.wan import CausalWanModel
 from selfforcing.training import distributed as D
+from selfforcing.training import loading
 from selfforcing.training.checkpoint import CheckpointStore
-from selfforcing.training.config import TeacherConfig, TrainConfig
+from selfforcing.training.config import ScoreModelConfig, TrainConfig, grad_accum_steps
 from selfforcing.training.data import DataStream, build_dataset
 from selfforcing.training.losses.gan import DiscriminatorHead
 from selfforcing.training.objective import Batch, Objective, Rngs
+from selfforcing.training.paradigms.ode import OdePairs
 
 log = logging.getLogger("selfforcing.train")
 
@@ -43,17 +42,21 @@ class Trainer:
         device = self.env.device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
-        self.text_encoder = text_encoder_from_config(cfg.text_encoder, _path(cfg.model.path), device=device)
-        self.vae = vae_from_config(cfg.vae, None if cfg.model.path is None else Path(cfg.model.path) / "vae",
-                                   device=device)
+        self.text_encoder = loading.load_text_encoder(cfg, device)
+        self.vae = loading.load_vae(cfg, device)
+        self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
         latent_hw = self._latent_hw()
 
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-        self.student = self._load_student()
-        self.teacher = self._load_teacher()
-        self.critic = self.head = None
-        if cfg.distillation:
-            self.critic = copy.deepcopy(self.teacher).requires_grad_(True)  # critic starts as the teacher (DMD)
+        self.student = loading.load_generator(cfg.model, device)
+        loading.check_io(self.student.config, self.text_encoder, self.vae, "generator")
+        self.teacher = self.critic = self.head = None
+        if cfg.distillation:  # (an ODE-init config names its teacher for `ode-pairs` only)
+            self.teacher = self._load_score_model(cfg.teacher, "teacher")
+            # The fake score starts from its own model (official: the 1.3B model beside a 14B
+            # real score) or, by default, from the teacher.
+            critic = self._load_score_model(cfg.critic, "critic") or copy.deepcopy(self.teacher)
+            self.critic = critic.requires_grad_(True)
             if cfg.loss.name == "gan":
                 self.head = DiscriminatorHead(self.critic.config.dim).to(device)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.optim.ema_decay else None
@@ -61,53 +64,53 @@ class Trainer:
             if model is not None:
                 D.shard(model, self.env)
         self.student.gradient_checkpointing = cfg.paradigm.gradient_checkpointing
+        if self.critic is not None:
+            self.critic.gradient_checkpointing = cfg.paradigm.gradient_checkpointing
 
         opt = cfg.optim
         self.gen_opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=tuple(opt.betas),
                                          weight_decay=opt.weight_decay)
-        self.objective = Objective(cfg, self.student, self.schedule, negative_text(self.text_encoder, cfg.loss.negative_prompt, device), latent_hw,
-                                   self.teacher, self.critic, self.head)
+        dataset = build_dataset(cfg, self.vae)
+        self.objective = Objective(cfg, self.student, self.schedule,
+                                   loading.negative_text(self.text_encoder, cfg.loss.negative_prompt, device),
+                                   latent_hw, self.teacher, self.critic, self.head,
+                                   ode_timesteps=self._check_ode_pairs(dataset, latent_hw))
         self.critic_opt = None
         if self.objective.has_critic:
             self.critic_opt = torch.optim.AdamW(self.objective.critic_parameters(), lr=opt.critic_lr,
                                                 betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-        self.data = DataStream(build_dataset(cfg, self.vae), cfg.data.batch_size, cfg.seed, self.env)
+        self.data = DataStream(dataset, cfg.data.batch_size, cfg.seed, self.env)
         self.noise_rng = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + self.env.rank)
         self.store = CheckpointStore(Path(cfg.output_dir) / "checkpoints", cfg.fingerprint(), self.env)
         self.step = 0
         self.skipped = 0
 
     # ---- construction -----------------------------------------------------
-    def _load_student(self) -> CausalWanModel:
-        m = self.cfg.model
-        if m.path:
-            model = CausalWanModel.from_pretrained(m.path)
-        else:
-            model = CausalWanModel(WanConfig.from_dict({**preset(m.preset).to_dict(), **m.overrides}))
-        if m.init:
-            model.load_weights(load_state_dict_file(m.init))
-        self._check_io(model, "student")
-        return model.to(self.env.device).train()
-
-    def _load_teacher(self) -> CausalWanModel | None:
-        if self.cfg.teacher is None:
+    def _load_score_model(self, src: ScoreModelConfig | None, role: str) -> CausalWanModel | None:
+        if src is None:
             return None
-        teacher = load_teacher(self.cfg.teacher, self.env.device)
-        s, c = self.student.config, teacher.config
-        if (s.in_channels, s.out_channels, s.text_dim, s.patch_size) != (c.in_channels, c.out_channels, c.text_dim, c.patch_size):
-            raise SelfForcingError(
-                f"teacher and student shapes differ: teacher (in {c.in_channels}, out {c.out_channels}, text "
-                f"{c.text_dim}, patch {c.patch_size}) vs student (in {s.in_channels}, out {s.out_channels}, "
-                f"text {s.text_dim}, patch {s.patch_size})"
-            )
-        return teacher
+        model = loading.load_score_model(src, role, self.env.device)
+        loading.check_compatible(self.student.config, model.config, role)
+        return model
 
-    def _check_io(self, model: CausalWanModel, role: str) -> None:
-        c = model.config
-        if c.text_dim != self.text_encoder.dim:
-            raise SelfForcingError(f"{role} text_dim {c.text_dim} does not match the text encoder ({self.text_encoder.dim})")
-        if c.in_channels != self.vae.latent_channels:
-            raise SelfForcingError(f"{role} in_channels {c.in_channels} does not match the VAE ({self.vae.latent_channels})")
+    def _check_ode_pairs(self, dataset, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """ODE regression labels each stored state with the timestep it was stored at; a file
+        made for another few-step list, shift or video shape is refused rather than mislabelled."""
+        if not isinstance(dataset, OdePairs):
+            return None
+        cfg = self.cfg
+        expected = self.schedule.few_step_timesteps(cfg.paradigm.denoising_steps)
+        stored = dataset.timesteps.to(expected.dtype)
+        if stored.shape != expected.shape or not torch.allclose(stored, expected, atol=1e-2):
+            raise SelfForcingError(
+                f"ODE pairs {cfg.data.path} hold states at timesteps {_fmt(stored)}, but paradigm.denoising_steps "
+                f"{cfg.paradigm.denoising_steps} with timestep_shift {cfg.paradigm.timestep_shift} give {_fmt(expected)}; "
+                "regenerate the pairs with this config or match the config to the file")
+        shape = (len(expected) + 1, self.student.config.in_channels, cfg.data.num_frames, *latent_hw)
+        if tuple(dataset.trajectories.shape[1:]) != shape:
+            raise SelfForcingError(f"ODE pairs {cfg.data.path} have (states, channels, frames, h, w) "
+                                   f"{tuple(dataset.trajectories.shape[1:])}, this config needs {shape}")
+        return stored
 
     def _latent_hw(self) -> tuple[int, int]:
         d, r = self.cfg.data, self.vae.spatial_ratio
@@ -233,7 +236,7 @@ class Trainer:
     def _update(self, role: str, params, optimizer, loss_fn) -> tuple[bool, dict[str, float]]:
         """One optimiser step with gradient accumulation, clipping and a non-finite guard."""
         params = [p for p in params if p.requires_grad]
-        accum = self.cfg.optim.grad_accum
+        accum = self.grad_accum
         optimizer.zero_grad(set_to_none=True)
         total, extra = 0.0, {}
         for _ in range(accum):
@@ -317,27 +320,23 @@ class Trainer:
         sampling = SamplingConfig(frames_per_chunk=p.frames_per_chunk, denoising_steps=tuple(p.denoising_steps),
                                   timestep_shift=p.timestep_shift, kv_cache_frames=d.num_frames,
                                   context_noise=p.context_noise, height=d.height, width=d.width)
-        StreamingPipeline(model, self.text_encoder, self.vae, sampling).save_pretrained(path)
+        # A prompt-embedding cache exports as the encoder it came from: streaming takes any prompt.
+        text_config = getattr(self.text_encoder, "source_config", None)
+        StreamingPipeline(model, self.text_encoder, self.vae, sampling).save_pretrained(path, text_config)
+        self._link_components(Path(path))
+
+    def _link_components(self, path: Path) -> None:
+        """A Wan-scale export reads UMT5 and the VAE from beside its transformer: link them from
+        the generator's model directory rather than copy gigabytes."""
+        root = loading.model_dir(self.cfg)
+        for name in ("text_encoder", "tokenizer", "vae"):
+            source, target = (root / name if root else None), path / name
+            if source is not None and source.is_dir() and not target.exists():
+                target.symlink_to(source.resolve(), target_is_directory=True)
 
 
-def negative_text(text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
-    """(1, L, dim) embedding of the negative prompt (CFG and caption dropout); empty means all padding (zeros)."""
-    if not prompt.strip():
-        return torch.zeros(1, text_encoder.max_length, text_encoder.dim, device=device)
-    return text_encoder.encode([prompt]).to(device)
-
-
-def load_teacher(t: TeacherConfig, device: torch.device) -> CausalWanModel:
-    """A frozen bidirectional teacher from a model directory, or a checkpoint file plus a preset."""
-    path = Path(t.path)
-    if path.is_dir():
-        teacher = CausalWanModel.from_pretrained(path)
-    elif t.preset is None:
-        raise SelfForcingError(f"teacher.path {path} is not a model directory; a checkpoint file needs teacher.preset")
-    else:
-        teacher = CausalWanModel(preset(t.preset))
-        teacher.load_weights(load_state_dict_file(path))
-    return teacher.to(device).eval().requires_grad_(False)
+def _fmt(t: torch.Tensor) -> str:
+    return "/".join(f"{v:.1f}" for v in t.tolist())
 
 
 class _CriticGroup(nn.Module):
@@ -364,6 +363,3 @@ class _frozen:
             m.requires_grad_(True)
         return False
 
-
-def _path(value: str | None) -> Path | None:
-    return None if value is None else Path(value)

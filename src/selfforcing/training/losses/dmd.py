@@ -3,8 +3,8 @@
 The generator's samples ``x`` are noised to a random timestep; the frozen teacher with
 classifier-free guidance gives the "real" score, a critic trained on the generator's own
 samples gives the "fake" score. Their difference, in x0 space and normalised by the mean
-distance to the real prediction (DMD's per-sample weighting), is the gradient pushed into
-``x``: the student's distribution moves toward the teacher's.
+distance to the real prediction (DMD's per-sample weighting, DMD eq. 8), is the gradient
+pushed into ``x``: the student's distribution moves toward the teacher's.
 """
 
 from __future__ import annotations
@@ -22,34 +22,60 @@ FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class DMDLoss:
+class ScoreTimesteps:
+    """Where the scores and the critic look at a sample: one timestep per video.
+
+    ``official`` (default) reproduces the released code (see ``FlowMatchSchedule.score_timesteps``
+    and ``nearest_train_timestep``); ``continuous`` draws the base level uniformly in
+    [min_t, max_t] and shifts it, with the noise level exactly ``t / N``.
+    """
+
     schedule: FlowMatchSchedule
-    min_t: float = 0.02  # score timesteps, as fractions of the (shifted) schedule
+    sampling: str = "official"
+    min_t: float = 0.02
     max_t: float = 0.98
 
-    def sample_t(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return self.schedule.sample_timesteps((x.shape[0],), generator, self.min_t, self.max_t, x.device)
+    def sample(self, batch: int, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, noise_t): the networks' timestep and the timestep whose sigma noises the sample."""
+        s = self.schedule
+        if self.sampling == "official":
+            t = s.score_timesteps(batch, generator, self.min_t, self.max_t, device)
+            return t, s.nearest_train_timestep(t)
+        t = s.sample_timesteps((batch,), generator, self.min_t, self.max_t, device)
+        return t, t
+
+
+@dataclass
+class DMDLoss:
+    schedule: FlowMatchSchedule
+    timesteps: ScoreTimesteps | None = None  # default: the official draw on ``schedule``
+
+    def __post_init__(self) -> None:
+        if self.timesteps is None:
+            self.timesteps = ScoreTimesteps(self.schedule)
 
     def generator_loss(
         self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss whose gradient w.r.t. ``x`` is the normalised score difference (fake - real)."""
-        t = self.sample_t(x, generator)
+        s = self.schedule
+        t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         with torch.no_grad():
-            xt = self.schedule.add_noise(x.detach(), noise, t)
-            real_x0 = self.schedule.x0_from_flow(xt, real_flow(xt, t), t).float()
-            fake_x0 = self.schedule.x0_from_flow(xt, fake_flow(xt, t), t).float()
-            weight = (x.detach().float() - real_x0).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+            xt = s.add_noise(x.detach(), noise, noise_t)
+            real_x0 = s.x0_from_flow(xt, real_flow(xt, t), noise_t).double()
+            fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), noise_t).double()
+            weight = (x.detach().double() - real_x0).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
             grad = torch.nan_to_num((fake_x0 - real_x0) / weight)
         # 0.5 * ||x - sg(x - grad)||^2 has gradient ``grad`` (per element, up to the mean).
-        loss = 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad))
-        return loss, {"dmd_grad_norm": grad.norm().item(), "dmd_t": t.mean().item()}
+        loss = 0.5 * F.mse_loss(x.double(), x.detach().double() - grad)
+        return loss.float(), {"dmd_grad_norm": grad.norm().item(), "dmd_t": t.mean().item()}
 
     def critic_loss(
         self, x: torch.Tensor, fake_flow: FlowFn, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The fake score learns the generator's current distribution by plain denoising."""
         x = x.detach()
-        loss = denoising_loss(fake_flow, x, self.sample_t(x, generator), self.schedule, generator)
+        t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
+        loss = denoising_loss(fake_flow, x, t, self.schedule, generator, noise_t=noise_t)
         return loss, {"critic_denoising": loss.item()}

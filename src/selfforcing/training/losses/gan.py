@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfforcing.diffusion.schedule import FlowMatchSchedule
+from selfforcing.training.losses.dmd import ScoreTimesteps
 
 LogitFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,33 +54,53 @@ def block_features(model: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]
 
 @dataclass
 class GANLoss:
+    """Defaults are ours (see docs/TRAINING.md for the released code's choices, each an option
+    here: ``generator_weight = critic_weight = 0.01``, ``r1_weight = 0``, ``shared_noise``)."""
+
     schedule: FlowMatchSchedule
+    timesteps: ScoreTimesteps | None = None  # default: the official draw on ``schedule``
     r1_weight: float = 1.0
-    min_t: float = 0.02
-    max_t: float = 0.98
+    generator_weight: float = 1.0
+    critic_weight: float = 1.0
+    shared_noise: bool = False  # critic: real and fake noised with the same t and noise
     r1_sigma: float = 0.01  # finite-difference step of the R1 estimate
 
-    def _noised(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.schedule.sample_timesteps((x.shape[0],), generator, self.min_t, self.max_t, x.device)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.schedule.add_noise(x, noise, t), t
+    def __post_init__(self) -> None:
+        if self.timesteps is None:
+            self.timesteps = ScoreTimesteps(self.schedule)
+
+    def _noised(self, x, generator, t=None, noise=None):
+        if t is None:
+            t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
+        else:
+            noise_t = self.schedule.nearest_train_timestep(t) if self.timesteps.sampling == "official" else t
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.schedule.add_noise(x, noise, noise_t), t, noise
 
     def generator_loss(
         self, x: torch.Tensor, logit_fn: LogitFn, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        xt, t = self._noised(x, generator)
+        xt, t, _ = self._noised(x, generator)
         loss = F.softplus(-logit_fn(xt, t)).mean()
-        return loss, {"gan_generator": loss.item()}
+        return self.generator_weight * loss, {"gan_generator": loss.item()}
 
     def critic_loss(
         self, fake: torch.Tensor, real: torch.Tensor, logit_fn: LogitFn, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        fake_xt, fake_t = self._noised(fake.detach(), generator)
-        real_xt, real_t = self._noised(real.detach(), generator)
+        fake_xt, fake_t, noise = self._noised(fake.detach(), generator)
+        if self.shared_noise:
+            real_xt, real_t, _ = self._noised(real.detach(), generator, fake_t, noise)
+        else:
+            real_xt, real_t, _ = self._noised(real.detach(), generator)
         logit_fake, logit_real = logit_fn(fake_xt, fake_t), logit_fn(real_xt, real_t)
-        step = self.r1_sigma * torch.randn(real_xt.shape, generator=generator, device=real_xt.device)
-        r1 = ((logit_fn(real_xt + step, real_t) - logit_real).float().square() / self.r1_sigma**2).mean()
         adversarial = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
-        loss = adversarial + 0.5 * self.r1_weight * r1
-        return loss, {"gan_critic": adversarial.item(), "r1": r1.item(),
-                      "d_real": logit_real.mean().item(), "d_fake": logit_fake.mean().item()}
+        loss = self.critic_weight * adversarial
+        logs = {"gan_critic": adversarial.item(), "d_real": logit_real.mean().item(),
+                "d_fake": logit_fake.mean().item()}
+        if self.r1_weight > 0:
+            step = self.r1_sigma * torch.randn(real_xt.shape, generator=generator, device=real_xt.device)
+            r1 = ((logit_fn(real_xt + step, real_t) - logit_real).float().square() / self.r1_sigma**2).mean()
+            loss = loss + 0.5 * self.r1_weight * r1
+            logs["r1"] = r1.item()
+        return loss, logs

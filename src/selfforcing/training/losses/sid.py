@@ -25,11 +25,12 @@ class SiDLoss(DMDLoss):
     def generator_loss(
         self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        t = self.sample_t(x, generator)
+        s = self.schedule
+        t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        xt = self.schedule.add_noise(x, noise, t)
-        real_x0 = self.schedule.x0_from_flow(xt, real_flow(xt, t), t).double()
-        fake_x0 = self.schedule.x0_from_flow(xt, fake_flow(xt, t), t).double()
+        xt = s.add_noise(x, noise, noise_t)
+        fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), noise_t).double()
+        real_x0 = s.x0_from_flow(xt, real_flow(xt, t), noise_t).double()
         gap = real_x0 - fake_x0
         per_element = gap * ((real_x0 - x.double()) - self.alpha * gap)
         weight = (x.detach().double() - real_x0.detach()).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)

@@ -81,30 +81,35 @@ def loss(
 
 
 def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: str | Path | None = None,
-                   num_steps: int = 48, batch_size: int = 8) -> Path:
+                   num_steps: int | None = None, batch_size: int = 8) -> Path:
     """`selfforcing ode-pairs`: sample the config's teacher on every prompt and store the pairs
-    at ``output`` (default: the config's ``data.path``, where ODE-init training reads them)."""
+    at ``output`` (default: the config's ``data.path``, where ODE-init training reads them).
+
+    The teacher's Euler grid uses the config's ``paradigm.timestep_shift`` and
+    ``loss.ode_sampling_steps`` (default 48), with CFG ``loss.guidance_scale`` against
+    ``loss.negative_prompt``; the states are stored at the config's few-step timesteps, which
+    must lie on that grid (the official recipe: shift 8, 48 steps, CFG 6, states 0/12/24/36).
+    """
     from tqdm import tqdm
 
     from selfforcing.data.prompts import read_prompts
-    from selfforcing.models.text_encoders import text_encoder_from_config
-    from selfforcing.models.vae import vae_from_config
+    from selfforcing.training import loading
     from selfforcing.training.config import load_config
-    from selfforcing.training.trainer import load_teacher, negative_text
 
     cfg = load_config(config_path)
     if cfg.teacher is None:
         raise SelfForcingError(f"{config_path} has no teacher to sample")
+    num_steps = num_steps or cfg.loss.ode_sampling_steps or 48
     output = Path(output or cfg.data.path)
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     prompts = read_prompts(prompts_path)
-    teacher = load_teacher(cfg.teacher, device)
-    model_dir = None if cfg.model.path is None else Path(cfg.model.path)
-    text_encoder = text_encoder_from_config(cfg.text_encoder, model_dir, device=device)
-    vae = vae_from_config(cfg.vae, None if model_dir is None else model_dir / "vae", device=device)
+    text_encoder = loading.load_text_encoder(cfg, device)
+    vae = loading.load_vae(cfg, device)
+    teacher = loading.load_score_model(cfg.teacher, "teacher", device)
+    loading.check_io(teacher.config, text_encoder, vae, "teacher")
     schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
     timesteps = schedule.few_step_timesteps(cfg.paradigm.denoising_steps).to(device)
-    uncond = negative_text(text_encoder, cfg.loss.negative_prompt, device)
+    uncond = loading.negative_text(text_encoder, cfg.loss.negative_prompt, device)
     latent = (teacher.config.in_channels, cfg.data.num_frames,
               cfg.data.height // vae.spatial_ratio, cfg.data.width // vae.spatial_ratio)
     generator = torch.Generator(device).manual_seed(cfg.seed)
