@@ -118,6 +118,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from selfforcing.training.config import load_config
     from selfforcing.training.trainer import Trainer
 
+    if args.world_size is not None and not args.dry_run:
+        raise SelfForcingError(f"--world-size {args.world_size} only applies to --dry-run (torchrun sets the "
+                               "processes of a real run): add --dry-run or drop --world-size")
+    if args.dry_run:
+        from selfforcing.training.memory import format_plan, plan_memory
+
+        cfg = load_config(args.config, overrides=_overrides(args.set))
+        print(format_plan(plan_memory(cfg, args.world_size or 1)))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, overrides=_overrides(args.set))
     trainer = Trainer(cfg)
@@ -277,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set steps=10 (repeatable)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="build the models on the meta device and print the per-GPU memory plan; train nothing")
+    t.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
+                   help="GPUs the --dry-run plan shards over (default 1)")
     t.set_defaults(func=cmd_train)
 
     o = sub.add_parser("ode-pairs", help="sample the teacher with CFG and store its states at the few-step timesteps")

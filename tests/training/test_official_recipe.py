@@ -159,9 +159,10 @@ def test_score_timesteps_are_drawn_shifted_and_clamped_as_released():
                                atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("exit_seed", [0, 3])
-def test_self_forcing_dmd_generator_step_matches_the_released_formulas(setup, exit_seed):
-    objective, batch, uncond = setup("dmd")
+@pytest.mark.parametrize("exit_seed, score_shift", [(0, None), (3, None), (1, 8.0)])
+def test_self_forcing_dmd_generator_step_matches_the_released_formulas(setup, exit_seed, score_shift):
+    """``score_shift`` 8: the released score wrappers' own shift-8 sigma table (configs/wan)."""
+    objective, batch, uncond = setup("dmd", score_sigma_shift=score_shift)
     student, teacher, critic = objective.student, objective.teacher, objective.critic
     loss, logs = objective.generator_loss(batch, rngs(exit_seed))
     loss.backward()
@@ -169,10 +170,11 @@ def test_self_forcing_dmd_generator_step_matches_the_released_formulas(setup, ex
     student.zero_grad()
 
     x, t, noise, sigma, xt = official_noised_rollout(objective, batch, rngs(exit_seed), grad=True)
+    score_sigma = sigma if score_shift is None else official_sigma(t, score_shift)
     with torch.no_grad():
         cond, neg = teacher.encode_text(batch.text), teacher.encode_text(uncond.expand_as(batch.text))
-        real = official_real_x0(teacher, xt, t, cond, neg, sigma)
-        fake = x0_of(critic, xt, t, critic.encode_text(batch.text), sigma)
+        real = official_real_x0(teacher, xt, t, cond, neg, score_sigma)
+        fake = x0_of(critic, xt, t, critic.encode_text(batch.text), score_sigma)
         normalizer = (x.double() - real).abs().mean(dim=[1, 2, 3, 4], keepdim=True)
         grad = torch.nan_to_num((fake - real) / normalizer)
     official_loss = 0.5 * F.mse_loss(x.double(), (x.double() - grad).detach())
@@ -205,8 +207,9 @@ def test_dmd_gradient_on_the_sample_is_the_normalised_score_gap(setup):
     torch.testing.assert_close(x.grad.double(), grad / x.numel(), rtol=1e-4, atol=1e-9)
 
 
-def test_self_forcing_dmd_critic_step_matches_the_released_formulas(setup):
-    objective, batch, _ = setup("dmd")
+@pytest.mark.parametrize("score_shift", [None, 8.0])
+def test_self_forcing_dmd_critic_step_matches_the_released_formulas(setup, score_shift):
+    objective, batch, _ = setup("dmd", score_sigma_shift=score_shift)
     critic = objective.critic
     loss, _ = objective.critic_loss(batch, rngs(1))
     loss.backward()
@@ -214,8 +217,9 @@ def test_self_forcing_dmd_critic_step_matches_the_released_formulas(setup):
     critic.zero_grad()
 
     x, t, noise, sigma, xt = official_noised_rollout(objective, batch, rngs(1), grad=False)
-    x0_fake = x0_of(critic, xt, t, critic.encode_text(batch.text), sigma)
-    flow_pred = (xt.double() - x0_fake) / bcast(sigma)  # _convert_x0_to_flow_pred
+    score_sigma = sigma if score_shift is None else official_sigma(t, score_shift)
+    x0_fake = x0_of(critic, xt, t, critic.encode_text(batch.text), score_sigma)  # the fake score's wrapper
+    flow_pred = (xt.double() - x0_fake) / bcast(sigma)  # _convert_x0_to_flow_pred with the generator's scheduler
     official_loss = F.mse_loss(flow_pred.float(), (noise - x).float())  # FlowPredLoss
     official_loss.backward()
 

@@ -1,9 +1,11 @@
 """Self Forcing rollout training and the TF / DF generators."""
 
+import pytest
 import torch
 
 from factories import TINY
 from selfforcing.diffusion import FlowMatchSchedule
+from selfforcing.errors import SelfForcingError
 from selfforcing.models import BlockCausal, CausalWanModel, WanConfig, preset
 from selfforcing.training.paradigms import diffusion_forcing, self_forcing, teacher_forcing
 
@@ -104,6 +106,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_checkpointed_forwards_refuse_a_window_overwritten_before_the_backward():
+    """Checkpointing keeps the attended K/V window as a view of the cache (no copy per chunk);
+    a rolling cache that evicts those frames before the backward is an error, not wrong gradients."""
+    from selfforcing.inference.rollout import rollout as stream
+    from selfforcing.models.kv_cache import KVCache
+
+    model = tiny_student()
+    model.gradient_checkpointing = True
+    text = model.encode_text(torch.randn(1, 4, model.config.text_dim))
+    timesteps = FlowMatchSchedule().few_step_timesteps([1000, 500])
+    chunks = stream(model, text, KVCache(len(model.blocks), capacity=3), FlowMatchSchedule(), timesteps,
+                    (1, model.config.in_channels, 3, 4, 4), 3, exit_index=1, grad=True)
+    video = torch.cat(list(chunks), dim=2)
+    with pytest.raises(SelfForcingError, match="overwrote frames a checkpointed forward attended"):
+        video.square().mean().backward()
 
 
 def test_cross_attention_projections_get_gradients_whatever_the_exit_step():

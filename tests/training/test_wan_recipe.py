@@ -97,6 +97,8 @@ def test_generator_starts_from_the_official_ode_init_and_the_scores_from_their_o
     assert trainer.grad_accum == 2  # total_batch_size 2 = batch 1 x 1 process x 2 micro-batches
     neg = trainer.objective.uncond_text
     assert neg.abs().sum() > 0  # Wan's negative prompt, embedded once, from the cache
+    frames = trainer.sample_video(trainer._sample_prompt())  # a cached prompt, decoded by the Wan VAE
+    assert frames.shape == (21, 32, 32, 3) and frames.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("config", ["self_forcing_dmd.yaml", "self_forcing_sid.yaml"])

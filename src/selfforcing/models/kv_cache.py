@@ -49,6 +49,9 @@ class KVCache:
         self.frames_seen = 0  # frames ever appended: the absolute index of the next frame
         self.tokens_per_frame: int | None = None
         self.hidden_before = 0  # frames with an index below this stay cached but are not attended
+        # Bumped whenever held K/V may be overwritten (eviction, reset): a forward recomputed
+        # later (gradient checkpointing) reads the window in place and checks it is unchanged.
+        self.overwrites = getattr(self, "overwrites", -1) + 1
 
     def skip_to(self, frame: int) -> None:
         """Number the next appended frame ``frame``: after a ``reset``, re-filling held frames at
@@ -137,6 +140,8 @@ class KVCache:
     def commit(self, slots: torch.Tensor) -> None:
         """Mark ``slots`` as holding the next frames of the stream."""
         n = len(slots)
+        if bool((slots < self.num_valid).any()):
+            self.overwrites += 1
         self.slot_frame[slots] = torch.arange(self.frames_seen, self.frames_seen + n)
         self.frames_seen += n
         self.num_valid = min(self.capacity, self.num_valid + n)

@@ -441,6 +441,13 @@ class WanBlock(nn.Module):
         return self.attn1.to_out[0](attention(q, k_all, v_all, sa.mask))
 
 
+def _recompute_guarded(block, tokens, mod, text, sa, layer, past_kv, stamp):
+    if stamp is not None and sa.kv_cache.overwrites != stamp:
+        raise SelfForcingError("the KV cache overwrote frames a checkpointed forward attended before its backward "
+                               "ran: train with a cache that holds the whole video (no rolling eviction)")
+    return block(tokens, mod, text, sa, layer, past_kv)
+
+
 # --------------------------------------------------------------------------- the model
 class CausalWanModel(nn.Module):
     def __init__(self, config: WanConfig):
@@ -514,9 +521,12 @@ class CausalWanModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             past_kv = None if kv_cache is None else kv_cache.window(layer)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                # The cache buffers change in place later in the rollout: recompute from a copy.
-                past_kv = None if past_kv is None else (past_kv[0].clone(), past_kv[1].clone())
-                tokens = checkpoint(block, tokens, mod, text, sa, layer, past_kv, use_reentrant=False)
+                # The window is kept as a view of the cache, not copied (a copy per chunk and
+                # block grows with the square of the chunks); the backward's recomputation
+                # checks that no held frame was overwritten in between.
+                stamp = None if kv_cache is None else kv_cache.overwrites
+                tokens = checkpoint(_recompute_guarded, block, tokens, mod, text, sa, layer, past_kv, stamp,
+                                    use_reentrant=False)
             else:
                 tokens = block(tokens, mod, text, sa, layer, past_kv)
         if sa.cache_slots is not None:

@@ -85,6 +85,10 @@ class LossConfig:
     score_t_sampling: str = "official"
     min_t: float = 0.02
     max_t: float = 0.98
+    # The released real/fake score wrappers convert flow to x0 with the sigma of their own
+    # table (shift 8, WanDiffusionWrapper's default), not the generator's: 8.0 reproduces that
+    # (up to 20 % apart near t = 27, 0.6 % on average); null reads one table (ours).
+    score_sigma_shift: float | None = None
     generator_every: int = 5  # critic : generator update ratio
     ode_sampling_steps: int | None = None  # ode only: Euler steps of the ODE-pair teacher (default 48)
     sid_alpha: float | None = None  # sid only (default 1.0)
@@ -230,6 +234,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= loss.min_t <= loss.max_t <= 1:
         raise SelfForcingError(f"loss.min_t/max_t must satisfy 0 <= min_t <= max_t <= 1, got {loss.min_t}, {loss.max_t}")
     _only_for(loss.ode_sampling_steps, "loss.ode_sampling_steps", loss.name == "ode")
+    _only_for(loss.score_sigma_shift, "loss.score_sigma_shift", loss.name in ("dmd", "sid")
+              and loss.score_t_sampling == "official")
     _only_for(loss.sid_alpha, "loss.sid_alpha", loss.name == "sid")
     _only_for(loss.r1_weight, "loss.r1_weight", loss.name == "gan")
     for key in ("gan_feature_layer", "gan_generator_weight", "gan_critic_weight", "gan_shared_noise"):

@@ -52,7 +52,7 @@ class Objective:
         # ODE regression labels each state with the timestep stored beside it in the pairs file.
         self.ode_timesteps = self.timesteps if ode_timesteps is None else ode_timesteps
         loss = cfg.loss
-        score_t = ScoreTimesteps(schedule, loss.score_t_sampling, loss.min_t, loss.max_t)
+        score_t = ScoreTimesteps(schedule, loss.score_t_sampling, loss.min_t, loss.max_t, loss.score_sigma_shift)
         if loss.name == "dmd":
             self.distribution_loss = DMDLoss(schedule, score_t)
         elif loss.name == "sid":

@@ -63,9 +63,9 @@ class Trainer:
         for model in (self.student, self.teacher, self.critic, self.ema):
             if model is not None:
                 D.shard(model, self.env)
-        self.student.gradient_checkpointing = cfg.paradigm.gradient_checkpointing
-        if self.critic is not None:
-            self.critic.gradient_checkpointing = cfg.paradigm.gradient_checkpointing
+        for model in (self.student, self.critic, self.teacher):  # SiD backpropagates through the teacher too
+            if model is not None:
+                model.gradient_checkpointing = cfg.paradigm.gradient_checkpointing
 
         opt = cfg.optim
         self.gen_opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=tuple(opt.betas),
@@ -151,7 +151,7 @@ class Trainer:
             if self.step % cfg.logging.log_every == 0:
                 self._log_metrics(logs, writer)
             if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
-                frames = self.sample_video(self._sample_prompt)  # collective under FSDP: every rank samples
+                frames = self.sample_video(self._sample_prompt())  # collective under FSDP: every rank samples
                 if writer is not None:
                     writer.add_images("sample", frames.permute(0, 3, 1, 2), self.step)
             if self.step % cfg.logging.checkpoint_every == 0 or self.step == cfg.steps:
@@ -174,7 +174,11 @@ class Trainer:
             for k, v in logs.items():
                 writer.add_scalar(k, v, self.step)
 
-    _sample_prompt = "a red circle bouncing and a yellow square moving left on a dark blue background"
+    def _sample_prompt(self) -> str:
+        """A toy-world scene, or the first cached prompt when the text encoder is a prompt
+        cache (it knows no other prompt)."""
+        cached = getattr(self.text_encoder, "prompts", None)
+        return cached[0] if cached else "a red circle bouncing and a yellow square moving left on a dark blue background"
 
     @torch.no_grad()
     def sample_video(self, prompt: str) -> torch.Tensor:

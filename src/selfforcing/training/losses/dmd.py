@@ -27,13 +27,17 @@ class ScoreTimesteps:
 
     ``official`` (default) reproduces the released code (see ``FlowMatchSchedule.score_timesteps``
     and ``nearest_train_timestep``); ``continuous`` draws the base level uniformly in
-    [min_t, max_t] and shifts it, with the noise level exactly ``t / N``.
+    [min_t, max_t] and shifts it, with the noise level exactly ``t / N``. ``score_shift``
+    reproduces one more detail of the released code: its real and fake score wrappers read the
+    sigma that turns their flow into x0 off a table of *their own* shift (8, the wrapper's
+    default), while the sample was noised with the generator's (5); None reads both off one table.
     """
 
     schedule: FlowMatchSchedule
     sampling: str = "official"
     min_t: float = 0.02
     max_t: float = 0.98
+    score_shift: float | None = None
 
     def sample(self, batch: int, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, noise_t): the networks' timestep and the timestep whose sigma noises the sample."""
@@ -43,6 +47,12 @@ class ScoreTimesteps:
             return t, s.nearest_train_timestep(t)
         t = s.sample_timesteps((batch,), generator, self.min_t, self.max_t, device)
         return t, t
+
+    def score_t(self, t: torch.Tensor, noise_t: torch.Tensor) -> torch.Tensor:
+        """The timestep whose sigma converts a score network's flow to x0."""
+        if self.score_shift is None:
+            return noise_t
+        return FlowMatchSchedule(self.schedule.num_train_timesteps, self.score_shift).nearest_train_timestep(t)
 
 
 @dataclass
@@ -61,10 +71,11 @@ class DMDLoss:
         s = self.schedule
         t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        score_t = self.timesteps.score_t(t, noise_t)
         with torch.no_grad():
             xt = s.add_noise(x.detach(), noise, noise_t)
-            real_x0 = s.x0_from_flow(xt, real_flow(xt, t), noise_t).double()
-            fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), noise_t).double()
+            real_x0 = s.x0_from_flow(xt, real_flow(xt, t), score_t).double()
+            fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), score_t).double()
             weight = (x.detach().double() - real_x0).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
             grad = torch.nan_to_num((fake_x0 - real_x0) / weight)
         # 0.5 * ||x - sg(x - grad)||^2 has gradient ``grad`` (per element, up to the mean).
@@ -77,5 +88,9 @@ class DMDLoss:
         """The fake score learns the generator's current distribution by plain denoising."""
         x = x.detach()
         t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
-        loss = denoising_loss(fake_flow, x, t, self.schedule, generator, noise_t=noise_t)
+        flow = fake_flow
+        if self.timesteps.score_shift is not None:  # released: (xt - x0_fake) / sigma_noise, x0_fake via sigma_score
+            ratio = self.schedule._expand(self.timesteps.score_t(t, noise_t), x) / self.schedule._expand(noise_t, x)
+            flow = lambda xt, tt: fake_flow(xt, tt) * ratio  # noqa: E731
+        loss = denoising_loss(flow, x, t, self.schedule, generator, noise_t=noise_t)
         return loss, {"critic_denoising": loss.item()}

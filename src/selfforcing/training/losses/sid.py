@@ -28,9 +28,10 @@ class SiDLoss(DMDLoss):
         s = self.schedule
         t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        score_t = self.timesteps.score_t(t, noise_t)
         xt = s.add_noise(x, noise, noise_t)
-        fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), noise_t).double()
-        real_x0 = s.x0_from_flow(xt, real_flow(xt, t), noise_t).double()
+        fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), score_t).double()
+        real_x0 = s.x0_from_flow(xt, real_flow(xt, t), score_t).double()
         gap = real_x0 - fake_x0
         per_element = gap * ((real_x0 - x.double()) - self.alpha * gap)
         weight = (x.detach().double() - real_x0.detach()).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
