@@ -1,11 +1,15 @@
-"""Atomic writes: all or nothing, with the mode a plain write would give."""
+"""Atomic writes (all or nothing, with the mode a plain write would give, no leftovers of killed
+writes), output paths and devices checked before any work."""
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from selfforcing.utils import atomic_path
+from selfforcing.errors import SelfForcingError
+from selfforcing.utils import atomic_path, check_writable, torch_device
 
 
 def test_atomic_write_replaces_only_on_success_with_the_umask_mode(tmp_path):
@@ -21,3 +25,37 @@ def test_atomic_write_replaces_only_on_success_with_the_umask_mode(tmp_path):
     os.umask(umask)
     assert target.read_text() == "new"
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_write_removes_the_temporaries_of_killed_writes_and_keeps_live_ones(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_file = tmp_path / f".out.txt.{dead.pid}.abcd1234.tmp.txt"
+    stale_dir = tmp_path / f".out.txt.{dead.pid}.efgh5678.tmp"
+    live = tmp_path / f".out.txt.{os.getpid()}.ijkl9012.tmp.txt"  # another write of this process, still going
+    other = tmp_path / f".other.txt.{dead.pid}.mnop3456.tmp.txt"  # not this output's: left to its own next write
+    for path in (stale_file, live, other):
+        path.write_text("partial")
+    stale_dir.mkdir()
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.txt"])
+
+
+def test_an_unwritable_place_is_a_user_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SelfForcingError, match="cannot write .*afile/out.txt"):
+        with atomic_path(tmp_path / "afile" / "out.txt"):
+            pass
+    with pytest.raises(SelfForcingError, match="afile is a file, not a directory"):
+        check_writable(tmp_path / "afile" / "sub" / "out.txt")
+    check_writable(tmp_path / "new" / "dir" / "out.txt")  # missing directories are fine: they will be made
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name,message", [("gpu", "unknown device 'gpu'"), ("meta", "unknown device 'meta'"),
+                                          ("cuda:99", "cuda:99")])
+def test_devices_must_exist(name, message):
+    with pytest.raises(SelfForcingError, match=message):
+        torch_device(name)
+    assert torch_device("cpu").type == "cpu"

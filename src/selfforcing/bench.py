@@ -22,7 +22,7 @@ import torch
 from selfforcing.errors import SelfForcingError
 from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import PixelCodec, WanVAE
-from selfforcing.models.wan import CausalWanModel, preset
+from selfforcing.models.wan import CausalWanModel, WanConfig, preset
 
 
 class FixedTextEncoder:
@@ -35,60 +35,109 @@ class FixedTextEncoder:
         return torch.zeros(len(prompts), self.max_length, self.dim)
 
 
-def random_pipeline(name: str, frames_per_chunk: int, device: torch.device) -> StreamingPipeline:
+class LatentsOnly:
+    """Stands in for the VAE where the DiT alone is measured: decoding costs nothing, and a
+    chunk counts the video frames a causal VAE of ``temporal_ratio`` would give it
+    (1 + r (n - 1) for the first chunk, r n after)."""
+
+    spatial_ratio = 8
+
+    def __init__(self, latent_channels: int, temporal_ratio: int = 1):
+        self.latent_channels, self.temporal_ratio = latent_channels, temporal_ratio
+
+    def stream_decoder(self) -> "LatentsOnly":
+        decoder = LatentsOnly(self.latent_channels, self.temporal_ratio)
+        decoder.first = True
+        return decoder
+
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        r, n = self.temporal_ratio, latents.shape[2]
+        frames = 1 + r * (n - 1) if self.first else r * n
+        self.first = False
+        return latents.new_zeros(latents.shape[0], 3, frames, 1, 1)
+
+
+# A DiT-dominated shape between the toy and Wan: 16-channel 30x52 latents (240x416 behind a
+# Wan VAE), dim 384, 6 layers, a 9-frame cache; measured DiT-only.
+MID = WanConfig(num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=512,
+                freq_dim=256, ffn_dim=1536, num_layers=6)
+ENGINES = ("eager", "fast", "fast+compile")
+
+
+def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",
+                    dit_only: bool = False, compile_mode: str | None = "default-for-device") -> StreamingPipeline:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = CausalWanModel(preset(name)).to(device, dtype)
     if name == "toy":
-        vae = PixelCodec(patch=2)
-        text = FixedTextEncoder(model.config.text_dim, 32)
+        model = CausalWanModel(preset("toy"))
+        vae, text = PixelCodec(patch=2), FixedTextEncoder(model.config.text_dim, 32)
         sampling = SamplingConfig(frames_per_chunk=frames_per_chunk, height=32, width=32)
+    elif name == "mid":
+        model = CausalWanModel(MID)
+        vae, text = LatentsOnly(MID.in_channels), FixedTextEncoder(MID.text_dim, 64)
+        sampling = SamplingConfig(frames_per_chunk=frames_per_chunk, height=240, width=416, kv_cache_frames=9)
     elif name == "wan2.1-1.3b":
-        from diffusers import AutoencoderKLWan
-
-        vae = WanVAE(AutoencoderKLWan()).to(device, dtype)
+        model = CausalWanModel(preset(name))
         text = FixedTextEncoder(model.config.text_dim, 512)
+        if dit_only:
+            vae = LatentsOnly(model.config.in_channels, temporal_ratio=4)
+        else:
+            from diffusers import AutoencoderKLWan
+
+            vae = WanVAE(AutoencoderKLWan()).to(device, dtype)
         sampling = SamplingConfig(frames_per_chunk=frames_per_chunk)
     else:
-        raise SelfForcingError(f"no benchmark preset {name!r}; choose toy or wan2.1-1.3b")
-    return StreamingPipeline(model, text, vae, sampling)
+        raise SelfForcingError(f"no benchmark preset {name!r}; choose toy, mid or wan2.1-1.3b")
+    if engine not in ENGINES:
+        raise SelfForcingError(f"no engine {engine!r}; choose from {', '.join(ENGINES)}")
+    pipe = StreamingPipeline(model.to(device, dtype), text, vae, sampling, engine=engine.split("+")[0])
+    if engine.endswith("+compile"):
+        pipe.compile(compile_mode)
+    return pipe
 
 
 @dataclass
 class BenchResult:
     preset: str
+    engine: str
     frames_per_chunk: int
     video_frames: int
     fps: float
     first_frame_s: float
+    warm_up_s: float  # the first two, untimed chunks: include compilation
     peak_memory_gib: float
 
 
-def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> tuple[float, float, int]:
+def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> tuple[float, float, float, int]:
     num_frames = pipe.video_frames(latent_frames)
-    for _ in pipe.stream(["warm-up"], pipe.video_frames(pipe.sampling.frames_per_chunk)):
-        pass
+    start = time.perf_counter()
+    # Two chunks: the first (empty cache) and the next compile their own graphs.
+    for _ in pipe.stream(["warm-up"], pipe.video_frames(2 * pipe.sampling.frames_per_chunk)):
+        _sync(pipe.device)
+    warm_up = time.perf_counter() - start
     fps, first = [], []
     for seed in range(repeats):
         for _ in pipe.stream(["benchmark"], num_frames, seed=seed):
             _sync(pipe.device)
         fps.append(pipe.stats.fps)
         first.append(pipe.stats.first_frame_s)
-    return statistics.median(fps), statistics.median(first), num_frames
+    return statistics.median(fps), statistics.median(first), warm_up, num_frames
 
 
 def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], latent_frames: int,
-              repeats: int, output: Path | None) -> list[BenchResult]:
+              repeats: int, output: Path | None, engines: list[str] = ("fast",)) -> list[BenchResult]:
     results = []
     for n in frames_per_chunk:
-        pipe = random_pipeline(preset, n, device)
         if latent_frames % n:
             raise SelfForcingError(f"--latent-frames {latent_frames} is not a multiple of frames per chunk {n}")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        fps, first, frames = bench_one(pipe, latent_frames, repeats)
-        results.append(BenchResult(preset, n, frames, fps, first, _peak_memory_gib(device)))
-    table = _markdown(results, device)
+        for engine in engines:
+            pipe = random_pipeline(preset, n, device, engine)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            fps, first, warm_up, frames = bench_one(pipe, latent_frames, repeats)
+            results.append(BenchResult(preset, engine, n, frames, fps, first, warm_up, _peak_memory_gib(device)))
+            torch._dynamo.reset()  # each compiled engine starts from scratch
+    table = _markdown(results, device, dit_only=preset == "mid")
     print(table)
     if output is not None:
         with open(output, "a") as f:
@@ -113,18 +162,22 @@ def _machine(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _markdown(results: list[BenchResult], device: torch.device) -> str:
-    memory = "peak GPU memory (GiB)" if device.type == "cuda" else "peak process RSS (GiB)"
+def _markdown(results: list[BenchResult], device: torch.device, dit_only: bool = False) -> str:
+    memory = "peak GPU memory (GiB)" if device.type == "cuda" else "process peak RSS so far (GiB)"
+    decode = "DiT only (decode excluded, FPS = latent frames/s)" if dit_only else "VAE decode included"
     lines = [
         f"Command: `{' '.join(shlex.quote(a) for a in ['selfforcing', *sys.argv[1:]])}`  ",
-        f"Machine: {_machine(device)}; {time.strftime('%Y-%m-%d')}; random weights, text encoding excluded, VAE decode included",
+        f"Machine: {_machine(device)}; {time.strftime('%Y-%m-%d')}; random weights, text encoding excluded, {decode}",
         "",
-        f"| preset | frames/chunk | video frames | throughput (FPS) | first frame (s) | {memory} |",
-        "|---|---|---|---|---|---|",
+        f"| preset | engine | frames/chunk | video frames | throughput (FPS) | vs eager | first frame (s) | "
+        f"warm-up, 2 chunks (s) | {memory} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    eager = {r.frames_per_chunk: r.fps for r in results if r.engine == "eager"}
     for r in results:
-        lines.append(f"| {r.preset} | {r.frames_per_chunk} | {r.video_frames} | {r.fps:.1f} | "
-                     f"{r.first_frame_s:.3f} | {r.peak_memory_gib:.2f} |")
+        ratio = f"{r.fps / eager[r.frames_per_chunk]:.2f}x" if r.frames_per_chunk in eager else "-"
+        lines.append(f"| {r.preset} | {r.engine} | {r.frames_per_chunk} | {r.video_frames} | {r.fps:.2f} | {ratio} | "
+                     f"{r.first_frame_s:.3f} | {r.warm_up_s:.1f} | {r.peak_memory_gib:.2f} |")
     return "\n".join(lines)
 
 

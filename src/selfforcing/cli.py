@@ -1,38 +1,52 @@
-"""Command line: ``selfforcing generate | bench``."""
+"""Command line: ``selfforcing generate | serve | train | eval | data | ...``.
+
+Every problem with the input is found before any work starts and reported as one line
+naming the value and the fix (exit 2); SIGINT and SIGTERM stop a command with the same
+cleanup, leaving no partial output (exit 130 / 143); anything else is a bug, reported in
+one line (exit 1) with the traceback under ``--debug``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import signal
 import sys
+import threading
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from selfforcing.errors import SelfForcingError
+from selfforcing.errors import SelfForcingError, describe
+from selfforcing.schema import AT_LEAST_ONE, POSITIVE, SEED, Range
+from selfforcing.utils import check_writable
+from selfforcing.utils import torch_device as _device
 
 # The shipped Self Forcing + DMD toy-world model (see docs/RESULTS.md for how it was trained).
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "toy-sf-dmd"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(kind: type, valid: Range):
+    """An argparse type: an int or float (``kind``) in ``valid``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value not in valid:
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text}")
+        return value
+
+    return parse
 
 
-def _device(name: str):
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SelfForcingError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SelfForcingError(f"device {name!r} requested but CUDA is not available")
-    return device
+_positive_int = _number(int, AT_LEAST_ONE)
+_seed = _number(int, SEED)
+_port = _number(int, Range(1, 65535))
+_positive_float = _number(float, POSITIVE)
 
 
 def _load_pipeline(args: argparse.Namespace, model: Path):
@@ -40,18 +54,23 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
     from selfforcing.inference.pipeline import StreamingPipeline
 
     text_device = None if args.text_encoder_device is None else _device(args.text_encoder_device)
-    return StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
+    pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
                                              text_encoder_device=text_device)
+    if args.compile:
+        pipe.compile()
+    return pipe
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from selfforcing.inference.video import mp4_writer, read_mp4
+    from selfforcing.inference.video import check_mp4_output, mp4_writer, read_mp4
     from selfforcing.models.text_encoders import validate_prompts
 
     validate_prompts([args.prompt])
+    check_mp4_output(args.output)
+    video = None if args.extend is None else read_mp4(args.extend)  # both before the model loads
     model = args.model
     if model is None:
         model = DEFAULT_MODEL
@@ -62,9 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                 width=args.width or pipe.sampling.width)
     num_frames = args.frames or pipe.video_frames(21)
     pipe.latent_frames(num_frames)  # validate before creating any output
-    initial = None
-    if args.extend is not None:
-        initial = pipe.encode_video(torch.from_numpy(read_mp4(args.extend))[None])
+    initial = None if video is None else pipe.encode_video(torch.from_numpy(video)[None])
     with mp4_writer(args.output, pipe.sampling.fps) as writer, tqdm(
         total=num_frames, unit="frame", desc="generating", disable=args.quiet
     ) as bar:
@@ -92,13 +109,15 @@ def _explain_unknown_words(prompt: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from selfforcing.inference.server import ServerOptions, is_loopback, serve
+    from selfforcing.inference.server import ServerOptions, is_loopback, listen, serve
 
-    options = ServerOptions(max_streams=args.max_streams)  # validates before the model loads
-    if not is_loopback(args.host):
-        print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
-              file=sys.stderr)
-    serve(_load_pipeline(args, args.model or DEFAULT_MODEL), host=args.host, port=args.port, options=options)
+    options = ServerOptions(max_streams=args.max_streams, idle_timeout_s=args.idle_timeout,
+                            min_fps=args.min_fps)  # validates before the model loads
+    with listen(args.host, args.port) as sock:  # a taken port fails now, not after loading the model
+        if not is_loopback(args.host):
+            print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
+                  file=sys.stderr)
+        serve(_load_pipeline(args, args.model or DEFAULT_MODEL), sock, options=options)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -108,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         run_train_bench(args.preset, _device(args.device), args.repeats, args.append)
         return
     run_bench(preset=args.preset, device=_device(args.device), frames_per_chunk=args.frames_per_chunk,
-              latent_frames=args.latent_frames, repeats=args.repeats, output=args.append)
+              latent_frames=args.latent_frames, repeats=args.repeats, output=args.append, engines=args.engines)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -155,7 +174,12 @@ def _overrides(pairs: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise SelfForcingError(f"--set {pair!r} sets a key inside {part}, which another --set gave a value")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SelfForcingError(f"--set {pair!r}: the value is not valid YAML; quote it as a string") from None
     return out
 
 
@@ -186,6 +210,7 @@ def cmd_data_toy_prompts(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from selfforcing.eval.run import evaluate_model
 
+    check_writable(args.output / "results.json")
     results = evaluate_model(args.model or DEFAULT_MODEL, args.output, n=args.n, num_frames=args.frames,
                              seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
                              window=args.window)
@@ -210,6 +235,7 @@ def cmd_data_encode(args: argparse.Namespace) -> None:
     from selfforcing.data.video_folder import encode_video_folder
     from selfforcing.models.vae import PixelCodec, WanVAE
 
+    check_writable(args.out / "index.json")
     device = _device(args.device)
     vae = WanVAE.from_pretrained(args.wan_vae, device=device) if args.wan_vae else PixelCodec(args.pixel_patch)
     index = encode_video_folder(args.folder, vae, args.out, args.frames, args.height, args.width, device=device,
@@ -243,7 +269,7 @@ def cmd_data_encode_prompts(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
+    parser = _Parser(prog="selfforcing", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="stream a video from a text prompt into an mp4")
@@ -255,24 +281,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None, help="video width in pixels (default: the model's)")
     g.add_argument("--extend", type=Path, default=None, help="continue this mp4 (its frames fill the KV cache)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the chunk step (CUDA: as a CUDA graph); the first chunk pays the compile time")
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="serve a web page that streams video live and switches prompts mid-stream")
     v.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     v.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=_port, default=8000)
     v.add_argument("--max-streams", type=_positive_int, default=1, help="concurrent streams; more clients are told busy")
+    v.add_argument("--idle-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="close a connection that streams nothing for this long, freeing its slot (default 60)")
+    v.add_argument("--min-fps", type=_positive_float, default=1.0,
+                   help="slowest frame rate a client may ask for (a slower stream would hold its slot for ever)")
     v.add_argument("--device", default="cpu")
     v.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
+    v.add_argument("--compile", action="store_true",
+                   help="compile the chunk step (CUDA: as a CUDA graph); the first stream pays the compile time")
     v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="measure streaming throughput, first-frame latency and peak memory")
-    b.add_argument("--preset", default="toy", help="toy | wan2.1-1.3b, built with random weights (speed does not depend on weight values)")
+    b.add_argument("--preset", default="toy",
+                   help="toy | mid | wan2.1-1.3b, built with random weights (speed does not depend on weight values)")
+    b.add_argument("--engines", nargs="+", default=["fast"], choices=["eager", "fast", "fast+compile"],
+                   help="streaming engines to compare in one run (eager: the reference loop)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1])
     b.add_argument("--latent-frames", type=_positive_int, default=21)
@@ -304,9 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a model on held-out toy-world prompts, frame by frame")
     e.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     e.add_argument("-o", "--output", type=Path, required=True, help="directory for results.json and plots")
-    e.add_argument("--n", type=_positive_int, default=32, help="number of videos")
+    e.add_argument("--n", type=_number(int, Range(2, name="at least 2 (FD needs covariances)")), default=32,
+                   help="number of videos")
     e.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: training length)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--window", type=_positive_int, default=4, help="frames per window of the windowed metrics (FD)")
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--device", default="cpu")
@@ -326,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--n", type=_positive_int, required=True)
     toy.add_argument("--frames", type=_positive_int, default=16)
     toy.add_argument("--size", type=_positive_int, default=32)
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--seed", type=_seed, default=0)
     toy.set_defaults(func=cmd_data_toy)
     enc = dsub.add_parser("encode", help="encode a folder of captioned videos to a latent cache (data.source: latents)")
     enc.add_argument("folder", type=Path)
@@ -342,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = dsub.add_parser("toy-prompts", help="write toy-world captions, one per line (for ode-pairs / prompt data)")
     tp.add_argument("--out", type=Path, required=True)
     tp.add_argument("--n", type=_positive_int, required=True)
-    tp.add_argument("--seed", type=int, default=1, help="scene seed (training data uses 0)")
+    tp.add_argument("--seed", type=_seed, default=1, help="scene seed (training data uses 0)")
     tp.set_defaults(func=cmd_data_toy_prompts)
     ep = dsub.add_parser("encode-prompts", help="embed a prompt file with UMT5 once (text_encoder type: cache)")
     ep.add_argument("prompts", type=Path, help="text file, one prompt per line")
@@ -359,14 +397,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command takes ``--debug``; a usage error is one line, like every other user error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="on an internal error, print the traceback")
+
+    def error(self, message: str):
+        raise SelfForcingError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, a job scheduler), raised like Ctrl-C so that the same
+    cleanup runs: temporary files removed, checkpoints and outputs whole or untouched."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        args.func(args)
-    except SelfForcingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (see the module docstring)."""
+    debug = False
+    with _sigterm_as_interrupt():
+        try:
+            args = build_parser().parse_args(argv)
+            debug = getattr(args, "debug", False)
+            args.func(args)
+        except SelfForcingError as e:
+            return _fail(2, f"error: {e}", debug)
+        except Terminated:
+            return _fail(143, "terminated")
+        except KeyboardInterrupt:
+            return _fail(130, "interrupted")
+        except Exception as e:
+            return _fail(1, f"internal error: {type(e).__name__}: {describe(e)} (rerun with --debug for the "
+                            "traceback; please report it)", debug)
     return 0
+
+
+def _fail(code: int, message: str, debug: bool = False) -> int:
+    """One line on stderr (and the traceback above it under --debug); the exit status."""
+    if debug:
+        traceback.print_exc()
+    print(" ".join(message.split()), file=sys.stderr)
+    return code

@@ -67,8 +67,8 @@ def test_extrapolates_past_the_cache_with_constant_memory(frames_per_chunk):
 
 def test_relative_rope_generates_past_the_rope_table():
     absolute = toy_pipeline(kv_cache_frames=3, rope_max_seq_len=8)
-    with pytest.raises(SelfForcingError, match="past the RoPE table"):
-        absolute.generate("a red circle", 12)
+    with pytest.raises(SelfForcingError, match="12 frames is past this model's limit of 6 .*\"rope_positions\": \"relative\""):
+        absolute.generate("a red circle", 12)  # refused before any work
     relative = toy_pipeline(kv_cache_frames=3, rope_max_seq_len=8, sink_frames=0, rope_positions="relative")
     long = relative.generate("a red circle", 30)
     assert long.shape[1] == 30

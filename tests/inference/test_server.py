@@ -6,6 +6,7 @@ import os
 import random
 import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -291,11 +292,49 @@ def test_only_loopback_counts_as_loopback():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
 
 
+def test_a_silent_client_is_closed_after_the_idle_timeout_and_the_next_one_streams():
+    """With one slot, a connection that never starts a stream (or asks for one too slow to ever
+    deliver) would lock every other user out: it is closed after the idle timeout."""
+
+    def health(address):
+        with urllib.request.urlopen(f"http://{address}/health", timeout=10) as response:
+            return json.loads(response.read())
+
+    async def session(address, app):
+        silent = await connect(address)
+        assert json.loads(await silent.recv())["type"] == "ready"
+        await silent.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": 1e-9}))
+        refused = json.loads(await silent.recv())
+        assert refused["type"] == "error" and "fps must be at least 1" in refused["message"]
+        async with connect(address) as other:  # the only slot is taken
+            assert json.loads(await other.recv())["type"] == "busy"
+        slots = (await asyncio.to_thread(health, address))["slots"]
+        assert len(slots) == 1 and not slots[0]["generating"] and 0 <= slots[0]["age_s"] < 5
+
+        idle = json.loads(await asyncio.wait_for(silent.recv(), 10))
+        assert idle["type"] == "idle" and "reconnect" in idle["message"]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await silent.recv()
+        assert closed.value.rcvd.code == 1000
+        await wait_until(lambda: not app.state.sessions)
+
+        async with connect(address) as next_client:  # the freed slot streams
+            assert json.loads(await next_client.recv())["type"] == "ready"
+            await next_client.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST}))
+            got = await receive_until(next_client, lambda item: isinstance(item, tuple) and item[0] >= 2)
+            assert frames_in(got)[:3] == [0, 1, 2]
+            assert (await asyncio.to_thread(health, address))["slots"][0]["generating"]
+            await next_client.send(json.dumps({"type": "stop"}))  # stopped, then silent: closed in turn
+            await receive_until(next_client, is_event("idle"), timeout=10)
+
+    with live_server(max_streams=1, idle_timeout_s=1.0) as (address, app):
+        asyncio.run(session(address, app))
+
+
 def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
     from selfforcing.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["serve", "--max-streams", "0"])
+    assert main(["serve", "--max-streams", "0"]) == 2
     assert "--max-streams" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

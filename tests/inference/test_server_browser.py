@@ -79,3 +79,18 @@ def test_page_streams_frames_onto_the_canvas(browser, tmp_path):
         page.click("#stop")
         page.wait_for_function("document.getElementById('status').textContent === 'stopped'", timeout=20000)
         assert errors == []
+
+
+def test_page_closed_for_idling_says_why_and_start_reconnects(browser):
+    with live_server(max_streams=1, idle_timeout_s=1.0) as (address, _):
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://{address}/")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('nothing streamed')",
+                               timeout=20000)
+        page.fill("#prompt", "a white circle moving up on a gray background")
+        page.click("#start")
+        page.wait_for_function("window.framesDrawn() >= 3", timeout=30000)
+        assert page.text_content("#status").startswith("streaming")
+        assert errors == []

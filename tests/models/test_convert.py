@@ -2,7 +2,9 @@
 
 import argparse
 import logging
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -182,3 +184,18 @@ def test_check_keys():
     message = str(info.value)
     assert "1 missing keys: a" in message
     assert "1 unexpected keys: extra.weight" in message
+
+
+def test_random_bytes_in_a_torch_file_never_get_the_weights_only_advice(tmp_path):
+    """torch.load fails with a different exception for different bytes (UnpicklingError, IndexError,
+    KeyError, UnicodeDecodeError...), some advising weights_only=False: every one reads the same."""
+    path = tmp_path / "random.pt"
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        path.write_bytes(rng.bytes(512))
+        with pytest.raises(SelfForcingError) as info, warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            load_state_dict_file(path)
+        assert not shown  # nor a warning about the bytes it met (a second line on the terminal)
+        assert str(info.value) == f"cannot read {path}: not a file of plain tensors (damaged, or holding Python " \
+                                  "objects, which are never unpickled)"

@@ -1,5 +1,6 @@
 """Experiment configs: validation with clear messages, and the shipped configs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,53 @@ def test_bad_configs_name_the_problem(tmp_path, change, message):
         config_from_dict(cfg)
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"optim": {"lr": "3e-4"}}, "optim.lr must be a number, got '3e-4' (a string; YAML needs a dot and a signed "
+                                "exponent to read a number: 3.0e-4)"),
+    ({"optim": {"lr": "1e5"}}, "got '1e5' (a string; YAML needs a dot and a signed exponent to read a number: 1.0e+5)"),
+    ({"optim": {"lr": "0.1"}}, "got '0.1' (a string: write it without quotes)"),
+    ({"optim": {"lr": -1e-4}}, "optim.lr must be > 0, got -0.0001"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr must be a finite number, got nan"),
+    ({"optim": {"critic_lr": float("inf")}}, "optim.critic_lr must be a finite number, got inf"),
+    ({"optim": {"lr": None}}, "optim.lr must be a number, got null"),
+    ({"optim": {"betas": [0.9, 1.0]}}, r"optim.betas\[1\] must be in \[0, 1\), got 1.0"),
+    ({"optim": {"betas": 0.9}}, "optim.betas must be a list, got 0.9"),
+    ({"optim": {"grad_clip": 0}}, "optim.grad_clip must be > 0, got 0"),
+    ({"optim": {"ema_decay": 1.0}}, r"optim.ema_decay must be in \(0, 1\), got 1.0"),
+    ({"steps": 2.5}, "steps must be an integer, got 2.5"),
+    ({"steps": True}, "steps must be an integer, got true"),
+    ({"steps": "10"}, "steps must be an integer, got '10' (a string: write it without quotes)"),
+    ({"name": 5}, "name must be a string, got 5"),
+    ({"logging": {"tensorboard": "yes please"}}, "logging.tensorboard must be true or false, got 'yes please'"),
+    ({"vae": "pixel"}, "vae must be a mapping, got 'pixel'"),
+    ({"data": "toy"}, "data must be a mapping of keys to values, got 'toy'"),
+    ({"paradigm": {"denoising_steps": [1000, "x"]}}, r"paradigm.denoising_steps\[1\] must be an integer, got 'x'"),
+    ({"paradigm": {"denoising_steps": [1000, 1001]}}, r"must be in \[1, 1000\], got 1001"),
+    ({"paradigm": {"denoising_steps": []}}, "must list at least one timestep"),
+    ({"loss": {"min_t": 1.5}}, r"loss.min_t must be in \[0, 1\], got 1.5"),
+    ({"loss": {"min_t": 0.9, "max_t": 0.5}}, "loss.min_t 0.9 is above loss.max_t 0.5"),
+    ({"critic": {"preset": "toy"}}, "missing config keys in critic: path"),
+    ({"seed": -1}, r"seed must be in \[0, 4294967295\], got -1"),
+    ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_every_value_is_checked_against_its_type_and_range(tmp_path, change, message):
+    cfg = tiny_config(tmp_path, teacher={"path": "somewhere"})
+    for key, value in change.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    with pytest.raises(SelfForcingError, match=message if "\\" in message else re.escape(message)):
+        config_from_dict(cfg)
+
+
+def test_integers_are_numbers_and_the_values_are_kept_as_written(tmp_path):
+    cfg = config_from_dict(tiny_config(tmp_path, teacher={"path": "t"}, optim={"lr": 1, "betas": [0, 0.5]}))
+    assert cfg.optim.lr == 1 and cfg.optim.betas == [0, 0.5]
+
+
 def test_missing_or_unparsable_config_file(tmp_path):
     with pytest.raises(SelfForcingError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
-    (tmp_path / "bad.yaml").write_text("a: [1, 2")
-    with pytest.raises(SelfForcingError, match="cannot parse"):
+    with pytest.raises(SelfForcingError, match="is not a file"):
+        load_config(tmp_path)
+    (tmp_path / "bad.yaml").write_text("a: 1\nb: [1, 2")
+    with pytest.raises(SelfForcingError, match="cannot parse .*bad.yaml: line 2, column 9: expected ',' or ']'"):
         load_config(tmp_path / "bad.yaml")

@@ -135,6 +135,25 @@ def test_a_killed_checkpoint_write_keeps_the_previous_one(tmp_path, teacher_dir,
     make(tmp_path, teacher_dir, steps=3).train(resume=True)  # the previous checkpoint still loads
 
 
+def test_resume_passes_over_damaged_checkpoints_and_logs_each_step_once(tmp_path, caplog):
+    sections = dict(paradigm={"name": "teacher"}, loss={"name": "denoising"},
+                    logging={"checkpoint_every": 2, "log_every": 1, "progress": False, "tensorboard": False})
+    make(tmp_path, steps=5, **sections).train()  # checkpoints at steps 2, 4 and 5
+    root = tmp_path / "run" / "checkpoints"
+    student = root / "step-0000005" / "student.safetensors"
+    student.write_bytes(student.read_bytes()[:100])  # truncated by a full disk
+    (root / "step-0000004" / "ema.safetensors").unlink()  # lost by a partial copy
+    resumed = make(tmp_path, steps=6, **sections)
+    with caplog.at_level("WARNING", logger="selfforcing.train"):
+        assert len(resumed.train(resume=True)) == 4  # steps 3 to 6, from the checkpoint of step 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert "step-0000005 is damaged" in warnings[0] and "student.safetensors: Error while deserializing" in warnings[0]
+    assert "ema.safetensors: the file is missing" in warnings[1] and "resuming from step-0000002" in warnings[1]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_refuses_another_configs_checkpoint(tmp_path, teacher_dir):
     make(tmp_path, teacher_dir, steps=1).train()
     other = make(tmp_path, teacher_dir, steps=2, optim={"lr": 5e-4})

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +35,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from selfforcing.errors import SelfForcingError
+from selfforcing.utils import temporary_beside
 
 # Saturated object colours, far from each other and from every background, so the
 # colour of a pixel names its object unambiguously.
@@ -456,8 +456,7 @@ def write_dataset(
     dataset = ToyWorldDataset(n, num_frames, height, width, seed, **scene_options)  # validates
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SelfForcingError(f"{out_dir} already exists and is not an empty directory; choose a new path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = temporary_beside(out_dir, directory=True)
     try:
         with open(tmp / CAPTIONS_FILE, "w") as captions:
             for index in range(n):

@@ -27,11 +27,12 @@ from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
 from selfforcing.inference.conditioning import Conditioning
 from selfforcing.inference.rollout import rollout
-from selfforcing.models.convert import load_state_dict_file
-from selfforcing.models.kv_cache import ROPE_MODES, KVCache
+from selfforcing.models.convert import check_weight_files, load_state_dict_file
+from selfforcing.models.kv_cache import ROPE_MODES, KVCache, StaticKVCache
 from selfforcing.models.text_encoders import TextEncoder, text_encoder_from_config, validate_prompts
 from selfforcing.models.vae import VideoVAE, vae_from_config
 from selfforcing.models.wan import CausalWanModel, TextContext
+from selfforcing.schema import check_values
 from selfforcing.utils import atomic_path
 
 PIPELINE_CONFIG = "selfforcing.json"
@@ -74,6 +75,7 @@ class SamplingConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise SelfForcingError(f"unknown sampling config keys: {', '.join(unknown)}")
+        check_values(cls, d, "sampling")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -103,8 +105,19 @@ class VideoChunk:
     latents: torch.Tensor  # (B, C, n, h, w)
 
 
+ENGINES = ("fast", "eager")
+
+
 class StreamingPipeline:
-    def __init__(self, model: CausalWanModel, text_encoder: TextEncoder, vae: VideoVAE, sampling: SamplingConfig):
+    """Streams video from a causal student. ``engine="fast"`` (default) runs every forward as
+    one fixed-shape chunk step over a ``StaticKVCache`` (compilable with ``compile()``);
+    ``"eager"`` is the reference loop over the ``KVCache`` (same outputs, to float rounding)."""
+
+    def __init__(self, model: CausalWanModel, text_encoder: TextEncoder, vae: VideoVAE, sampling: SamplingConfig,
+                 engine: str = "fast"):
+        if engine not in ENGINES:
+            raise SelfForcingError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        self.engine = engine
         if text_encoder.dim != model.config.text_dim:
             raise SelfForcingError(
                 f"text encoder width {text_encoder.dim} does not match the model's text_dim {model.config.text_dim}"
@@ -133,6 +146,7 @@ class StreamingPipeline:
         dtype: torch.dtype = torch.float32,
         checkpoint: str | Path | None = None,
         text_encoder_device: str | torch.device | None = None,
+        engine: str = "fast",
     ) -> "StreamingPipeline":
         """Load a model directory; ``checkpoint`` overrides the transformer weights
         (e.g. a Self-Forcing ``.pt`` holding ``generator_ema``). ``text_encoder_device="cpu"``
@@ -140,7 +154,8 @@ class StreamingPipeline:
         prompt, and only its (1, 512, 4096) output moves to the model's device."""
         path = Path(path)
         if not path.is_dir():
-            raise SelfForcingError(f"model directory {path} does not exist")
+            raise SelfForcingError(f"model directory {path} does not exist" if not path.exists() else
+                                   f"{path} is a file; a model is a directory (with {PIPELINE_CONFIG} or model_index.json)")
         if (path / PIPELINE_CONFIG).is_file():
             cfg = _read_json(path / PIPELINE_CONFIG)
             unknown = sorted(set(cfg) - {"sampling", "text_encoder", "vae"})
@@ -155,13 +170,14 @@ class StreamingPipeline:
                 f"{path} is not a model directory: expected {PIPELINE_CONFIG} (selfforcing) "
                 "or model_index.json (diffusers Wan pipeline)"
             )
+        check_weight_files(path)
         model = CausalWanModel.from_pretrained(path / "transformer")
         if checkpoint is not None:
             model.load_weights(load_state_dict_file(checkpoint))
         model.to(device=device, dtype=dtype)
         text_encoder = text_encoder_from_config(text_cfg, path, device=text_encoder_device or device)
         vae = vae_from_config(vae_cfg, path / "vae", device=device)
-        return cls(model, text_encoder, vae, sampling)
+        return cls(model, text_encoder, vae, sampling, engine)
 
     def save_pretrained(self, path: str | Path, text_encoder_config: dict | None = None) -> None:
         """Write a selfforcing model directory (config last, so a partial write is never loadable).
@@ -174,8 +190,9 @@ class StreamingPipeline:
             tmp.write_text(json.dumps(cfg, indent=2))
 
     # ---- streaming --------------------------------------------------------
-    def latent_frames(self, num_frames: int) -> int:
-        """Latent frames needed for ``num_frames`` video frames, or a clear error."""
+    def latent_frames(self, num_frames: int, prefix: int = 0) -> int:
+        """Latent frames needed for ``num_frames`` video frames (after ``prefix`` latent frames of a
+        video to extend), or a clear error, before any work: absolute RoPE positions end with the table."""
         if not isinstance(num_frames, int) or num_frames <= 0:
             raise SelfForcingError(f"number of frames must be a positive integer, got {num_frames!r}")
         r, n = self.vae.temporal_ratio, self.sampling.frames_per_chunk
@@ -188,6 +205,14 @@ class StreamingPipeline:
                 f"{num_frames} frames is {latent} latent frames, not a multiple of the chunk size "
                 f"({n} latent frames); try {' or '.join(map(str, sorted(set(valid))))}"
             )
+        limit = self.model.config.rope_max_seq_len
+        if self.sampling.rope_positions == "absolute" and prefix + latent > limit:
+            raise SelfForcingError(
+                f"{num_frames} frames{' after the video to extend' if prefix else ''} is past this model's limit of "
+                f"{self.video_frames(max(limit - prefix, 0) // n * n)} (its RoPE table holds {limit} latent frames); to "
+                "go further set \"rope_positions\": \"relative\" in the sampling section of its selfforcing.json: "
+                "the rolling KV cache then renumbers positions, so a stream can run for ever"
+            )
         return latent
 
     def video_frames(self, latent_frames: int) -> int:
@@ -196,7 +221,19 @@ class StreamingPipeline:
 
     def new_cache(self) -> KVCache:
         s = self.sampling
+        if self.engine == "fast":
+            return StaticKVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions,
+                                 chunk_frames=s.frames_per_chunk)
         return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions)
+
+    def compile(self, mode: str | None = "default-for-device") -> None:
+        """Compile the fast engine's chunk step (once per chunk size, batch and resolution; the
+        first chunk pays for it). On CUDA the default mode also captures it as a CUDA graph."""
+        if self.engine != "fast":
+            raise SelfForcingError("compile() needs the fast engine (engine='fast')")
+        if mode == "default-for-device":
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.model.compile_step(mode)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str] | str) -> TextContext:
@@ -222,11 +259,16 @@ class StreamingPipeline:
         """
         start = time.perf_counter()
         conditioning = prompts if isinstance(prompts, Conditioning) else Conditioning(self.encode_prompts(prompts))
-        num_chunks = None if num_frames is None else self.latent_frames(num_frames) // self.sampling.frames_per_chunk
+        prefix_frames = 0 if initial_latents is None else initial_latents.shape[2]  # positions taken already
+        latent = None if num_frames is None else self.latent_frames(num_frames, prefix_frames)
+        num_chunks = None if latent is None else latent // self.sampling.frames_per_chunk
         s, device = self.sampling, self.device
         ratio = self.vae.spatial_ratio * self.model.config.patch_size[1]
         if s.height % ratio or s.width % ratio:
             raise SelfForcingError(f"height and width must be multiples of {ratio}, got {s.height}x{s.width}")
+        if max(s.height, s.width) > ratio * self.model.config.rope_max_seq_len:
+            raise SelfForcingError(f"{s.width}x{s.height} is past this model's largest side, "
+                                   f"{ratio * self.model.config.rope_max_seq_len} pixels (its RoPE table)")
         chunk_shape = (conditioning.text.batch_size, self.model.config.in_channels, s.frames_per_chunk,
                        s.height // self.vae.spatial_ratio, s.width // self.vae.spatial_ratio)
         if initial_latents is not None and (initial_latents.shape[:2] != chunk_shape[:2] or initial_latents.shape[3:] != chunk_shape[3:]):

@@ -9,8 +9,9 @@ Client -> server (text, JSON objects; anything else is answered with an ``error`
   the current prompt and seed.
 
 Server -> client: JSON events (``ready``, ``started``, ``switched``, ``stopped``, ``stats``,
-``error``, ``busy``) and one binary message per video frame: ``FRAME_HEADER`` followed by
-JPEG bytes. Nothing on the wire is ever unpickled, and no message names a file.
+``error``, ``busy``, and ``idle`` just before the server closes a connection that has streamed
+nothing for its idle timeout) and one binary message per video frame: ``FRAME_HEADER``
+followed by JPEG bytes. Nothing on the wire is ever unpickled, and no message names a file.
 """
 
 from __future__ import annotations

@@ -10,14 +10,21 @@ drops the oldest frame when full, so a slow client sees a live picture with skip
 and the server's memory stays flat. Generation is paced to the stream's frame rate (at most
 one chunk ahead of real time) so no compute goes to frames nobody can watch. A disconnect
 stops the thread at the next chunk boundary and frees its cache.
+
+No client holds a slot without streaming: a connection with no stream running (never
+started, stopped, or failed) for ``idle_timeout_s`` is told so and closed, and a stream
+slower than ``min_fps`` is refused (it would produce nothing for ages while "running").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ipaddress
 import json
+import math
+import socket
 import threading
 import time
 from collections import deque
@@ -45,10 +52,16 @@ class ServerOptions:
     max_streams: int = 1
     queue_frames: int = 8  # frames buffered per client before the oldest are dropped
     jpeg_quality: int = 90
+    idle_timeout_s: float = 60.0  # a connection streaming nothing this long is closed
+    min_fps: float = 1.0  # slowest stream a client may ask for
 
     def __post_init__(self) -> None:
         if self.max_streams < 1 or self.queue_frames < 1 or not 1 <= self.jpeg_quality <= 100:
             raise SelfForcingError("max_streams and queue_frames must be >= 1, jpeg_quality in [1, 100]")
+        if not (math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0):
+            raise SelfForcingError(f"the idle timeout must be a positive number of seconds, got {self.idle_timeout_s}")
+        if not 0 < self.min_fps <= MAX_FPS:
+            raise SelfForcingError(f"the minimum frame rate must be in (0, {MAX_FPS}], got {self.min_fps}")
 
 
 def encode_jpeg(frame: torch.Tensor, quality: int) -> bytes:
@@ -100,10 +113,22 @@ class StreamSession:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._switches: deque[Switch] = deque()  # handed to the thread; deque append/popleft are atomic
+        self.connected_at = time.monotonic()
+        self._idle_from: float | None = self.connected_at
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds without a stream running (0 while one runs); a stream that ended on its own
+        counts from the first call that finds it ended."""
+        if self.running:
+            self._idle_from = None
+            return 0.0
+        if self._idle_from is None:
+            self._idle_from = now
+        return now - self._idle_from
 
     async def start(self, request: Start) -> None:
         await self.stop()
@@ -183,8 +208,11 @@ def create_app(pipeline: StreamingPipeline, options: ServerOptions = ServerOptio
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        now = time.monotonic()
+        slots = [{"age_s": round(now - x.connected_at, 1), "generating": x.running, "idle_s": round(x.idle_for(now), 1)}
+                 for x in sorted(app.state.sessions, key=lambda x: x.connected_at)]
         return JSONResponse({"streams": len(app.state.sessions), "max_streams": options.max_streams,
-                             "generating": sum(x.running for x in app.state.sessions)})
+                             "generating": sum(x.running for x in app.state.sessions), "slots": slots})
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:
@@ -207,7 +235,8 @@ def create_app(pipeline: StreamingPipeline, options: ServerOptions = ServerOptio
 
 
 async def _serve(ws: WebSocket, session: StreamSession) -> None:
-    """Receive control messages while one task sends the outbox, until the client leaves."""
+    """Receive control messages while one task sends the outbox, until the client leaves or
+    streams nothing for the idle timeout (then it is told why and closed, freeing its slot)."""
 
     async def send_outbox() -> None:
         while True:
@@ -217,7 +246,9 @@ async def _serve(ws: WebSocket, session: StreamSession) -> None:
     sender = asyncio.create_task(send_outbox())
     try:
         while True:
-            message = await ws.receive()
+            message = await _receive(ws, session)
+            if message is None:
+                break
             if message["type"] == "websocket.disconnect":
                 return
             raw = message.get("text")
@@ -230,6 +261,21 @@ async def _serve(ws: WebSocket, session: StreamSession) -> None:
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the client may be gone already
+        await ws.send_json({"type": "idle", "message": f"nothing streamed for {session.options.idle_timeout_s:g} s: "
+                            "the connection is closed to free its slot; reconnect to stream again"})
+        await ws.close(code=1000)
+
+
+async def _receive(ws: WebSocket, session: StreamSession) -> dict | None:
+    """The client's next message, or None once its session has been idle for the timeout."""
+    timeout = session.options.idle_timeout_s
+    while (idle := session.idle_for(time.monotonic())) < timeout:
+        try:
+            return await asyncio.wait_for(ws.receive(), timeout - idle)
+        except TimeoutError:  # look again: a stream may have started or ended meanwhile
+            continue
+    return None
 
 
 async def _handle(message, session: StreamSession) -> None:
@@ -238,6 +284,9 @@ async def _handle(message, session: StreamSession) -> None:
             raise ProtocolError("nothing to reset: send start first")
         message = session.request
     if isinstance(message, Start):
+        if message.fps is not None and message.fps < session.options.min_fps:
+            raise ProtocolError(f"start: fps must be at least {session.options.min_fps:g} on this server, "
+                                f"got {message.fps:g}")
         await session.start(message)
         session.outbox.put_event({"type": "started", "prompt": message.prompt, "seed": message.seed})
     elif isinstance(message, Switch):
@@ -256,9 +305,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(pipeline: StreamingPipeline, host: str = "127.0.0.1", port: int = 8000,
-          options: ServerOptions = ServerOptions()) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, made before the model loads: a taken port or an
+    address this machine does not have is reported at once, in one line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as e:
+        raise SelfForcingError(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        raise SelfForcingError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port "
+                               "or --host") from None
+    return sock
+
+
+def serve(pipeline: StreamingPipeline, sock: socket.socket, options: ServerOptions = ServerOptions()) -> None:
+    """Serve on ``sock`` (from :func:`listen`) until SIGINT or SIGTERM."""
     import uvicorn
 
-    uvicorn.run(create_app(pipeline, options), host=host, port=port, ws_max_size=MAX_MESSAGE_BYTES,
-                log_level="info")
+    config = uvicorn.Config(create_app(pipeline, options), ws_max_size=MAX_MESSAGE_BYTES, log_level="info")
+    host, port = sock.getsockname()[:2]
+    print(f"serving on http://{f'[{host}]' if ':' in host else host}:{port}/ (Ctrl-C to stop)", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])

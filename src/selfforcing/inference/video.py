@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.utils import atomic_path
+from selfforcing.utils import atomic_path, check_writable
 
 
 class MP4Writer:
@@ -39,14 +39,21 @@ class MP4Writer:
             self._ffmpeg.close()
 
 
-@contextlib.contextmanager
-def mp4_writer(path: str | Path, fps: int) -> Iterator[MP4Writer]:
-    """Write an mp4 progressively; on any error no file (and no partial file) is left at ``path``."""
+def check_mp4_output(path: str | Path) -> None:
+    """Refuse an output path that could never be written, before any work is spent on it."""
     path = Path(path)
     if path.suffix.lower() != ".mp4":
         raise SelfForcingError(f"output must be an .mp4 file, got {path}")
     if path.is_dir():
-        raise SelfForcingError(f"output path {path} is a directory")
+        raise SelfForcingError(f"output path {path} is a directory; give a file, e.g. {path / 'out.mp4'}")
+    check_writable(path)
+
+
+@contextlib.contextmanager
+def mp4_writer(path: str | Path, fps: int) -> Iterator[MP4Writer]:
+    """Write an mp4 progressively; on any error no file (and no partial file) is left at ``path``."""
+    path = Path(path)
+    check_mp4_output(path)
     with atomic_path(path) as tmp:
         writer = MP4Writer(tmp, fps)
         try:
@@ -58,10 +65,17 @@ def mp4_writer(path: str | Path, fps: int) -> Iterator[MP4Writer]:
 
 
 def read_mp4(path: str | Path) -> np.ndarray:
-    """Decode an mp4 to (T, H, W, 3) uint8."""
-    if not Path(path).is_file():
-        raise SelfForcingError(f"video {path} does not exist")
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    width, height = meta["size"]
-    return np.stack([np.frombuffer(f, dtype=np.uint8).reshape(height, width, 3) for f in reader])
+    """Decode a video to (T, H, W, 3) uint8; a file ffmpeg cannot decode is the user's error,
+    reported in one line (ffmpeg's own report opens with its whole build banner)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfForcingError(f"video {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        width, height = next(reader)["size"]
+        frames = [np.frombuffer(f, dtype=np.uint8).reshape(height, width, 3) for f in reader]
+    except (OSError, RuntimeError, StopIteration, ValueError):
+        raise SelfForcingError(f"cannot read {path} as a video: ffmpeg cannot decode it") from None
+    if not frames:
+        raise SelfForcingError(f"video {path} holds no frames")
+    return np.stack(frames)

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from selfforcing.errors import SelfForcingError
+from selfforcing.errors import NOT_TENSORS, SelfForcingError, reading
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +195,24 @@ def _read_file(path: Path) -> object:
             f"unsupported checkpoint file type {suffix!r} for {path}; "
             f"expected .safetensors, {', '.join(_TORCH_SUFFIXES)}"
         )
-    try:
+    with reading(path, None if suffix == ".safetensors" else NOT_TENSORS):
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, or a pickle weights_only refuses to run
-        raise SelfForcingError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_weight_files(root: str | Path) -> None:
+    """Read the header of every ``.safetensors`` file under ``root``, so that a truncated or
+    corrupt one is named before loading starts, not reported by a loader deep inside with the
+    reader's message and no file name. Cheap: the header holds each tensor's extent, and
+    opening checks them against the file's size without reading the tensors."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(root).rglob("*.safetensors")):
+        with reading(file), safe_open(file, "pt"):
+            pass
 
 
 def _pick_generator(checkpoint: Mapping[str, object], prefer: str, path: Path) -> object:

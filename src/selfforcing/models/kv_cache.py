@@ -18,6 +18,8 @@ every layer must still read the old window while the chunk is being written.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from selfforcing.errors import SelfForcingError
@@ -73,11 +75,15 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self._k + self._v)
 
     # ---- reading ---------------------------------------------------------
-    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Cached (B, frames*tokens, H, D) keys (pre-RoPE) and values of ``layer``; None if empty."""
-        if self.num_valid == 0:
+    static = False  # see StaticKVCache
+
+    def window(self, layer: int, frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached (B, frames*tokens, H, D) keys (pre-RoPE) and values of ``layer`` (a view of the
+        first ``frames`` slots, default all held); None if empty."""
+        frames = self.num_valid if frames is None else frames
+        if frames == 0:
             return None
-        n = self.num_valid * self.tokens_per_frame
+        n = frames * self.tokens_per_frame
         return self._k[layer][:, :n], self._v[layer][:, :n]
 
     def hide_frames_before(self, frame: int) -> None:
@@ -155,3 +161,122 @@ class KVCache:
             return
         self._k = [k.new_zeros(shape) for _ in range(self.num_layers)]
         self._v = [k.new_zeros(shape) for _ in range(self.num_layers)]
+
+
+class StaticKVCache(KVCache):
+    """The same rolling cache, laid out for the fast engine's chunk step.
+
+    Per layer one buffer of ``capacity + chunk_frames`` frame slots, allocated once. A chunk
+    writes its K/V in place right after the held frames (into the free slots it will occupy,
+    or, once the ring is full, into the scratch slots past it) and attends to the prefix of
+    the buffer that ends with itself: no ``torch.cat`` of the window and the chunk, and no
+    attention to empty slots. Keys are stored *rotated*: a chunk rotates its keys once, at
+    its own positions, as it writes them. With relative positions every non-sink frame moves
+    down by the number of frames evicted, so on eviction (once per chunk, not once per
+    forward) the non-sink keys are rotated back by that many frames; sinks keep their
+    positions. The bookkeeping (slots, eviction, positions) is ``KVCache``'s.
+
+    The attended prefix grows while the cache fills, then stays at the whole buffer: a
+    compiled step marks that one length dynamic and so compiles once.
+    """
+
+    static = True
+
+    def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute",
+                 chunk_frames: int = 3):
+        if chunk_frames < 1:
+            raise SelfForcingError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        self.chunk_frames = chunk_frames
+        self._text = self._text_source = None  # the prompt's cross-attention K/V in fixed buffers
+        super().__init__(num_layers, capacity, sink_frames, rope_positions)
+
+    def allocate(self, batch: int, tokens_per_frame: int, heads: int, head_dim: int, dtype, device) -> None:
+        """Size the buffers for a stream (no-op when they already fit; a new shape needs ``reset``)."""
+        shape = (batch, self._slots * tokens_per_frame, heads, head_dim)
+        if self._k and self._k[0].shape == shape and self._k[0].dtype == dtype and self._k[0].device == device:
+            return
+        if self.tokens_per_frame is not None:
+            raise SelfForcingError(f"this stream's cache holds {tuple(self._k[0].shape)} K/V, the forward needs "
+                                   f"{shape}; call reset() before changing resolution or batch")
+        self.tokens_per_frame = tokens_per_frame
+        self._k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self._v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        _mark_static([*self._k, *self._v])
+
+    def reset(self) -> None:
+        super().reset()
+        if self._k:  # keep the buffers (same addresses: a captured graph stays valid)
+            self.tokens_per_frame = self._k[0].shape[1] // self._slots
+
+    @property
+    def _slots(self) -> int:
+        """The ring, the scratch slots past it, and one slot never used: the attended prefix is
+        then never the whole buffer, so its memory layout (a strided view) never changes and a
+        compiled step keeps one graph."""
+        return self.capacity + self.chunk_frames + 1
+
+    def load_text(self, text, blocks):
+        """``text`` (a ``TextContext``) with its cross-attention K/V in buffers that stay put
+        for the whole stream: copied in when the prompt changes (a switch, each chunk of a
+        blend), so the step reads the same tensors for every prompt."""
+        if text is self._text_source:
+            return self._text
+        text.fill_kv(blocks)
+        if self._text is None or [k.shape for k, _ in self._text.kv] != [k.shape for k, _ in text.kv]:
+            self._text = replace(text, kv=[(k.clone(), v.clone()) for k, v in text.kv])
+            _mark_static([t for kv in self._text.kv for t in kv])
+        else:
+            for (k, v), (src_k, src_v) in zip(self._text.kv, text.kv):
+                k.copy_(src_k)
+                v.copy_(src_v)
+        self._text_source = text
+        return self._text
+
+    # ---- one forward -----------------------------------------------------
+    def attended(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the buffer prefix the next chunk attends to: the held frames, then its own
+        ``chunk_frames`` slots, where it writes its K/V (the last ``chunk_frames`` frames)."""
+        n = (self.num_valid + self.chunk_frames) * self.tokens_per_frame
+        return self._k[layer][:, :n], self._v[layer][:, :n]
+
+    def attention_mask(self, frames: int) -> torch.Tensor | None:
+        """None when the chunk attends to everything in its prefix (the compiled path); else a
+        (1, 1, 1, prefix) bool mask hiding frames below ``hidden_before`` and the padding of a
+        chunk of only ``frames`` frames."""
+        hidden = self.slot_frame[: self.num_valid] < self.hidden_before
+        if frames == self.chunk_frames and not hidden.any():
+            return None
+        keep = torch.cat([~hidden, torch.arange(self.chunk_frames) < frames])
+        return keep.repeat_interleave(self.tokens_per_frame).to(self._k[0].device, non_blocking=True)[None, None, None]
+
+    def commit_chunk(self, slots: torch.Tensor) -> int:
+        """Record the chunk just written after the held frames as held in ``slots``, moving the
+        frames that landed elsewhere (in the scratch slots, once the ring is full); returns how
+        many held frames were evicted (with relative positions the others all move down by it)."""
+        tpf, n = self.tokens_per_frame, len(slots)
+        written = torch.arange(self.num_valid, self.num_valid + n)
+        moved = written != slots
+        evicted = int((slots < self.num_valid).sum())
+        if moved.any():
+            def tokens(frames):
+                return (frames[:, None] * tpf + torch.arange(tpf)).flatten().to(self._k[0].device, non_blocking=True)
+
+            src, dst = tokens(written[moved]), tokens(slots[moved])
+            for buf in self._k + self._v:
+                buf.index_copy_(1, dst, buf.index_select(1, src))
+        self.commit(slots)
+        return evicted
+
+    def rotate_non_sinks(self, cos: torch.Tensor, sin: torch.Tensor, rotate) -> None:
+        """Rotate the keys of every non-sink ring slot by (cos, sin) in place (relative positions)."""
+        lo, hi = self.sink_frames * self.tokens_per_frame, self.capacity * self.tokens_per_frame
+        for k in self._k:
+            k[:, lo:hi] = rotate(k[:, lo:hi], cos, sin)
+
+
+def _mark_static(tensors: list[torch.Tensor]) -> None:
+    """Tell torch.compile these buffers keep their address, so a CUDA-graph capture of the
+    step may write and read them in place on every replay."""
+    if tensors and tensors[0].is_cuda:
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)

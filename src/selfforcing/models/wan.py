@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.models.kv_cache import KVCache
+from selfforcing.models.kv_cache import KVCache, StaticKVCache
+from selfforcing.schema import check_values
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -101,6 +103,7 @@ class WanConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SelfForcingError(f"unknown Wan config keys: {', '.join(unknown)}")
+        check_values(cls, d, "Wan config")
         return cls(**d)
 
     @classmethod
@@ -302,14 +305,18 @@ class Rope3D(nn.Module):
         self.register_buffer("sin_table", angles.sin().float(), persistent=False)
 
     def forward(self, frame_positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (F*h*w, head_dim/2) for tokens ordered frame, row, column."""
+        """cos, sin of shape (F*h*w, head_dim/2) for tokens ordered frame, row, column.
+
+        ``frame_positions`` is a CPU tensor (checked against the table without a device sync)."""
         if int(frame_positions.max()) >= self.max_seq_len or max(height, width) > self.max_seq_len:
             raise SelfForcingError(
                 f"position {int(frame_positions.max())} is past the RoPE table ({self.max_seq_len} positions); "
                 "use cache-relative RoPE positions (rope_positions='relative') for unbounded generation"
             )
         n_t, n_h, _ = (s // 2 for s in self.split)
-        rows, cols = torch.arange(height, device=frame_positions.device), torch.arange(width, device=frame_positions.device)
+        device = self.cos_table.device
+        frame_positions = frame_positions.to(device, non_blocking=True)
+        rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
 
         def grid(table: torch.Tensor) -> torch.Tensor:
             t_part = table[frame_positions, :n_t][:, None, None, :].expand(-1, height, width, -1)
@@ -318,6 +325,15 @@ class Rope3D(nn.Module):
             return torch.cat([t_part, h_part, w_part], dim=-1).flatten(0, 2)
 
         return grid(self.cos_table), grid(self.sin_table)
+
+    def frame_shift(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (head_dim/2,) that move a rotated key by ``frames`` positions along time
+        (height and width unchanged): RoPE composes, rot(rot(k, p), d) = rot(k, p + d)."""
+        n_t = self.split[0] // 2
+        cos, sin = torch.ones_like(self.cos_table[0]), torch.zeros_like(self.sin_table[0])
+        cos[:n_t] = self.cos_table[abs(frames), :n_t]
+        sin[:n_t] = self.sin_table[abs(frames), :n_t] * (1 if frames >= 0 else -1)
+        return cos[None], sin[None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -373,10 +389,12 @@ class TextContext:
     Every block computes its K/V from ``text`` on first use, inside its own forward (so a
     sharded block only touches its own weights); without autograd they are kept and reused
     by every later denoising step and chunk, since text never changes while a prompt streams.
+    The fast engine fills all of them at once before its compiled step (``fill_kv``), which
+    then only reads the list.
     """
 
     text: torch.Tensor  # (B, L, dim) after the text projection
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # by layer
 
     @property
     def batch_size(self) -> int:
@@ -387,20 +405,62 @@ class TextContext:
         # graph to the K/V projections (and be recomputable under gradient checkpointing).
         if torch.is_grad_enabled():
             return attn.key_value(self.text)
-        if layer not in self.kv:
+        if layer >= len(self.kv) or self.kv[layer] is None:
+            self.kv.extend([None] * (layer + 1 - len(self.kv)))
             self.kv[layer] = attn.key_value(self.text)
         return self.kv[layer]
+
+    @torch.no_grad()
+    def fill_kv(self, blocks: nn.ModuleList) -> None:
+        for layer, block in enumerate(blocks):
+            self.layer_kv(layer, block.attn2)
 
 
 @dataclass
 class SelfAttnInputs:
-    """What one forward's self-attention needs besides the block's own activations."""
+    """What one forward's self-attention needs besides the block's own activations: RoPE of the
+    queries and keys, a mask, and (streaming) the cache window it attends to and where it
+    stores its own K/V. ``attend`` is the reference path (keys kept before RoPE, the window
+    joined to the chunk and rotated at every forward)."""
 
     rope_q: tuple[torch.Tensor, torch.Tensor]
     rope_k: tuple[torch.Tensor, torch.Tensor]
     mask: torch.Tensor | None
-    kv_cache: KVCache | None
-    cache_slots: torch.Tensor | None  # where this forward's K/V go in the cache (None: don't store)
+    kv_cache: KVCache | None = None
+    cache_slots: torch.Tensor | None = None  # where this forward's K/V go in the cache (None: don't store)
+    window_frames: int = 0  # cached frames attended (fixed when the forward runs, for recomputation)
+    stamp: int = 0  # the cache's overwrite count when the forward ran
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_all, v_all = k, v
+        if self.window_frames:
+            past_k, past_v = self.kv_cache.window(layer, self.window_frames)
+            k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        if self.cache_slots is not None:
+            self.kv_cache.append(layer, self.cache_slots, k, v)
+        q, k_all = apply_rope(q, *self.rope_q), apply_rope(k_all, *self.rope_k)
+        return attention(q, k_all, v_all, self.mask)
+
+
+@dataclass
+class StaticAttnInputs:
+    """The fast engine's self-attention (``StaticKVCache``): the chunk rotates its queries and
+    keys at its own positions, writes K/V in place into the last slots of the attended buffer
+    prefix and attends to that prefix. Only tensors are read here, so a compiled step sees
+    one graph at every chunk of every stream (the prefix length is its one dynamic size)."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    keys: list[torch.Tensor]  # per layer (B, prefix, H, D) views of the cache buffers
+    values: list[torch.Tensor]
+    mask: torch.Tensor | None = None  # only for padded pieces and hidden frames (run eagerly)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k = apply_rope(q, *self.rope), apply_rope(k, *self.rope)
+        keys, values = self.keys[layer], self.values[layer]
+        start = keys.shape[1] - k.shape[1]  # the chunk's slots end the (dynamic-length) prefix
+        keys.narrow(1, start, k.shape[1]).copy_(k)
+        values.narrow(1, start, v.shape[1]).copy_(v)
+        return attention(q, keys, values, self.mask)
 
 
 class WanBlock(nn.Module):
@@ -415,13 +475,12 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, mod, text: TextContext, sa: SelfAttnInputs, layer: int, past_kv=None) -> torch.Tensor:
-        """x: (B, F, hw, dim) tokens grouped by frame; mod: (B, F, 6, dim) per-frame modulation;
-        past_kv: this layer's cached (k, v) window, or None."""
+    def forward(self, x, mod, text: TextContext, sa: SelfAttnInputs | StaticAttnInputs, layer: int) -> torch.Tensor:
+        """x: (B, F, hw, dim) tokens grouped by frame; mod: (B, F, 6, dim) per-frame modulation."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod.float()).unsqueeze(3).unbind(2)
 
         h = (self.norm1(x).float() * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.self_attention(h.flatten(1, 2), sa, layer, past_kv).view_as(x) * gate).type_as(x)
+        x = (x.float() + self.self_attention(h.flatten(1, 2), sa, layer).view_as(x) * gate).type_as(x)
 
         text_kv = text.layer_kv(layer, self.attn2)
         x = x + self.attn2.to_out[0](attention(self.attn2.query(self.norm2(x).flatten(1, 2)), *text_kv)).view_as(x)
@@ -429,23 +488,20 @@ class WanBlock(nn.Module):
         h = (self.norm3(x).float() * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
 
-    def self_attention(self, h: torch.Tensor, sa: SelfAttnInputs, layer: int, past_kv) -> torch.Tensor:
+    def self_attention(self, h: torch.Tensor, sa, layer: int) -> torch.Tensor:
         q = self.attn1.query(h)
         k, v = self.attn1.key_value(h)
-        k_all, v_all = k, v
-        if past_kv is not None:  # keys are cached before RoPE so the cache can renumber positions
-            k_all, v_all = torch.cat([past_kv[0], k], dim=1), torch.cat([past_kv[1], v], dim=1)
-        if sa.cache_slots is not None:
-            sa.kv_cache.append(layer, sa.cache_slots, k, v)
-        q, k_all = apply_rope(q, *sa.rope_q), apply_rope(k_all, *sa.rope_k)
-        return self.attn1.to_out[0](attention(q, k_all, v_all, sa.mask))
+        return self.attn1.to_out[0](sa.attend(layer, q, k, v))
 
 
-def _recompute_guarded(block, tokens, mod, text, sa, layer, past_kv, stamp):
-    if stamp is not None and sa.kv_cache.overwrites != stamp:
+def _recompute_guarded(block, tokens, mod, text, sa, layer):
+    """A checkpointed block reads its cache window in place when the backward recomputes it:
+    refuse if a held frame was overwritten in between (a copy per chunk and block instead
+    would grow with the square of the chunks)."""
+    if sa.kv_cache is not None and sa.kv_cache.overwrites != sa.stamp:
         raise SelfForcingError("the KV cache overwrote frames a checkpointed forward attended before its backward "
                                "ran: train with a cache that holds the whole video (no rolling eviction)")
-    return block(tokens, mod, text, sa, layer, past_kv)
+    return block(tokens, mod, text, sa, layer)
 
 
 # --------------------------------------------------------------------------- the model
@@ -504,39 +560,99 @@ class CausalWanModel(nn.Module):
         if context_frames is not None:
             return self._with_context_frames(x, t, context, attention, context_frames, context_t)
         f, h, w = num_frames // pt, height // ph, width // pw
+        text = context if isinstance(context, TextContext) else self.encode_text(context)
+        if text.batch_size != B:
+            raise SelfForcingError(f"text batch {text.batch_size} does not match latent batch {B}")
+        if kv_cache is not None and kv_cache.static:
+            return self._static_forward(x, t, text, kv_cache, update_cache)
+
+        # Positions and the self-attention mode, then the blocks; the cache records the chunk last.
+        sa = self._self_attn_inputs(f, h, w, attention, kv_cache, update_cache)
+        out = self._step(x, self._per_frame(t, B, f, x.device), text, sa)
+        if sa.cache_slots is not None:
+            kv_cache.commit(sa.cache_slots)
+        return out
+
+    def _step(self, x: torch.Tensor, t: torch.Tensor, text: TextContext, sa) -> torch.Tensor:
+        """The part of a forward that only touches tensors (what ``compile_step`` compiles);
+        ``t`` is per frame (B, f)."""
+        B, _, num_frames, height, width = x.shape
+        pt, ph, pw = self.config.patch_size
+        f, h, w = num_frames // pt, height // ph, width // pw
 
         # 1. Patchify: (B, C, F, H, W) -> (B, f, h*w, dim), tokens grouped by frame.
         tokens = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(3).permute(0, 2, 3, 1)
 
         # 2. Per-frame timestep embedding and adaLN modulation.
-        temb, mod = self.condition_embedder.time(self._per_frame(t, B, f, x.device))
-        text = context if isinstance(context, TextContext) else self.encode_text(context)
-        if text.batch_size != B:
-            raise SelfForcingError(f"text batch {text.batch_size} does not match latent batch {B}")
+        temb, mod = self.condition_embedder.time(t)
 
-        # 3. Positions and the self-attention mode.
-        sa = self._self_attn_inputs(f, h, w, attention, kv_cache, update_cache, x.device)
-
-        # 4. Transformer blocks (optionally recomputed in backward to save activation memory).
+        # 3. Transformer blocks (optionally recomputed in backward to save activation memory).
         for layer, block in enumerate(self.blocks):
-            past_kv = None if kv_cache is None else kv_cache.window(layer)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                # The window is kept as a view of the cache, not copied (a copy per chunk and
-                # block grows with the square of the chunks); the backward's recomputation
-                # checks that no held frame was overwritten in between.
-                stamp = None if kv_cache is None else kv_cache.overwrites
-                tokens = checkpoint(_recompute_guarded, block, tokens, mod, text, sa, layer, past_kv, stamp,
-                                    use_reentrant=False)
+                tokens = checkpoint(_recompute_guarded, block, tokens, mod, text, sa, layer, use_reentrant=False)
             else:
-                tokens = block(tokens, mod, text, sa, layer, past_kv)
-        if sa.cache_slots is not None:
-            kv_cache.commit(sa.cache_slots)
+                tokens = block(tokens, mod, text, sa, layer)
 
-        # 5. Output norm + modulation, linear head, unpatchify.
+        # 4. Output norm + modulation, linear head, unpatchify.
         shift, scale = (self.scale_shift_table + temb[:, :, None].float()).unsqueeze(3).unbind(2)
         out = self.proj_out((self.norm_out(tokens).float() * (1 + scale) + shift).type_as(tokens))
         out = out.view(B, f, h, w, pt, ph, pw, -1)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, num_frames, height, width)
+
+    # ---- the fast engine -------------------------------------------------
+    def compile_step(self, mode: str | None = None) -> None:
+        """Compile the chunk step of ``StaticKVCache`` forwards: one graph for a chunk with an
+        empty cache, one for every other (the attended prefix is its one dynamic size), each
+        compiled once (fullgraph) and never again as the cache fills, rolls, switches prompt
+        or re-caches. ``mode="reduce-overhead"`` on CUDA also captures them as CUDA graphs."""
+        compiled = partial(torch.compile, fullgraph=True, dynamic=False, mode=mode)
+        self._compiled_steps = (compiled(self._first_chunk_step), compiled(self._step))
+
+    def _first_chunk_step(self, x, t, text, sa) -> torch.Tensor:
+        """The step of a chunk with nothing cached, compiled apart (static shapes): there the
+        attended prefix is the chunk itself, and traced with the rest dynamo would fold that
+        length into the general graph."""
+        return self._step(x, t, text, sa)
+
+    def _static_forward(self, x, t, text: TextContext, cache: StaticKVCache, update_cache: bool) -> torch.Tensor:
+        """Host bookkeeping around one fixed-shape step: pad a partial piece to a full chunk,
+        take positions and the attended buffer prefix from the cache, run the step, then
+        record the chunk in the ring (and, with relative positions, shift the keys of an
+        evicted window). Padded pieces of a prefix or a re-cache need a mask and run eagerly."""
+        cfg = self.config
+        B, _, num_frames, height, width = x.shape
+        pt, ph, pw = cfg.patch_size
+        f, n = num_frames // pt, cache.chunk_frames
+        if f > n:
+            raise SelfForcingError(f"a forward of {f} frames does not fit this cache's {n}-frame chunks")
+        t = self._per_frame(t, B, f, x.device).contiguous()  # one memory layout: one compiled graph
+        x = x.contiguous()
+        if f < n:
+            x = F.pad(x, (0, 0, 0, 0, 0, (n - f) * pt))
+            t = F.pad(t, (0, n - f))
+        h, w = height // ph, width // pw
+        cache.allocate(B, h * w, cfg.num_attention_heads, cfg.attention_head_dim, self.proj_out.weight.dtype, x.device)
+        positions = cache.next_positions(f)
+        positions = torch.cat([positions, positions[-1:].expand(n - f)])
+        slots = cache.evict(f) if update_cache else None
+        views = [cache.attended(layer) for layer in range(len(self.blocks))]
+        sa = StaticAttnInputs(self.rope(positions, h, w), [k for k, _ in views], [v for _, v in views],
+                              cache.attention_mask(f))
+        compiled = getattr(self, "_compiled_steps", None)
+        if compiled is None or sa.mask is not None:
+            step = self._step
+        elif cache.num_valid == 0:
+            step = compiled[0]
+        else:
+            step = compiled[1]
+            for view in sa.keys + sa.values:
+                torch._dynamo.mark_dynamic(view, 1)  # the prefix grows while the cache fills
+        out = step(x, t, cache.load_text(text, self.blocks), sa)[:, :, :num_frames]
+        if update_cache:
+            evicted = cache.commit_chunk(slots)
+            if evicted and cache.rope_positions == "relative":
+                cache.rotate_non_sinks(*self.rope.frame_shift(-evicted), apply_rope)
+        return out
 
     def _with_context_frames(self, x, t, context, attention, frames, frames_t):
         """Run [context frames ; x] as one sequence, both halves at the same RoPE positions."""
@@ -559,10 +675,11 @@ class CausalWanModel(nn.Module):
             raise SelfForcingError(f"timesteps must have shape ({batch},) or ({batch}, {frames}), got {tuple(t.shape)}")
         return t
 
-    def _self_attn_inputs(self, f, h, w, attention, kv_cache, update_cache, device) -> SelfAttnInputs:
+    def _self_attn_inputs(self, f, h, w, attention, kv_cache, update_cache) -> SelfAttnInputs:
         tokens_per_frame = h * w
+        device = self.rope.cos_table.device
         if kv_cache is None:
-            positions = torch.arange(f, device=device)
+            positions = torch.arange(f)
             if isinstance(attention, _TeacherForcingMask):
                 positions = positions % (f // 2)  # a clean frame and its noisy twin share a position
             rope = self.rope(positions, h, w)
@@ -570,14 +687,15 @@ class CausalWanModel(nn.Module):
             if attention is not None:
                 frame_mask = attention.frame_mask(f, device)
                 mask = frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
-            return SelfAttnInputs(rope, rope, mask, None, None)
-        query_pos = kv_cache.next_positions(f).to(device)
-        key_pos = torch.cat([kv_cache.positions().to(device), query_pos])
+            return SelfAttnInputs(rope, rope, mask)
+        query_pos = kv_cache.next_positions(f)
+        key_pos = torch.cat([kv_cache.positions(), query_pos])
         key_mask = kv_cache.key_mask()
         mask = None if key_mask is None else torch.cat(
-            [key_mask.to(device), torch.ones(f * tokens_per_frame, dtype=torch.bool, device=device)])[None]
+            [key_mask, torch.ones(f * tokens_per_frame, dtype=torch.bool)]).to(device, non_blocking=True)[None]
         slots = kv_cache.evict(f) if update_cache else None
-        return SelfAttnInputs(self.rope(query_pos, h, w), self.rope(key_pos, h, w), mask, kv_cache, slots)
+        return SelfAttnInputs(self.rope(query_pos, h, w), self.rope(key_pos, h, w), mask, kv_cache, slots,
+                              kv_cache.num_valid, kv_cache.overwrites)
 
     # ---- persistence -----------------------------------------------------
     @classmethod

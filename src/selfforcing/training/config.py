@@ -1,7 +1,8 @@
 """Training configuration: one YAML file per experiment, parsed into validated dataclasses.
 
 Every key is read by something and an unknown key is an error naming it (the reference
-code's SiD config silently ran DMD). Options that only make sense for one loss or paradigm
+code's SiD config silently ran DMD). Every value is checked against its field's type and
+range (``selfforcing.schema``) before anything is built. Options that only make sense for one loss or paradigm
 are rejected when given to another.
 """
 
@@ -10,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from selfforcing.errors import SelfForcingError
+from selfforcing.errors import SelfForcingError, reading
+from selfforcing.schema import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, SEED, UNIT, Range,
+                                bounded, build)
 
 PARADIGMS = ("teacher", "teacher_forcing", "diffusion_forcing", "self_forcing", "ode")
 LOSSES = ("denoising", "ode", "dmd", "sid", "gan")
@@ -48,22 +52,22 @@ class ScoreModelConfig:
 class DataConfig:
     source: str = "toy"
     path: str | None = None  # latent cache dir, prompt file, or ODE pairs file
-    batch_size: int = 2
-    num_frames: int = 9  # latent frames per video
-    height: int = 32  # pixels
-    width: int = 32
-    caption_dropout: float = 0.0  # teacher pretraining only (for CFG)
+    batch_size: int = bounded(AT_LEAST_ONE, 2)
+    num_frames: int = bounded(AT_LEAST_ONE, 9)  # latent frames per video
+    height: int = bounded(AT_LEAST_ONE, 32)  # pixels
+    width: int = bounded(AT_LEAST_ONE, 32)
+    caption_dropout: float = bounded(FRACTION, 0.0)  # teacher pretraining only (for CFG)
 
 
 @dataclass
 class ParadigmConfig:
     name: str = "self_forcing"
-    frames_per_chunk: int = 3
-    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    timestep_shift: float = 5.0
+    frames_per_chunk: int = bounded(AT_LEAST_ONE, 3)
+    denoising_steps: list[int] = bounded(Range(1, 1000), default_factory=lambda: [1000, 750, 500, 250])
+    timestep_shift: float = bounded(POSITIVE, 5.0)
     exit_per_chunk: bool = False
     hide_first_chunk_from_last: bool = True  # §3.4, self_forcing only
-    context_noise: float = 0.0
+    context_noise: float = bounded(Range(0, 1000, high_open=True), 0.0)
     gradient_checkpointing: bool = False
 
 
@@ -77,48 +81,49 @@ class LossConfig:
     # standard convention ``uncond + guidance_scale * (cond - uncond)``. The official
     # Self-Forcing code writes its DMD/SiD guidance as ``cond + s * (cond - uncond)``, so its
     # ``guidance_scale: 3.0`` is 4.0 here; its ODE-pair script already uses the standard form.
-    guidance_scale: float = 3.0
+    guidance_scale: float = bounded(NON_NEGATIVE, 3.0)
     negative_prompt: str = ""  # empty: the all-padding (zero) text embedding
     # Score / critic timesteps. "official": integer t uniform in {0..999}, shifted, clamped to
     # [min_t, max_t] * 1000, noise level read from the nearest of the 1000 training timesteps
     # (the released code). "continuous": base level uniform in [min_t, max_t], then shifted.
     score_t_sampling: str = "official"
-    min_t: float = 0.02
-    max_t: float = 0.98
+    min_t: float = bounded(UNIT, 0.02)
+    max_t: float = bounded(UNIT, 0.98)
     # The released real/fake score wrappers convert flow to x0 with the sigma of their own
     # table (shift 8, WanDiffusionWrapper's default), not the generator's: 8.0 reproduces that
     # (up to 20 % apart near t = 27, 0.6 % on average); null reads one table (ours).
-    score_sigma_shift: float | None = None
-    generator_every: int = 5  # critic : generator update ratio
-    ode_sampling_steps: int | None = None  # ode only: Euler steps of the ODE-pair teacher (default 48)
+    score_sigma_shift: float | None = bounded(POSITIVE, None)
+    generator_every: int = bounded(AT_LEAST_ONE, 5)  # critic : generator update ratio
+    # ode only: Euler steps of the ODE-pair teacher (default 48)
+    ode_sampling_steps: int | None = bounded(AT_LEAST_ONE, None)
     sid_alpha: float | None = None  # sid only (default 1.0)
-    r1_weight: float | None = None  # gan only (default 1.0; the released code: 0)
-    gan_feature_layer: int | None = None  # gan only (default: the middle block)
-    gan_generator_weight: float | None = None  # gan only (default 1.0; the released code: 0.01)
-    gan_critic_weight: float | None = None  # gan only (default 1.0; the released code: 0.01)
+    r1_weight: float | None = bounded(NON_NEGATIVE, None)  # gan only (default 1.0; the released code: 0)
+    gan_feature_layer: int | None = bounded(NON_NEGATIVE, None)  # gan only (default: the middle block)
+    gan_generator_weight: float | None = bounded(NON_NEGATIVE, None)  # gan only (default 1.0; the released code: 0.01)
+    gan_critic_weight: float | None = bounded(NON_NEGATIVE, None)  # gan only (default 1.0; the released code: 0.01)
     gan_shared_noise: bool | None = None  # gan only: real and fake share t and noise (default false; released: true)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-6
-    critic_lr: float = 4e-7
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    weight_decay: float = 0.01
-    grad_accum: int = 1
+    lr: float = bounded(POSITIVE, 2e-6)
+    critic_lr: float = bounded(POSITIVE, 4e-7)
+    betas: list[float] = bounded(FRACTION, default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = bounded(NON_NEGATIVE, 0.01)
+    grad_accum: int = bounded(AT_LEAST_ONE, 1)
     # Effective batch over all ranks (the official ``total_batch_size``): when set, the
     # accumulation is derived as total / (data.batch_size * world size) and must divide.
-    total_batch_size: int | None = None
-    grad_clip: float = 10.0
-    ema_decay: float | None = 0.99
-    ema_start: int = 200
+    total_batch_size: int | None = bounded(AT_LEAST_ONE, None)
+    grad_clip: float = bounded(POSITIVE, 10.0)
+    ema_decay: float | None = bounded(OPEN_UNIT, 0.99)
+    ema_start: int = bounded(NON_NEGATIVE, 200)
 
 
 @dataclass
 class LogConfig:
-    log_every: int = 10
-    checkpoint_every: int = 100
-    sample_every: int = 0  # 0: no sample videos in TensorBoard
+    log_every: int = bounded(AT_LEAST_ONE, 10)
+    checkpoint_every: int = bounded(AT_LEAST_ONE, 100)
+    sample_every: int = bounded(NON_NEGATIVE, 0)  # 0: no sample videos in TensorBoard
     tensorboard: bool = True
     progress: bool = True
 
@@ -127,9 +132,9 @@ class LogConfig:
 class TrainConfig:
     name: str
     output_dir: str
-    steps: int
-    seed: int = 0
-    device: str = "auto"
+    steps: int = bounded(AT_LEAST_ONE)
+    seed: int = bounded(SEED, 0)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ScoreModelConfig | None = None  # real score (frozen)
     critic: ScoreModelConfig | None = None  # fake score / discriminator init (default: a copy of the teacher)
@@ -157,45 +162,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, data: Any, where: str):
-    """Instantiate a config dataclass from a dict, naming unknown or missing keys."""
-    if not isinstance(data, dict):
-        raise SelfForcingError(f"config section {where or 'top level'} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise SelfForcingError(f"unknown config keys in {where or 'top level'}: {', '.join(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _SECTIONS.get((cls, name))
-        kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip(".")) if sub and value is not None else value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise SelfForcingError(f"config section {where or 'top level'}: {e}") from None
-
-
-_SECTIONS = {
-    (TrainConfig, "model"): ModelConfig,
-    (TrainConfig, "teacher"): ScoreModelConfig,
-    (TrainConfig, "critic"): ScoreModelConfig,
-    (TrainConfig, "data"): DataConfig,
-    (TrainConfig, "paradigm"): ParadigmConfig,
-    (TrainConfig, "loss"): LossConfig,
-    (TrainConfig, "optim"): OptimConfig,
-    (TrainConfig, "logging"): LogConfig,
-}
-
-
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
-        raise SelfForcingError(f"config file {path} does not exist")
+        raise SelfForcingError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
+    with reading(path):
+        text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SelfForcingError(f"cannot parse {path}: {e}") from None
+        raise SelfForcingError(f"cannot parse {path}: {_yaml_problem(e)}") from None
+    if not isinstance(data, dict | None):
+        raise SelfForcingError(f"{path} must hold a mapping of config keys to values, got a {type(data).__name__}")
     return config_from_dict(merge_overrides(data or {}, overrides or {}))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines with a source excerpt: keep the place and the problem."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def merge_overrides(base: dict, overrides: dict) -> dict:
@@ -208,7 +194,7 @@ def merge_overrides(base: dict, overrides: dict) -> dict:
 
 
 def config_from_dict(data: dict) -> TrainConfig:
-    cfg = _build(TrainConfig, data, "")
+    cfg = build(TrainConfig, data)
     validate(cfg)
     return cfg
 
@@ -231,8 +217,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.critic is not None and not cfg.distillation:
         raise SelfForcingError(f"critic is set but loss {loss.name} trains no critic")
     _one_of("loss.score_t_sampling", loss.score_t_sampling, SCORE_T_SAMPLING)
-    if not 0 <= loss.min_t <= loss.max_t <= 1:
-        raise SelfForcingError(f"loss.min_t/max_t must satisfy 0 <= min_t <= max_t <= 1, got {loss.min_t}, {loss.max_t}")
+    if loss.min_t > loss.max_t:
+        raise SelfForcingError(f"loss.min_t {loss.min_t} is above loss.max_t {loss.max_t}; min_t <= max_t")
     _only_for(loss.ode_sampling_steps, "loss.ode_sampling_steps", loss.name == "ode")
     _only_for(loss.score_sigma_shift, "loss.score_sigma_shift", loss.name in ("dmd", "sid")
               and loss.score_t_sampling == "official")
@@ -257,22 +243,14 @@ def validate(cfg: TrainConfig) -> None:
     if data.num_frames % p.frames_per_chunk:
         raise SelfForcingError(f"data.num_frames {data.num_frames} is not a multiple of "
                                f"paradigm.frames_per_chunk {p.frames_per_chunk}")
-    for name, value in [("steps", cfg.steps), ("data.batch_size", data.batch_size), ("optim.grad_accum", opt.grad_accum),
-                        ("loss.generator_every", loss.generator_every), ("logging.log_every", cfg.logging.log_every),
-                        ("logging.checkpoint_every", cfg.logging.checkpoint_every)]:
-        if not isinstance(value, int) or value < 1:
-            raise SelfForcingError(f"{name} must be a positive integer, got {value!r}")
-    if not 0 <= data.caption_dropout < 1:
-        raise SelfForcingError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
-    if opt.ema_decay is not None and not 0 < opt.ema_decay < 1:
-        raise SelfForcingError(f"optim.ema_decay must be in (0, 1) or null, got {opt.ema_decay}")
-    if opt.total_batch_size is not None:
-        if not isinstance(opt.total_batch_size, int) or opt.total_batch_size < 1:
-            raise SelfForcingError(f"optim.total_batch_size must be a positive integer, got {opt.total_batch_size!r}")
-        if opt.grad_accum != 1:
-            raise SelfForcingError("set optim.total_batch_size or optim.grad_accum, not both")
+    if opt.total_batch_size is not None and opt.grad_accum != 1:
+        raise SelfForcingError("set optim.total_batch_size or optim.grad_accum, not both")
     if len(opt.betas) != 2:
         raise SelfForcingError(f"optim.betas must be two numbers, got {opt.betas}")
+    if not p.denoising_steps:
+        raise SelfForcingError("paradigm.denoising_steps must list at least one timestep, e.g. [1000, 750, 500, 250]")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise SelfForcingError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from selfforcing.errors import SelfForcingError
+from selfforcing.utils import torch_device
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -47,8 +47,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     """Join the torchrun process group if there is one; pick this rank's device."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SelfForcingError(f"device {device!r} requested but CUDA is not available")
+    torch_device(device)  # one that exists here, or an error naming the ones that do
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistEnv(0, 1, torch.device(device))

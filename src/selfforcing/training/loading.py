@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.models.convert import load_state_dict_file
+from selfforcing.models.convert import check_weight_files, load_state_dict_file
 from selfforcing.models.text_encoders import TextEncoder, text_encoder_from_config
 from selfforcing.models.vae import VideoVAE, vae_from_config
 from selfforcing.models.wan import CausalWanModel, WanConfig, preset
+from selfforcing.schema import check_values
 from selfforcing.training.config import ModelConfig, ScoreModelConfig, TrainConfig
 
 
@@ -27,6 +28,7 @@ from selfforcing.training.config import ModelConfig, ScoreModelConfig, TrainConf
 def generator_config(m: ModelConfig) -> WanConfig:
     if m.path:
         return WanConfig.read(m.path)
+    check_values(WanConfig, m.overrides, "model.overrides")
     return WanConfig.from_dict({**preset(m.preset).to_dict(), **m.overrides})
 
 
@@ -42,6 +44,8 @@ def score_model_config(src: ScoreModelConfig, role: str) -> WanConfig:
 def load_generator(m: ModelConfig, device: torch.device | str = "cpu") -> CausalWanModel:
     """The trainable causal student: a saved model or a fresh preset, then ``init`` on top
     (ours, or an original Self-Forcing ``.pt`` such as the official ``ode_init.pt``)."""
+    if m.path:
+        check_weight_files(m.path)
     model = CausalWanModel.from_pretrained(m.path) if m.path else CausalWanModel(generator_config(m))
     if m.init:
         model.load_weights(load_state_dict_file(m.init, prefer="generator"))
@@ -52,6 +56,7 @@ def load_score_model(src: ScoreModelConfig, role: str, device: torch.device | st
     """A bidirectional score network (teacher or critic init), frozen; the trainer unfreezes the critic."""
     path = Path(src.path)
     if path.is_dir():
+        check_weight_files(path)
         model = CausalWanModel.from_pretrained(path)
     else:
         model = CausalWanModel(score_model_config(src, role))

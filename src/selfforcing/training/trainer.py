@@ -31,14 +31,18 @@ from selfforcing.training.data import DataStream, build_dataset
 from selfforcing.training.losses.gan import DiscriminatorHead
 from selfforcing.training.objective import Batch, Objective, Rngs
 from selfforcing.training.paradigms.ode import OdePairs
+from selfforcing.utils import atomic_path, check_writable
 
 log = logging.getLogger("selfforcing.train")
+METRICS_FILE = "metrics.jsonl"
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: D.DistEnv | None = None):
         self.cfg = cfg
         self.env = env or D.init_distributed(cfg.device)
+        if self.env.is_main:
+            check_writable(Path(cfg.output_dir) / METRICS_FILE)  # before minutes of model loading
         device = self.env.device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
@@ -133,7 +137,7 @@ class Trainer:
         """Run to ``cfg.steps``; returns the logged figures of every step run here."""
         cfg = self.cfg
         if resume:
-            self.load(self.store.latest())
+            self.resume()
         from tqdm import tqdm
 
         writer = self._tensorboard()
@@ -168,7 +172,7 @@ class Trainer:
             return
         out = Path(self.cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metrics.jsonl", "a") as f:
+        with open(out / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": self.step, **logs}) + "\n")
         if writer is not None:
             for k, v in logs.items():
@@ -288,7 +292,8 @@ class Trainer:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(Path(self.cfg.output_dir) / "tensorboard"))
+        # A resumed run replaces what the interrupted one logged after its last checkpoint.
+        return SummaryWriter(str(Path(self.cfg.output_dir) / "tensorboard"), purge_step=self.step or None)
 
     # ---- checkpoints ------------------------------------------------------
     def save(self) -> None:
@@ -298,8 +303,9 @@ class Trainer:
                  "optimizers": optim, "noise_rng": self.noise_rng.get_state(), "torch_rng": torch.get_rng_state()}
         self.store.save(self.step, weights, state)
 
-    def load(self, path: Path) -> None:
-        weights, state = self.store.load(path)
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint (see ``CheckpointStore.load_latest``)."""
+        path, weights, state = self.store.load_latest(self._modules())
         for name, module in self._modules().items():
             D.load_full_state_dict(module, weights[name])
         for name, (module, opt) in self._optimizers().items():
@@ -310,6 +316,17 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Keep the metrics of the steps up to the resumed one: the steps after it run again and
+        would be logged twice. A line cut short by a kill goes too."""
+        path = Path(self.cfg.output_dir) / METRICS_FILE
+        if not path.is_file():
+            return
+        lines = [(_logged_step(line), line) for line in path.read_text().splitlines()]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for step, line in lines if step is not None and step <= self.step))
 
     def export(self, path: str | Path) -> None:
         """Write a selfforcing model directory (EMA weights if kept) for `generate`."""
@@ -337,6 +354,13 @@ class Trainer:
             source, target = (root / name if root else None), path / name
             if source is not None and source.is_dir() and not target.exists():
                 target.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _fmt(t: torch.Tensor) -> str:

@@ -17,7 +17,7 @@ from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.wan import BlockCausal, CausalWanModel
 from selfforcing.training.losses.ode import ode_regression_loss
-from selfforcing.utils import atomic_path
+from selfforcing.utils import atomic_path, check_writable
 
 
 @torch.no_grad()
@@ -100,7 +100,10 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
     if cfg.teacher is None:
         raise SelfForcingError(f"{config_path} has no teacher to sample")
     num_steps = num_steps or cfg.loss.ode_sampling_steps or 48
+    if not (output or cfg.data.path):
+        raise SelfForcingError(f"{config_path} has no data.path to write the pairs to: pass -o PAIRS.safetensors")
     output = Path(output or cfg.data.path)
+    check_writable(output)  # before the teacher samples for minutes
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     prompts = read_prompts(prompts_path)
     text_encoder = loading.load_text_encoder(cfg, device)

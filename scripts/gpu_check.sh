@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one H100/H200, under 8 minutes): Wan2.1-T2V-1.3B shape, random
+# weights, bf16. Asserts the fast engine, compiled and as CUDA graphs, matches the eager loop,
+# then prints the speed table for docs/PERFORMANCE.md. Needs only the machine's torch and
+# this repository (no install, nothing downloaded); a diffusers wheel carried in .whl/ adds
+# the VAE-decode column.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 benchmarks/gpu_check.py "$@"

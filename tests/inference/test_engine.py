@@ -1,0 +1,121 @@
+"""The fast streaming engine (``StaticKVCache`` + one fixed-shape chunk step) against the
+eager reference loop, and its compiled step: one graph, never recompiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factories import randomize_
+from selfforcing.bench import FixedTextEncoder
+from selfforcing.inference.conditioning import Conditioning
+from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
+from selfforcing.models import CausalWanModel, WanConfig, preset
+from selfforcing.models.kv_cache import StaticKVCache
+from selfforcing.models.vae import PixelCodec
+
+
+def tiny_model(rope_max_seq_len: int = 64) -> CausalWanModel:
+    torch.manual_seed(0)
+    cfg = WanConfig.from_dict({**preset("tiny").to_dict(), "in_channels": 12, "out_channels": 12,
+                               "rope_max_seq_len": rope_max_seq_len})
+    return randomize_(CausalWanModel(cfg), std=0.1).eval()
+
+
+def pipelines(model: CausalWanModel, **sampling) -> dict[str, StreamingPipeline]:
+    s = SamplingConfig(height=16, width=16, **{"kv_cache_frames": 6, **sampling})
+    return {engine: StreamingPipeline(model, FixedTextEncoder(16, 8), PixelCodec(2), s, engine=engine)
+            for engine in ("eager", "fast")}
+
+
+def texts(pipe: StreamingPipeline, batch: int = 2):
+    g = torch.Generator().manual_seed(3)
+    return [pipe.model.encode_text(torch.randn(batch, 8, 16, generator=g)) for _ in range(2)]
+
+
+def latents(pipe: StreamingPipeline, num_frames: int, switch=None, prefix=None, batch: int = 2) -> torch.Tensor:
+    """Stream and return every chunk's latents; ``switch(conditioning)`` after the second chunk."""
+    first, second = texts(pipe, batch)
+    conditioning = Conditioning(first)
+    out = []
+    with torch.no_grad():
+        for chunk in pipe.stream(conditioning, num_frames, seed=0, initial_latents=prefix):
+            out.append(chunk.latents)
+            if switch is not None and chunk.index == 1:
+                switch(conditioning, second)
+    return torch.cat(out, dim=2)
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and a.abs().max() > 0.1
+    assert (a - b).abs().max() <= 1e-5, (a - b).abs().max()
+
+
+@pytest.mark.parametrize("frames_per_chunk", [3, 1])
+@pytest.mark.parametrize("sinks, rope", [(0, "absolute"), (1, "relative"), (2, "relative")])
+def test_fast_engine_equals_the_eager_loop_while_the_cache_rolls(frames_per_chunk, sinks, rope):
+    """Batch 2; a cache of 6 frames over a 24-frame stream: it fills, then evicts every chunk."""
+    if rope == "absolute":  # absolute positions stop at the RoPE table (64): 24 frames fit
+        sinks = 0
+    pipes = pipelines(tiny_model(), frames_per_chunk=frames_per_chunk, sink_frames=sinks, rope_positions=rope)
+    assert_same(latents(pipes["eager"], 24), latents(pipes["fast"], 24))
+
+
+def test_fast_engine_goes_past_the_rope_table_with_relative_positions():
+    pipes = pipelines(tiny_model(rope_max_seq_len=10), sink_frames=1, rope_positions="relative")
+    assert_same(latents(pipes["eager"], 30), latents(pipes["fast"], 30))  # frame 29 is past the 10-position table
+
+
+@pytest.mark.parametrize("mode", ["recache", "blend"])
+def test_fast_engine_equals_the_eager_loop_across_a_prompt_switch(mode):
+    pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
+    switch = lambda c, text: c.switch(text, mode, blend_chunks=3)  # noqa: E731
+    assert_same(latents(pipes["eager"], 24, switch), latents(pipes["fast"], 24, switch))
+
+
+def test_fast_engine_equals_the_eager_loop_when_extending_a_video():
+    """A 7-frame prefix fills the cache in pieces of 3, 3 and 1 (the last one padded to a chunk)."""
+    pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
+    prefix = torch.randn(1, 12, 7, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert_same(latents(pipes["eager"], 12, prefix=prefix, batch=1), latents(pipes["fast"], 12, prefix=prefix, batch=1))
+
+
+def test_generate_and_serve_stream_with_the_fast_engine():
+    from selfforcing.cli import DEFAULT_MODEL
+
+    pipe = StreamingPipeline.from_pretrained(DEFAULT_MODEL)
+    assert pipe.engine == "fast" and isinstance(pipe.new_cache(), StaticKVCache)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_compiles_once_and_never_recompiles():
+    """A stream four times the cache length, with sinks and relative positions (every chunk
+    after the third evicts and shifts the window), a re-cache switch, a blend switch and a
+    partial prefix piece, then a second stream: two graphs (a chunk with an empty cache, every
+    other chunk), each compiled at its first forward and never again."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
+    fast = pipes["fast"]
+    fast.compile()
+    prefix = torch.randn(2, 12, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = latents(fast, 24, switch=lambda c, text: c.switch(text, "recache"), prefix=prefix)
+    graphs = counters["stats"]["unique_graphs"]
+    out2 = latents(fast, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3))
+    assert graphs == 2 and counters["stats"]["unique_graphs"] == 2
+    assert not counters["recompiles"] and not counters["graph_break"]
+    eager = pipes["eager"]
+    assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "recache"), prefix=prefix), out)
+    assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3)), out2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_match_the_eager_loop_in_bf16():
+    model = tiny_model().to("cuda", torch.bfloat16)
+    pipes = pipelines(model, sink_frames=1, rope_positions="relative")
+    pipes["fast"].compile()  # reduce-overhead: CUDA graphs
+    eager, fast = latents(pipes["eager"], 24).float(), latents(pipes["fast"], 24).float()
+    assert (fast - eager).norm() / eager.norm() < 2e-2

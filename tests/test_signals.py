@@ -1,0 +1,106 @@
+"""SIGTERM, what ``timeout`` and ``docker stop`` send, stops a command the way Ctrl-C does:
+the same cleanup runs, nothing is left beside the output, and a resumed run is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from factories import tiny_config
+from selfforcing.cli import main
+
+PROMPT = "a red circle bouncing on a dark blue background"
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the subprocesses: same results, no thread contention
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "selfforcing", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before the signal: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the command to get going"
+        time.sleep(0.01)
+
+
+def terminate(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "terminated"
+    return err
+
+
+def hidden(root: Path) -> list[Path]:
+    """Temporaries (``.NAME.PID.RANDOM.tmp...``) anywhere under ``root``."""
+    return [p for p in root.rglob(".*")]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sigterm_mid_generate_leaves_only_the_earlier_output(tmp_path):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"an earlier video")
+    proc = start(["generate", PROMPT, "-o", str(out), "--frames", "1023", "--quiet"], tmp_path)
+    wait_for(lambda: any(tmp_path.glob(".out.mp4.*.tmp.mp4")), proc)  # the writer is open: frames are flowing
+    time.sleep(0.3)
+    terminate(proc)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+    assert out.read_bytes() == b"an earlier video"
+
+
+def test_sigterm_mid_training_then_resume_is_exact(tmp_path):
+    steps = 10
+    configs = {}
+    for name in ("full", "split"):
+        cfg = tiny_config(tmp_path / name, paradigm={"name": "teacher"}, loss={"name": "denoising"}, steps=steps,
+                          data={"batch_size": 1, "num_frames": 3, "height": 8, "width": 8},
+                          logging={"checkpoint_every": 2, "log_every": 1})
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(configs["full"])]) == 0  # the uninterrupted reference
+
+    split = tmp_path / "split"
+    proc = start(["train", str(configs["split"])], tmp_path)
+    wait_for(lambda: (split / "checkpoints" / "latest").is_file(), proc)
+    terminate(proc)
+    assert not hidden(split)  # no temporary checkpoint folder, no half-written pointer
+    interrupted_at = int((split / "checkpoints" / "latest").read_text().removeprefix("step-"))
+    assert interrupted_at < steps
+
+    # A checkpoint write killed by SIGKILL (no cleanup at all) leaves its folder: the next run clears it.
+    stale = split / "checkpoints" / f".step-{interrupted_at + 2:07d}.{dead_pid()}.abcd1234.tmp"
+    stale.mkdir()
+    (stale / "student.safetensors").write_bytes(b"half")
+    assert main(["train", str(configs["split"]), "--resume"]) == 0
+    assert not hidden(split)
+
+    last = f"checkpoints/step-{steps:07d}"
+    for name in ("student", "ema"):
+        full = load_file(tmp_path / "full" / last / f"{name}.safetensors")
+        resumed = load_file(split / last / f"{name}.safetensors")
+        assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
+
+    def metrics(run: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "it_per_s"} for line in lines]
+
+    assert [m["step"] for m in metrics(split)] == list(range(1, steps + 1))  # each step logged once
+    assert metrics(split) == metrics(tmp_path / "full")
