@@ -228,12 +228,18 @@ class StreamingPipeline:
 
     def compile(self, mode: str | None = "default-for-device") -> None:
         """Compile the fast engine's chunk step (once per chunk size, batch and resolution; the
-        first chunk pays for it). On CUDA the default mode also captures it as a CUDA graph."""
+        first two chunks pay for it). The default for the device: on CUDA, captured as CUDA
+        graphs (``reduce-overhead``); on the CPU, with the weights frozen into the graph
+        (inductor's ``freezing``: prepacked matmul weights, q/k/v projections joined into one
+        matmul), so load or fuse weights first."""
         if self.engine != "fast":
             raise SelfForcingError("compile() needs the fast engine (engine='fast')")
-        if mode == "default-for-device":
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.model.compile_step(mode)
+        if mode != "default-for-device":
+            self.model.compile_step(mode)
+        elif self.device.type == "cuda":
+            self.model.compile_step("reduce-overhead")
+        else:
+            self.model.compile_step(options={"freezing": True, "cpp.enable_concat_linear": True})
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str] | str) -> TextContext:

@@ -600,12 +600,13 @@ class CausalWanModel(nn.Module):
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, num_frames, height, width)
 
     # ---- the fast engine -------------------------------------------------
-    def compile_step(self, mode: str | None = None) -> None:
+    def compile_step(self, mode: str | None = None, options: dict | None = None) -> None:
         """Compile the chunk step of ``StaticKVCache`` forwards: one graph for a chunk with an
         empty cache, one for every other (the attended prefix is its one dynamic size), each
         compiled once (fullgraph) and never again as the cache fills, rolls, switches prompt
-        or re-caches. ``mode="reduce-overhead"`` on CUDA also captures them as CUDA graphs."""
-        compiled = partial(torch.compile, fullgraph=True, dynamic=False, mode=mode)
+        or re-caches. ``mode="reduce-overhead"`` on CUDA also captures them as CUDA graphs;
+        ``options`` go to inductor (they exclude ``mode``)."""
+        compiled = partial(torch.compile, fullgraph=True, dynamic=False, mode=mode, options=options)
         self._compiled_steps = (compiled(self._first_chunk_step), compiled(self._step))
 
     def _first_chunk_step(self, x, t, text, sa) -> torch.Tensor:
