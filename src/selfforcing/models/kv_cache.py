@@ -188,6 +188,7 @@ class StaticKVCache(KVCache):
             raise SelfForcingError(f"chunk_frames must be >= 1, got {chunk_frames}")
         self.chunk_frames = chunk_frames
         self._text = self._text_source = None  # the prompt's cross-attention K/V in fixed buffers
+        self._rope: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         super().__init__(num_layers, capacity, sink_frames, rope_positions)
 
     def allocate(self, batch: int, tokens_per_frame: int, heads: int, head_dim: int, dtype, device) -> None:
@@ -231,6 +232,14 @@ class StaticKVCache(KVCache):
                 v.copy_(src_v)
         self._text_source = text
         return self._text
+
+    def chunk_rope(self, rope, positions: torch.Tensor, height: int, width: int):
+        """``rope(positions, height, width)``, recomputed only when the positions change: the
+        denoising steps and the cache fill of one chunk share them."""
+        key = (tuple(positions.tolist()), height, width)
+        if self._rope is None or self._rope[0] != key:
+            self._rope = (key, rope(positions, height, width))
+        return self._rope[1]
 
     # ---- one forward -----------------------------------------------------
     def attended(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

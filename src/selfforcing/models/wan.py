@@ -637,8 +637,8 @@ class CausalWanModel(nn.Module):
         positions = torch.cat([positions, positions[-1:].expand(n - f)])
         slots = cache.evict(f) if update_cache else None
         views = [cache.attended(layer) for layer in range(len(self.blocks))]
-        sa = StaticAttnInputs(self.rope(positions, h, w), [k for k, _ in views], [v for _, v in views],
-                              cache.attention_mask(f))
+        sa = StaticAttnInputs(cache.chunk_rope(self.rope, positions, h, w), [k for k, _ in views],
+                              [v for _, v in views], cache.attention_mask(f))
         compiled = getattr(self, "_compiled_steps", None)
         if compiled is None or sa.mask is not None:
             step = self._step
