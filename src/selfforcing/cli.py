@@ -49,6 +49,33 @@ _port = _number(int, Range(1, 65535))
 _positive_float = _number(float, POSITIVE)
 
 
+def _lora(text: str) -> tuple[Path, float]:
+    """An argparse type: ``FILE[:SCALE]``, an existing LoRA file and a finite weight (default 1)."""
+    path, colon, scale = text.rpartition(":")
+    if colon and not Path(text).exists():  # a file name may itself hold a colon
+        try:
+            weight = float(scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{scale!r} in {text!r} is not a scale; write FILE or FILE:SCALE, "
+                                             f"e.g. {path}:0.8") from None
+        if not math.isfinite(weight):
+            raise argparse.ArgumentTypeError(f"the scale of {text!r} must be a finite number, got {scale}")
+    else:
+        path, weight = text, 1.0
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"LoRA file {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
+    return Path(path), weight
+
+
+def _add_lora_arguments(parser: argparse.ArgumentParser, unfused: bool = True) -> None:
+    parser.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
+                        help="apply a Wan LoRA (diffusers, original Wan / ComfyUI or musubi layout), weighted by "
+                             "SCALE (default 1); repeatable. Fused into the weights: base-model speed")
+    if unfused:
+        parser.add_argument("--lora-unfused", action="store_true",
+                            help="keep the LoRAs as separate adapters instead of fusing them (slower; for comparison)")
+
+
 def _load_pipeline(args: argparse.Namespace, model: Path):
     """The pipeline of ``generate`` and ``serve``: --device, --checkpoint, --text-encoder-device."""
     from selfforcing.inference.pipeline import StreamingPipeline
@@ -56,6 +83,7 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
     text_device = None if args.text_encoder_device is None else _device(args.text_encoder_device)
     pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
                                              text_encoder_device=text_device)
+    pipe.load_loras(args.lora, fuse=not args.lora_unfused)  # before compile(): CPU compiling freezes the weights
     if args.compile:
         pipe.compile()
     return pipe
@@ -74,7 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = args.model
     if model is None:
         model = DEFAULT_MODEL
-        _explain_unknown_words(args.prompt)
+        if not args.lora:  # a LoRA may teach the toy model new words
+            _explain_unknown_words(args.prompt)
     pipe = _load_pipeline(args, model)
     if args.height or args.width:
         pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
@@ -151,13 +180,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg)
     try:
         history = trainer.train(resume=args.resume)
-        trainer.export(Path(cfg.output_dir) / "model")
+        written = trainer.export(Path(cfg.output_dir) / "model")
     finally:
         distributed.shutdown(trainer.env)
     if trainer.env.is_main and history:
         last = {k: round(v, 5) for k, v in history[-1].items() if k.endswith("loss")}
         print(f"trained {cfg.name} to step {trainer.step} ({trainer.skipped} skipped); last losses {last}; "
-              f"model written to {Path(cfg.output_dir) / 'model'}")
+              f"wrote {', '.join(map(str, written))}")
     distributed.exit_worker(trainer.env)
 
 
@@ -193,7 +222,9 @@ def cmd_ode_pairs(args: argparse.Namespace) -> None:
 def cmd_data_toy(args: argparse.Namespace) -> None:
     from selfforcing.data.toy_world import write_dataset
 
-    path = write_dataset(args.out, args.n, num_frames=args.frames, height=args.size, width=args.size, seed=args.seed)
+    shapes = {} if args.shapes is None else {"shapes": tuple(args.shapes)}
+    path = write_dataset(args.out, args.n, num_frames=args.frames, height=args.size, width=args.size, seed=args.seed,
+                         **shapes)
     print(f"wrote {args.n} toy-world videos to {path}")
 
 
@@ -213,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_writable(args.output / "results.json")
     results = evaluate_model(args.model or DEFAULT_MODEL, args.output, n=args.n, num_frames=args.frames,
                              seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
-                             window=args.window)
+                             window=args.window, loras=args.lora, shapes=args.shapes)
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
           f"semantic {s['semantic_accuracy']:.3f}, FD {s['fd']:.3f}; report in {args.output}")
@@ -287,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--compile", action="store_true",
                    help="compile the chunk step (CUDA: as a CUDA graph); the first chunk pays the compile time")
+    _add_lora_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="serve a web page that streams video live and switches prompts mid-stream")
@@ -303,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
     v.add_argument("--compile", action="store_true",
                    help="compile the chunk step (CUDA: as a CUDA graph); the first stream pays the compile time")
+    _add_lora_arguments(v)
     v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="measure streaming throughput, first-frame latency and peak memory")
@@ -348,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=_positive_int, default=4, help="frames per window of the windowed metrics (FD)")
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--shapes", nargs="+", default=None,
+                   help="shapes of the held-out scenes (default: circle square triangle, the trained ones; "
+                        "ring: the LoRA demo's new shape)")
+    _add_lora_arguments(e, unfused=False)
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("experiment", help="train and evaluate every method of an experiment plan (the paper's table)")
@@ -365,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--frames", type=_positive_int, default=16)
     toy.add_argument("--size", type=_positive_int, default=32)
     toy.add_argument("--seed", type=_seed, default=0)
+    toy.add_argument("--shapes", nargs="+", default=None,
+                     help="shapes to draw (default: circle square triangle; ring: clips of a concept the shipped "
+                          "model never saw)")
     toy.set_defaults(func=cmd_data_toy)
     enc = dsub.add_parser("encode", help="encode a folder of captioned videos to a latent cache (data.source: latents)")
     enc.add_argument("folder", type=Path)

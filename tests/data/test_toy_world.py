@@ -283,3 +283,17 @@ def test_unknown_words():
         assert unknown_words(caption(sample_scene(seed))) == []
     assert {"red", "circle", "dark", "background", "moving", "left", "resting"} <= VOCABULARY
     assert "dragon" not in VOCABULARY
+
+
+def test_the_ring_is_drawn_and_read_only_when_asked_for():
+    """The LoRA demo's new concept: never in the default scenes, a hole in its middle, in the grammar."""
+    assert all(o.shape != "ring" for i in range(200) for o in sample_scene(i).objects)
+    scene = sample_scene(3, shapes=("ring",), max_objects=1)
+    (ring,) = scene.objects
+    frame = render(scene, 1, 64, 64, antialias=False)[0].numpy()
+    cx, cy = (int(v * 64) for v in ring.position)
+    background = np.array(toy_world.BACKGROUND_COLORS[scene.background])
+    assert ring.shape == "ring" and (frame[cy, cx] == background).all()  # the hole
+    assert parse_caption(caption(scene))["shapes"] == ["ring"]
+    with pytest.raises(SelfForcingError, match="shapes must be a non-empty subset"):
+        sample_scene(0, shapes=("star",))

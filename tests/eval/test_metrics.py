@@ -396,3 +396,18 @@ def test_longer_generated_rollouts_than_real_clips(real, reference):
     assert len(result["per_frame"]["semantic_accuracy"]) == 24
     assert len(result["per_frame_real"]["saturation"]) == T
     assert len(result["per_window"]["fd"]) == 3
+
+
+def test_a_ring_is_recognised_by_its_hole():
+    from dataclasses import replace
+
+    from selfforcing.data.toy_world import sample_scene, video_seed
+    from selfforcing.eval.metrics import semantic_accuracy
+
+    scenes = [sample_scene(video_seed(2, i), shapes=("ring",)) for i in range(8)]
+    prompts = [caption(scene) for scene in scenes]
+    rings = torch.stack([render(scene, 4) for scene in scenes])
+    discs = torch.stack([render(Scene(s.background, tuple(replace(o, shape="circle") for o in s.objects)), 4)
+                         for s in scenes])
+    assert semantic_accuracy(rings, prompts).mean() > 0.95
+    assert semantic_accuracy(discs, prompts).mean() < 0.8  # a solid disc is no ring

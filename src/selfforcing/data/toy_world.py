@@ -54,7 +54,10 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
     "dark green": (15, 60, 25),
     "gray": (110, 110, 110),
 }
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # drawn by default: the shipped model's training data
+# Drawn and read only when asked for: a concept the shipped model never saw (the LoRA demo).
+NEW_SHAPES = ("ring",)
+ALL_SHAPES = SHAPES + NEW_SHAPES
 MOTIONS = ("horizontal", "vertical", "diagonal", "static")
 MOTION_PHRASES = ("moving left", "moving right", "moving up", "moving down", "bouncing", "resting")
 
@@ -128,28 +131,30 @@ def sample_scene(
     motions: tuple[str, ...] = MOTIONS,
     size_range: tuple[float, float] = (0.12, 0.22),
     speed_range: tuple[float, float] = (0.02, 0.06),
+    shapes: tuple[str, ...] = SHAPES,
 ) -> Scene:
     """Draw a scene from ``numpy.random.default_rng(seed)``.
 
     Objects in one scene get distinct colours, so a colour identifies an object in both
     the caption and the pixels. ``motions`` picks the allowed classes from
-    :data:`MOTIONS`; sizes and speeds are fractions of the frame (speeds per frame).
+    :data:`MOTIONS` and ``shapes`` from :data:`ALL_SHAPES`; sizes and speeds are fractions
+    of the frame (speeds per frame).
     """
-    _check_scene_options(max_objects, min_objects, motions, size_range, speed_range)
+    _check_scene_options(max_objects, min_objects, motions, size_range, speed_range, shapes)
     rng = np.random.default_rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
     count = int(rng.integers(min_objects, max_objects + 1))
     colors = rng.choice(list(OBJECT_COLORS), size=count, replace=False)
-    shapes = rng.choice(SHAPES, size=count)
+    drawn = rng.choice(shapes, size=count)
     sizes = [float(size) for size in rng.uniform(*size_range, size=count)]
     objects = []
-    for color, shape, size, position in zip(colors, shapes, sizes, _free_positions(rng, sizes)):
+    for color, shape, size, position in zip(colors, drawn, sizes, _free_positions(rng, sizes)):
         velocity = _velocity(rng, str(rng.choice(motions)), float(rng.uniform(*speed_range)), position)
         objects.append(ToyObject(str(shape), str(color), size, position, velocity))
     return Scene(background, tuple(objects))
 
 
-def _check_scene_options(max_objects, min_objects, motions, size_range, speed_range) -> None:
+def _check_scene_options(max_objects, min_objects, motions, size_range, speed_range, shapes) -> None:
     """Reject options that would fail deep inside numpy or silently draw odd scenes."""
     if _not_int(min_objects) or _not_int(max_objects) or not 1 <= min_objects <= max_objects <= len(OBJECT_COLORS):
         raise SelfForcingError(
@@ -159,6 +164,8 @@ def _check_scene_options(max_objects, min_objects, motions, size_range, speed_ra
     unknown = [m for m in motions if m not in MOTIONS]
     if not motions or unknown:
         raise SelfForcingError(f"motions must be a non-empty subset of {MOTIONS}, got {tuple(motions)}")
+    if not shapes or any(s not in ALL_SHAPES for s in shapes):
+        raise SelfForcingError(f"shapes must be a non-empty subset of {ALL_SHAPES}, got {tuple(shapes)}")
     if not 0 < size_range[0] <= size_range[1] < 0.5:
         raise SelfForcingError(f"size_range must satisfy 0 < low <= high < 0.5, got {size_range}")
     if not 0 <= speed_range[0] <= speed_range[1]:
@@ -262,7 +269,9 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) ->
     if shape == "triangle":  # apex up, base along the bottom of the bounding box
         slanted = (2 * np.abs(dx) - dy - size) / math.sqrt(5)
         return np.maximum(slanted, dy - size)
-    raise SelfForcingError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
+    if shape == "ring":  # a circle of radius ``size`` with a hole of half that radius
+        return np.abs(np.hypot(dx, dy) - 0.75 * size) - 0.25 * size
+    raise SelfForcingError(f"unknown shape {shape!r}; known shapes: {', '.join(ALL_SHAPES)}")
 
 
 def to_float_video(video: torch.Tensor) -> torch.Tensor:
@@ -335,11 +344,11 @@ def _split_on(words: list[str], separator: str) -> list[list[str]]:
 
 def _parse_object(words: list[str], text: str) -> tuple[str, str, str]:
     """One '<a|an> <colour> <shape> <motion phrase>' group."""
-    if len(words) < 4 or words[0] not in ("a", "an") or words[1] not in OBJECT_COLORS or words[2] not in SHAPES \
+    if len(words) < 4 or words[0] not in ("a", "an") or words[1] not in OBJECT_COLORS or words[2] not in ALL_SHAPES \
             or " ".join(words[3:]) not in MOTION_PHRASES:
         raise SelfForcingError(
             f"caption {text!r}: cannot read {' '.join(words)!r} as 'a <colour> <shape> <motion>' "
-            f"(colours: {', '.join(OBJECT_COLORS)}; shapes: {', '.join(SHAPES)}; "
+            f"(colours: {', '.join(OBJECT_COLORS)}; shapes: {', '.join(ALL_SHAPES)}; "
             f"motions: {', '.join(MOTION_PHRASES)})"
         )
     return words[1], words[2], " ".join(words[3:])

@@ -186,6 +186,8 @@ class Detections:
     ``centroid`` (N, T, C, 2): (x, y) mask centroid in fractions of the frame, NaN if absent.
     ``fill`` (N, T, C): mask area / bounding-box area, NaN if absent.
     ``shape`` (N, T, C): index into SHAPES guessed from ``fill``, -1 if absent.
+    ``hollow`` (N, T, C): present, and the pixel at the centroid is not the object's colour
+    (a ring, the toy world's one shape with a hole).
     ``background`` (N, T): index into BACKGROUND_NAMES; ``background_distance`` its distance.
     """
 
@@ -194,6 +196,7 @@ class Detections:
     centroid: np.ndarray
     fill: np.ndarray
     shape: np.ndarray
+    hollow: np.ndarray
     background: np.ndarray
     background_distance: np.ndarray
 
@@ -233,7 +236,19 @@ def detect(videos: Any, threshold: float = COLOR_THRESHOLD) -> Detections:
     centroid[absent] = np.nan
     fill[absent] = np.nan
     background, background_distance = estimate_background(videos)
-    return Detections(fraction, present, centroid, fill, shape_from_fill(fill), background, background_distance)
+    return Detections(fraction, present, centroid, fill, shape_from_fill(fill), _hollow(labels, centroid),
+                      background, background_distance)
+
+
+def _hollow(labels: np.ndarray, centroid: np.ndarray) -> np.ndarray:
+    """(N, T, C): the label at each present object's centroid pixel is not its own colour."""
+    n, t, height, width = labels.shape
+    present = ~np.isnan(centroid[..., 0])
+    column = np.clip(np.nan_to_num(centroid[..., 0]) * width, 0, width - 1).astype(int)
+    row = np.clip(np.nan_to_num(centroid[..., 1]) * height, 0, height - 1).astype(int)
+    video, frame = np.indices((n, t))
+    at_centre = labels[video[..., None], frame[..., None], row, column]
+    return present & (at_centre != np.arange(centroid.shape[2]))
 
 
 def _extent(occupied: np.ndarray) -> np.ndarray:
@@ -261,7 +276,7 @@ def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detection
     For a prompt with K objects, a frame earns up to 2K + 2 points::
 
         score = ( sum_k present_k                      # colour k covers MIN_AREA..MAX_AREA
-                + sum_k present_k and shape_k correct  # fill-ratio guess matches the prompt
+                + sum_k present_k and shape_k correct  # fill-ratio guess matches the prompt (a ring: hollow)
                 + [no unprompted object colour is present]
                 + [background matches the prompt] ) / (2K + 2)
 
@@ -278,9 +293,8 @@ def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detection
     scores = np.empty(detections.present.shape[:2])
     for n, prompt in enumerate(parsed):
         colors = [OBJECT_NAMES.index(c) for c in prompt["colors"]]
-        shapes = np.array([SHAPES.index(s) for s in prompt["shapes"]])
         present = detections.present[n][:, colors]  # (T, K)
-        shape_ok = present & (detections.shape[n][:, colors] == shapes)
+        shape_ok = present & np.stack([_shape_seen(detections, n, c, s) for c, s in zip(colors, prompt["shapes"])], -1)
         extra = np.delete(detections.present[n], colors, axis=-1).any(-1)
         background_ok = (detections.background[n] == BACKGROUND_NAMES.index(prompt["background"])) & (
             detections.background_distance[n] <= BACKGROUND_THRESHOLD
@@ -288,6 +302,13 @@ def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detection
         points = present.sum(-1) + shape_ok.sum(-1) + ~extra + background_ok
         scores[n] = points / (2 * len(colors) + 2)
     return scores
+
+
+def _shape_seen(detections: Detections, video: int, color: int, shape: str) -> np.ndarray:
+    """(T,) the object of ``color`` looks like ``shape``: a ring by its hole, the rest by fill ratio."""
+    if shape == "ring":
+        return detections.hollow[video][:, color]
+    return detections.shape[video][:, color] == SHAPES.index(shape)
 
 
 # ---------------------------------------------------------------------------- quality

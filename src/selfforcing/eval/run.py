@@ -8,17 +8,18 @@ from pathlib import Path
 
 import torch
 
-from selfforcing.data.toy_world import caption, render, sample_scene, video_seed
+from selfforcing.data.toy_world import SHAPES, caption, render, sample_scene, video_seed
 from selfforcing.errors import SelfForcingError
 from selfforcing.eval.metrics import evaluate_videos
-from selfforcing.eval.report import write_report
+from selfforcing.eval.report import write_report, write_sample_strips
 from selfforcing.inference.pipeline import StreamingPipeline
 
 EVAL_SEED = 2  # scene seed of held-out prompts (training draws seed 0, ODE-pair prompts seed 1)
+SAMPLE_ROWS = 3  # prompts shown in samples.png
 
 
-def eval_scenes(n: int, seed: int = EVAL_SEED):
-    return [sample_scene(video_seed(seed, i)) for i in range(n)]
+def eval_scenes(n: int, seed: int = EVAL_SEED, shapes: tuple[str, ...] = SHAPES):
+    return [sample_scene(video_seed(seed, i), shapes=shapes) for i in range(n)]
 
 
 def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int, batch_size: int,
@@ -32,16 +33,20 @@ def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int
 
 
 def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_frames: int | None = None,
-                   seed: int = 0, batch_size: int = 8, device: str = "cpu", window: int = 4) -> dict:
+                   seed: int = 0, batch_size: int = 8, device: str = "cpu", window: int = 4,
+                   loras: list[tuple[Path, float]] = (), shapes: tuple[str, ...] | None = None) -> dict:
     """Generate ``n`` videos of ``num_frames`` (default: the model's cache length) and write
-    ``results.json`` and per-frame plots into ``out_dir``."""
+    ``results.json``, per-frame plots and ``samples.png`` (the first prompts' videos above their
+    real clips) into ``out_dir``. ``loras`` (file, scale) are fused
+    into the model first; ``shapes`` limits the held-out scenes to these (default: the trained ones)."""
+    scenes = eval_scenes(n, shapes=tuple(shapes or SHAPES))  # an unknown shape fails before the model loads
     pipe = StreamingPipeline.from_pretrained(model, device=device)
+    pipe.load_loras(list(loras))
     s = pipe.sampling
     if num_frames is None:
         num_frames = pipe.video_frames(s.kv_cache_frames)
     if n < 2:
         raise SelfForcingError("evaluation needs at least 2 videos (the Fréchet distance uses covariances)")
-    scenes = eval_scenes(n)
     prompts = [caption(scene) for scene in scenes]
     generated, fps = generate_videos(pipe, prompts, num_frames, batch_size, seed)
     real = torch.stack([torch.as_tensor(render(scene, num_frames, s.height, s.width)) for scene in scenes])
@@ -49,4 +54,7 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     results["model"] = str(model)
     results["stream"] = {"fps": fps, "batch_size": batch_size}
     write_report(results, out_dir)
+    shown = min(SAMPLE_ROWS, n)
+    write_sample_strips({"generated": generated[:shown], "real": real[:shown]}, prompts[:shown],
+                        Path(out_dir) / "samples.png", every=max(1, num_frames // 12))
     return results

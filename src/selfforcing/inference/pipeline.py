@@ -179,6 +179,20 @@ class StreamingPipeline:
         vae = vae_from_config(vae_cfg, path / "vae", device=device)
         return cls(model, text_encoder, vae, sampling, engine)
 
+    def load_loras(self, loras: list[tuple[str | Path, float]], fuse: bool = True) -> None:
+        """Apply LoRA files (diffusers, original-Wan / ComfyUI or musubi layout), each times its
+        scale. Fused (default), they are added into the weights, so streams run at base-model
+        speed and ``compile()`` freezes the result; unfused, they stay separate adapters
+        (``selfforcing.models.lora.fuse`` / ``unfuse`` switch later)."""
+        if not loras:
+            return
+        from selfforcing.models import lora
+
+        for path, scale in loras:
+            lora.load(self.model, path, scale, name=f"lora{len(getattr(self.model, 'peft_config', {}))}")
+        if fuse:
+            lora.fuse(self.model)
+
     def save_pretrained(self, path: str | Path, text_encoder_config: dict | None = None) -> None:
         """Write a selfforcing model directory (config last, so a partial write is never loadable).
         ``text_encoder_config`` replaces the encoder's own (a prompt cache names its source)."""

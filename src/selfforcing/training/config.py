@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from selfforcing.errors import SelfForcingError, reading
+from selfforcing.models.lora import BLOCK_LINEARS, LoraSpec
 from selfforcing.schema import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, SEED, UNIT, Range,
                                 bounded, build)
 
@@ -120,6 +121,23 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Train low-rank adapters (peft LoRA) instead of the whole generator: its weights stay
+    frozen, checkpoints hold the adapters and their optimiser state, and the run exports
+    ``output_dir/lora.safetensors`` (diffusers' Wan LoRA layout) beside the fused model."""
+
+    rank: int = bounded(AT_LEAST_ONE, 16)
+    alpha: float | None = bounded(POSITIVE, None)  # the update is scaled by alpha / rank; default: rank (scale 1)
+    target_modules: list[str] = field(default_factory=lambda: list(BLOCK_LINEARS))  # layer names (or their ends)
+    dropout: float = bounded(FRACTION, 0.0)  # on the adapters' input
+    critic: bool = False  # distillation: adapters on the critic too (false: the whole critic trains)
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(self.rank, float(self.rank if self.alpha is None else self.alpha), tuple(self.target_modules),
+                        self.dropout)
+
+
+@dataclass
 class LogConfig:
     log_every: int = bounded(AT_LEAST_ONE, 10)
     checkpoint_every: int = bounded(AT_LEAST_ONE, 100)
@@ -144,6 +162,7 @@ class TrainConfig:
     paradigm: ParadigmConfig = field(default_factory=ParadigmConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig | None = None  # set: fine-tune with LoRA adapters on the frozen generator
     logging: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -216,6 +235,10 @@ def validate(cfg: TrainConfig) -> None:
                                f"not {loss.name}")
     if cfg.critic is not None and not cfg.distillation:
         raise SelfForcingError(f"critic is set but loss {loss.name} trains no critic")
+    if cfg.lora is not None and cfg.lora.critic and not cfg.distillation:
+        raise SelfForcingError(f"lora.critic is true but loss {loss.name} trains no critic; drop it")
+    if cfg.lora is not None and not cfg.lora.target_modules:
+        raise SelfForcingError("lora.target_modules is empty; name the layers to adapt, e.g. [to_q, to_k, to_v, to_out.0]")
     _one_of("loss.score_t_sampling", loss.score_t_sampling, SCORE_T_SAMPLING)
     if loss.min_t > loss.max_t:
         raise SelfForcingError(f"loss.min_t {loss.min_t} is above loss.max_t {loss.max_t}; min_t <= max_t")

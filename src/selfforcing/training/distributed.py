@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from selfforcing.errors import SelfForcingError
 from selfforcing.utils import torch_device
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -95,8 +96,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=FULL)
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU tensors of the parameters that train: all of a full fine-tune, only the
+    adapters of a LoRA run (what a checkpoint keeps; collective)."""
+    return get_model_state_dict(model, options=replace(FULL, ignore_frozen_params=True))
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`trainable_state_dict` wrote; it must name exactly the trainable parameters."""
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        odd = sorted(set(state) ^ expected)
+        raise SelfForcingError(f"checkpoint weights do not match the model's trainable parameters "
+                               f"({len(odd)} differ, e.g. {odd[0]})")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

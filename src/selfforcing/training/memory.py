@@ -96,6 +96,9 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
     if not isinstance(world_size, int) or world_size < 1:
         raise SelfForcingError(f"world size must be a positive integer, got {world_size!r}")
     notes: list[str] = []
+    if cfg.lora is not None:  # adapters are a fraction of a percent of the weights
+        notes.append("lora: planned as a full fine-tune, an upper bound (only the adapters train and keep EMA, "
+                     "gradients and AdamW moments)")
     nets = _networks(cfg, notes)
     tokens = _tokens(cfg, nets["generator"].config)
     steps = {name: _step_bytes(forwards) for name, forwards in _steps(cfg, nets, tokens).items()}

@@ -4,12 +4,14 @@ Per step: (distillation) the generator is updated every ``loss.generator_every``
 the critic every step (the paper's 1:5 ratio); each update accumulates gradients over
 ``optim.grad_accum`` micro-batches, clips them, and is skipped, with a message, if the loss
 or the gradient is not finite. The student's EMA follows every generator update after
-``optim.ema_start``. Checkpoints hold everything needed to resume exactly (weights, EMA,
-optimisers, random states, data position) and are written atomically.
+``optim.ema_start``. Checkpoints hold everything needed to resume exactly (trainable weights,
+EMA, optimisers, random states, data position) and are written atomically. With a ``lora``
+section only adapters train (and are checkpointed); the base weights stay frozen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -22,12 +24,14 @@ from torch import nn
 
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
+from selfforcing.models import lora
 from selfforcing.models.wan import CausalWanModel
 from selfforcing.training import distributed as D
 from selfforcing.training import loading
 from selfforcing.training.checkpoint import CheckpointStore
 from selfforcing.training.config import ScoreModelConfig, TrainConfig, grad_accum_steps
 from selfforcing.training.data import DataStream, build_dataset
+from selfforcing.training.ema import TrainableEMA
 from selfforcing.training.losses.gan import DiscriminatorHead
 from selfforcing.training.objective import Batch, Objective, Rngs
 from selfforcing.training.paradigms.ode import OdePairs
@@ -35,6 +39,7 @@ from selfforcing.utils import atomic_path, check_writable
 
 log = logging.getLogger("selfforcing.train")
 METRICS_FILE = "metrics.jsonl"
+LORA_FILE = "lora.safetensors"  # a LoRA run's adapter, in output_dir
 
 
 class Trainer:
@@ -53,6 +58,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         self.student = loading.load_generator(cfg.model, device)
+        if cfg.lora is not None:
+            lora.add_adapter(self.student, cfg.lora.spec())
         loading.check_io(self.student.config, self.text_encoder, self.vae, "generator")
         self.teacher = self.critic = self.head = None
         if cfg.distillation:  # (an ODE-init config names its teacher for `ode-pairs` only)
@@ -60,19 +67,20 @@ class Trainer:
             # The fake score starts from its own model (official: the 1.3B model beside a 14B
             # real score) or, by default, from the teacher.
             critic = self._load_score_model(cfg.critic, "critic") or copy.deepcopy(self.teacher)
-            self.critic = critic.requires_grad_(True)
+            adapted = cfg.lora is not None and cfg.lora.critic
+            self.critic = lora.add_adapter(critic, cfg.lora.spec()) if adapted else critic.requires_grad_(True)
             if cfg.loss.name == "gan":
                 self.head = DiscriminatorHead(self.critic.config.dim).to(device)
-        self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.optim.ema_decay else None
-        for model in (self.student, self.teacher, self.critic, self.ema):
+        for model in (self.student, self.teacher, self.critic):
             if model is not None:
                 D.shard(model, self.env)
+        self.ema = TrainableEMA(self.student) if cfg.optim.ema_decay else None  # of the shards, under FSDP
         for model in (self.student, self.critic, self.teacher):  # SiD backpropagates through the teacher too
             if model is not None:
                 model.gradient_checkpointing = cfg.paradigm.gradient_checkpointing
 
         opt = cfg.optim
-        self.gen_opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=tuple(opt.betas),
+        self.gen_opt = torch.optim.AdamW(_trainable(self.student.parameters()), lr=opt.lr, betas=tuple(opt.betas),
                                          weight_decay=opt.weight_decay)
         dataset = build_dataset(cfg, self.vae)
         self.objective = Objective(cfg, self.student, self.schedule,
@@ -81,7 +89,7 @@ class Trainer:
                                    ode_timesteps=self._check_ode_pairs(dataset, latent_hw))
         self.critic_opt = None
         if self.objective.has_critic:
-            self.critic_opt = torch.optim.AdamW(self.objective.critic_parameters(), lr=opt.critic_lr,
+            self.critic_opt = torch.optim.AdamW(_trainable(self.objective.critic_parameters()), lr=opt.critic_lr,
                                                 betas=tuple(opt.betas), weight_decay=opt.weight_decay)
         self.data = DataStream(dataset, cfg.data.batch_size, cfg.seed, self.env)
         self.noise_rng = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + self.env.rank)
@@ -123,8 +131,18 @@ class Trainer:
         return d.height // r, d.width // r
 
     def _modules(self) -> dict[str, nn.Module]:
-        named = {"student": self.student, "ema": self.ema, "critic": self.critic, "head": self.head}
+        named = {"student": self.student, "critic": self.critic, "head": self.head}
         return {k: v for k, v in named.items() if v is not None}
+
+    def _averaged(self):
+        """The student holds the EMA weights inside this block (when there is an EMA)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _averaged_state(self, read) -> dict[str, torch.Tensor]:
+        """``read(student)``, a state dict, of the EMA weights (else the student's), copied inside the
+        block: on one process its tensors share storage with the parameters, which swap back after it."""
+        with self._averaged():
+            return {k: v.clone() for k, v in read(self.student).items()}
 
     def _optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
         opts = {"student": (self.student, self.gen_opt)}
@@ -193,22 +211,23 @@ class Trainer:
         from selfforcing.inference.rollout import rollout
         from selfforcing.models.kv_cache import KVCache
 
-        model, p, d = self.ema or self.student, self.cfg.paradigm, self.cfg.data
+        model, p, d = self.student, self.cfg.paradigm, self.cfg.data
         was_training = model.training
         model.eval()
-        text = model.encode_text(self.text_encoder.encode([prompt]).to(self.env.device))
-        shape = (1, model.config.in_channels, d.num_frames, *self.objective.latent_hw)
-        g = torch.Generator(self.env.device).manual_seed(self.cfg.seed)
-        if p.name == "teacher":
-            neg = model.encode_text(self.objective.uncond_text)
-            noise = torch.randn(shape, generator=g, device=self.env.device)
-            x0 = euler_sample_cfg(lambda x, t, c: model(x, t, text if c else neg), noise, self.schedule, 32,
-                                  self.cfg.loss.guidance_scale)
-        else:
-            chunk = (*shape[:2], p.frames_per_chunk, *shape[3:])
-            x0 = torch.cat(list(rollout(model, text, KVCache(len(model.blocks), d.num_frames), self.schedule,
-                                        self.objective.timesteps.to(self.env.device), chunk,
-                                        d.num_frames // p.frames_per_chunk, generator=g)), dim=2)
+        with self._averaged():
+            text = model.encode_text(self.text_encoder.encode([prompt]).to(self.env.device))
+            shape = (1, model.config.in_channels, d.num_frames, *self.objective.latent_hw)
+            g = torch.Generator(self.env.device).manual_seed(self.cfg.seed)
+            if p.name == "teacher":
+                neg = model.encode_text(self.objective.uncond_text)
+                noise = torch.randn(shape, generator=g, device=self.env.device)
+                x0 = euler_sample_cfg(lambda x, t, c: model(x, t, text if c else neg), noise, self.schedule, 32,
+                                      self.cfg.loss.guidance_scale)
+            else:
+                chunk = (*shape[:2], p.frames_per_chunk, *shape[3:])
+                x0 = torch.cat(list(rollout(model, text, KVCache(len(model.blocks), d.num_frames), self.schedule,
+                                            self.objective.timesteps.to(self.env.device), chunk,
+                                            d.num_frames // p.frames_per_chunk, generator=g)), dim=2)
         model.train(was_training)
         return to_uint8(self.vae.decode(x0))[0]
 
@@ -265,13 +284,9 @@ class Trainer:
         optimizer.step()
         return True, logs
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = self.cfg.optim.ema_decay if self.step >= self.cfg.optim.ema_start else 0.0
-        for e, p in zip(self.ema.parameters(), self.student.parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
+        if self.ema is not None:
+            self.ema.update(self.cfg.optim.ema_decay if self.step >= self.cfg.optim.ema_start else 0.0)
 
     def next_batch(self) -> Batch:
         items = self.data.next_items()
@@ -297,7 +312,9 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------
     def save(self) -> None:
-        weights = {name: D.full_state_dict(module) for name, module in self._modules().items()}
+        weights = {name: D.trainable_state_dict(module) for name, module in self._modules().items()}
+        if self.ema is not None:
+            weights["ema"] = self._averaged_state(D.trainable_state_dict)
         optim = {name: D.optimizer_state_dict(module, opt) for name, (module, opt) in self._optimizers().items()}
         state = {"step": self.step, "skipped": self.skipped, "data_position": self.data.position,
                  "optimizers": optim, "noise_rng": self.noise_rng.get_state(), "torch_rng": torch.get_rng_state()}
@@ -305,9 +322,12 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint (see ``CheckpointStore.load_latest``)."""
-        path, weights, state = self.store.load_latest(self._modules())
+        path, weights, state = self.store.load_latest([*self._modules(), *(["ema"] if self.ema else [])])
+        if self.ema is not None:  # through the student, which takes its own weights next
+            D.load_trainable_state_dict(self.student, weights["ema"])
+            self.ema.capture()
         for name, module in self._modules().items():
-            D.load_full_state_dict(module, weights[name])
+            D.load_trainable_state_dict(module, weights[name])
         for name, (module, opt) in self._optimizers().items():
             D.load_optimizer_state_dict(module, opt, state["optimizers"][name])
         self.step, self.skipped = state["step"], state["skipped"]
@@ -328,15 +348,20 @@ class Trainer:
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for step, line in lines if step is not None and step <= self.step))
 
-    def export(self, path: str | Path) -> None:
-        """Write a selfforcing model directory (EMA weights if kept) for `generate`."""
+    def export(self, path: str | Path) -> list[Path]:
+        """Write a selfforcing model directory (EMA weights if kept) for `generate`; a LoRA run
+        fuses its adapter into it and also writes the adapter alone, ``output_dir/lora.safetensors``
+        (diffusers' Wan LoRA layout, for ``generate --lora`` on the base model). Returns what it wrote."""
         from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
 
         p, d = self.cfg.paradigm, self.cfg.data
-        weights = D.full_state_dict(self.ema or self.student)
+        weights = self._averaged_state(D.full_state_dict)
         if not self.env.is_main:
-            return
+            return []
+        written = [Path(path)]
         model = CausalWanModel(self.student.config)
+        if self.cfg.lora is not None:
+            weights = self._export_adapter(weights, written)
         model.load_weights(weights)
         sampling = SamplingConfig(frames_per_chunk=p.frames_per_chunk, denoising_steps=tuple(p.denoising_steps),
                                   timestep_shift=p.timestep_shift, kv_cache_frames=d.num_frames,
@@ -345,6 +370,17 @@ class Trainer:
         text_config = getattr(self.text_encoder, "source_config", None)
         StreamingPipeline(model, self.text_encoder, self.vae, sampling).save_pretrained(path, text_config)
         self._link_components(Path(path))
+        return written
+
+    def _export_adapter(self, weights: dict[str, torch.Tensor], written: list[Path]) -> dict[str, torch.Tensor]:
+        """Write the adapter of the student's (peft-named) ``weights``; return the base weights with it fused."""
+        spec = self.cfg.lora.spec()
+        model = lora.add_adapter(CausalWanModel(self.student.config), spec)
+        model.load_state_dict(weights)
+        written.append(Path(self.cfg.output_dir) / LORA_FILE)
+        lora.save_file(written[-1], lora.adapter_state_dict(model), spec)
+        lora.fuse(model)
+        return lora.base_state_dict(model)
 
     def _link_components(self, path: Path) -> None:
         """A Wan-scale export reads UMT5 and the VAE from beside its transformer: link them from
@@ -376,18 +412,23 @@ class _CriticGroup(nn.Module):
         self.head = head
 
 
+def _trainable(params) -> list[nn.Parameter]:
+    return [p for p in params if p.requires_grad]
+
+
 class _frozen:
-    """Disable gradients of the given modules for the duration of a generator update."""
+    """Disable gradients of the given modules for the duration of a generator update, then
+    give back exactly the parameters that trained (a LoRA critic's base stays frozen)."""
 
     def __init__(self, *modules: nn.Module | None):
-        self.modules = [m for m in modules if m is not None]
+        self.params = [p for m in modules if m is not None for p in _trainable(m.parameters())]
 
     def __enter__(self):
-        for m in self.modules:
-            m.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(False)
 
     def __exit__(self, *exc):
-        for m in self.modules:
-            m.requires_grad_(True)
+        for p in self.params:
+            p.requires_grad_(True)
         return False
 
