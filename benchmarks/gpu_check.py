@@ -13,13 +13,12 @@ weight values. Rows that would not finish inside the time budget are skipped and
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import torch
 
-from selfforcing.bench import random_pipeline
+from selfforcing.bench import bench_one, random_pipeline
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 ENGINES = [("eager", "eager", None), ("fast", "fast", None), ("fast compiled", "fast+compile", None),
@@ -42,29 +41,6 @@ def dit_flops(pipe, latent_frames: int) -> float:
         total += (steps + 1) * (2 * q * linear + c.num_layers * 4 * q * (k + text) * d)
         held = min(s.kv_cache_frames, held + n)
     return total
-
-
-def stream(pipe, latent_frames: int, repeats: int) -> tuple[float, float, torch.Tensor]:
-    """(video FPS, first-frame seconds) medians over ``repeats`` seeded streams after a two-chunk
-    warm-up, and the latents of seed 0."""
-    num_frames = pipe.video_frames(latent_frames)
-    for _ in pipe.stream(["warm-up"], pipe.video_frames(2 * pipe.sampling.frames_per_chunk)):
-        _sync(pipe.device)
-    fps, first, latents = [], [], None
-    for seed in range(repeats):
-        chunks = []
-        for chunk in pipe.stream(["check"], num_frames, seed=seed):
-            _sync(pipe.device)
-            chunks.append(chunk.latents)
-        fps.append(pipe.stats.fps)
-        first.append(pipe.stats.first_frame_s)
-        latents = latents if latents is not None else torch.cat(chunks, dim=2).float()
-    return statistics.median(fps), statistics.median(first), latents
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -98,7 +74,7 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats(device)
             pipe = random_pipeline(args.preset, n, device, engine, dit_only=True,
                                    compile_mode=mode if device.type == "cuda" else "default-for-device")
-            fps, first, latents = stream(pipe, args.latent_frames, args.repeats)
+            fps, first, _, _, latents = bench_one(pipe, args.latent_frames, args.repeats)
             seconds = pipe.video_frames(args.latent_frames) / fps
             mfu = dit_flops(pipe, args.latent_frames) / seconds / peak
             if reference is None:
@@ -111,7 +87,7 @@ def main() -> int:
             if with_vae:
                 vae_pipe = random_pipeline(args.preset, n, device, "eager")
                 vae_pipe.model, vae_pipe.engine = pipe.model, pipe.engine  # the same (compiled) transformer
-                vae_fps = f"{stream(vae_pipe, args.latent_frames, args.repeats)[0]:.1f}"
+                vae_fps = f"{bench_one(vae_pipe, args.latent_frames, args.repeats).fps:.1f}"
             gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             rows.append(f"| {label} | {n} | {vae_fps} | {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | "
                         f"{error:.2e} |")

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -108,20 +109,31 @@ class BenchResult:
     peak_memory_gib: float
 
 
-def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> tuple[float, float, float, int]:
+class StreamTiming(NamedTuple):
+    fps: float  # median over the timed streams
+    first_frame_s: float  # median
+    warm_up_s: float  # the untimed first two chunks (compilation included)
+    video_frames: int  # per stream
+    latents: torch.Tensor  # of the seed-0 stream, to compare engines
+
+
+def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> StreamTiming:
     num_frames = pipe.video_frames(latent_frames)
     start = time.perf_counter()
     # Two chunks: the first (empty cache) and the next compile their own graphs.
     for _ in pipe.stream(["warm-up"], pipe.video_frames(2 * pipe.sampling.frames_per_chunk)):
         _sync(pipe.device)
     warm_up = time.perf_counter() - start
-    fps, first = [], []
+    fps, first, latents = [], [], None
     for seed in range(repeats):
-        for _ in pipe.stream(["benchmark"], num_frames, seed=seed):
+        chunks = []
+        for chunk in pipe.stream(["benchmark"], num_frames, seed=seed):
             _sync(pipe.device)
+            chunks.append(chunk.latents)
         fps.append(pipe.stats.fps)
         first.append(pipe.stats.first_frame_s)
-    return statistics.median(fps), statistics.median(first), warm_up, num_frames
+        latents = torch.cat(chunks, dim=2).float() if latents is None else latents
+    return StreamTiming(statistics.median(fps), statistics.median(first), warm_up, num_frames, latents)
 
 
 def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], latent_frames: int,
@@ -134,8 +146,9 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
             pipe = random_pipeline(preset, n, device, engine)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            fps, first, warm_up, frames = bench_one(pipe, latent_frames, repeats)
-            results.append(BenchResult(preset, engine, n, frames, fps, first, warm_up, _peak_memory_gib(device)))
+            timing = bench_one(pipe, latent_frames, repeats)
+            results.append(BenchResult(preset, engine, n, timing.video_frames, timing.fps, timing.first_frame_s,
+                                       timing.warm_up_s, _peak_memory_gib(device)))
             torch._dynamo.reset()  # each compiled engine starts from scratch
     table = _markdown(results, device, dit_only=preset == "mid")
     print(table)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from factories import TEXT_DIM, write_tiny_umt5
+from factories import TEXT_DIM
 
 from selfforcing.cli import main
 from selfforcing.errors import SelfForcingError
@@ -27,13 +27,6 @@ PROMPTS = [
     "a cat",  # duplicate: stored once
     "the red fox plays piano in the garden with a cat and a dog and a fox",
 ]
-
-
-@pytest.fixture(scope="module")
-def umt5_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan")
-    write_tiny_umt5(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from factories import write_tiny_umt5
-
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.text_encoders import (
     HashTextEncoder,
@@ -147,14 +145,6 @@ def test_from_config_rejects_unknown_type_and_keys():
 
 
 # --------------------------------------------------------------------------- UMT5
-
-
-@pytest.fixture(scope="module")
-def umt5_dir(tmp_path_factory):
-    """A tiny random UMT5 encoder saved in a diffusers pipeline layout."""
-    root = tmp_path_factory.mktemp("wan")
-    write_tiny_umt5(root)
-    return root
 
 
 def test_umt5_matches_direct_encoder_call_and_zeroes_padding(umt5_dir):

@@ -276,3 +276,31 @@ def test_ode_regression_step_matches_the_released_formulas(tmp_path):
 
     assert loss.item() == pytest.approx(official_loss.item(), rel=1e-5)
     assert_close_grads(ours, grads(student))
+
+
+def test_defaults_and_wan_configs_carry_the_released_values():
+    """The dataclass defaults and configs/wan/ hold the released configs' numbers
+    (self_forcing_dmd.yaml / self_forcing_sid.yaml / default_config.yaml / generate_ode_pairs.py)."""
+    from pathlib import Path
+
+    from selfforcing.models.text_encoders import WAN_NEGATIVE_PROMPT
+    from selfforcing.training.config import LossConfig, OptimConfig, load_config
+
+    opt, loss = OptimConfig(), LossConfig()
+    assert (opt.lr, opt.critic_lr, opt.betas, opt.weight_decay, opt.grad_clip) == (2e-6, 4e-7, [0.0, 0.999], 0.01, 10.0)
+    assert (opt.ema_decay, opt.ema_start, loss.generator_every) == (0.99, 200, 5)
+    assert (loss.score_t_sampling, loss.min_t, loss.max_t) == ("official", 0.02, 0.98)
+
+    wan = Path(__file__).resolve().parents[2] / "configs" / "wan"
+    dmd = load_config(wan / "self_forcing_dmd.yaml")
+    assert dmd.loss.guidance_scale == OFFICIAL_GUIDANCE + 1 and dmd.loss.negative_prompt == WAN_NEGATIVE_PROMPT
+    assert (dmd.loss.score_sigma_shift, dmd.optim.total_batch_size, dmd.data.batch_size) == (8.0, 64, 1)
+    assert (dmd.paradigm.denoising_steps, dmd.paradigm.timestep_shift, dmd.paradigm.frames_per_chunk) == \
+        ([1000, 750, 500, 250], 5.0, 3)
+    assert (dmd.data.num_frames, dmd.data.height, dmd.data.width) == (21, 480, 832)
+    assert "14B" in dmd.teacher.path and "1.3B" in dmd.critic.path
+    sid = load_config(wan / "self_forcing_sid.yaml")
+    assert (sid.loss.name, sid.optim.critic_lr, sid.optim.weight_decay) == ("sid", 2e-6, 0.0)
+    ode = load_config(wan / "ode_init.yaml")
+    assert (ode.paradigm.timestep_shift, ode.loss.guidance_scale, ode.loss.ode_sampling_steps) == (8.0, 6.0, 48)
+    assert ode.loss.negative_prompt == WAN_NEGATIVE_PROMPT

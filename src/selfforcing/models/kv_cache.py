@@ -41,6 +41,9 @@ class KVCache:
         self.rope_positions = rope_positions
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
+        # Bumped whenever held K/V may be overwritten (eviction, reset): a forward recomputed
+        # later (gradient checkpointing) reads the window in place and checks it is unchanged.
+        self.overwrites = 0
         self.reset()
 
     # ---- state -----------------------------------------------------------
@@ -51,9 +54,7 @@ class KVCache:
         self.frames_seen = 0  # frames ever appended: the absolute index of the next frame
         self.tokens_per_frame: int | None = None
         self.hidden_before = 0  # frames with an index below this stay cached but are not attended
-        # Bumped whenever held K/V may be overwritten (eviction, reset): a forward recomputed
-        # later (gradient checkpointing) reads the window in place and checks it is unchanged.
-        self.overwrites = getattr(self, "overwrites", -1) + 1
+        self.overwrites += 1
 
     def skip_to(self, frame: int) -> None:
         """Number the next appended frame ``frame``: after a ``reset``, re-filling held frames at
@@ -143,14 +144,17 @@ class KVCache:
         self._k[layer].index_copy_(1, index, k.detach())  # the cache never holds an autograd graph
         self._v[layer].index_copy_(1, index, v.detach())
 
-    def commit(self, slots: torch.Tensor) -> None:
-        """Mark ``slots`` as holding the next frames of the stream."""
+    def commit(self, slots: torch.Tensor) -> int:
+        """Mark ``slots`` as holding the next frames of the stream; returns how many held frames
+        they evicted."""
         n = len(slots)
-        if bool((slots < self.num_valid).any()):
+        evicted = int((slots < self.num_valid).sum())
+        if evicted:
             self.overwrites += 1
         self.slot_frame[slots] = torch.arange(self.frames_seen, self.frames_seen + n)
         self.frames_seen += n
         self.num_valid = min(self.capacity, self.num_valid + n)
+        return evicted
 
     def _allocate(self, k: torch.Tensor, frames: int) -> None:
         """Size the buffers on the first append of a stream; reuse them if the shape is unchanged."""
@@ -265,7 +269,6 @@ class StaticKVCache(KVCache):
         tpf, n = self.tokens_per_frame, len(slots)
         written = torch.arange(self.num_valid, self.num_valid + n)
         moved = written != slots
-        evicted = int((slots < self.num_valid).sum())
         if moved.any():
             def tokens(frames):
                 return (frames[:, None] * tpf + torch.arange(tpf)).flatten().to(self._k[0].device, non_blocking=True)
@@ -273,8 +276,7 @@ class StaticKVCache(KVCache):
             src, dst = tokens(written[moved]), tokens(slots[moved])
             for buf in self._k + self._v:
                 buf.index_copy_(1, dst, buf.index_select(1, src))
-        self.commit(slots)
-        return evicted
+        return self.commit(slots)
 
     def rotate_non_sinks(self, cos: torch.Tensor, sin: torch.Tensor, rotate) -> None:
         """Rotate the keys of every non-sink ring slot by (cos, sin) in place (relative positions)."""

@@ -44,9 +44,13 @@ class ScoreTimesteps:
         s = self.schedule
         if self.sampling == "official":
             t = s.score_timesteps(batch, generator, self.min_t, self.max_t, device)
-            return t, s.nearest_train_timestep(t)
-        t = s.sample_timesteps((batch,), generator, self.min_t, self.max_t, device)
-        return t, t
+        else:
+            t = s.sample_timesteps((batch,), generator, self.min_t, self.max_t, device)
+        return t, self.noise_t(t)
+
+    def noise_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep whose sigma noises a sample seen at ``t`` (official: the nearest table entry)."""
+        return self.schedule.nearest_train_timestep(t) if self.sampling == "official" else t
 
     def score_t(self, t: torch.Tensor, noise_t: torch.Tensor) -> torch.Tensor:
         """The timestep whose sigma converts a score network's flow to x0."""
@@ -64,20 +68,27 @@ class DMDLoss:
         if self.timesteps is None:
             self.timesteps = ScoreTimesteps(self.schedule)
 
-    def generator_loss(
-        self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss whose gradient w.r.t. ``x`` is the normalised score difference (fake - real)."""
+    def scores(
+        self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, real x0, fake x0) of ``x`` noised to a score timestep, in float64; gradient flows
+        back to ``x`` through both networks unless the caller runs this without autograd."""
         s = self.schedule
         t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         score_t = self.timesteps.score_t(t, noise_t)
+        xt = s.add_noise(x, noise, noise_t)
+        real_x0 = s.x0_from_flow(xt, real_flow(xt, t), score_t).double()
+        fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), score_t).double()
+        return t, real_x0, fake_x0
+
+    def generator_loss(
+        self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss whose gradient w.r.t. ``x`` is the normalised score difference (fake - real)."""
         with torch.no_grad():
-            xt = s.add_noise(x.detach(), noise, noise_t)
-            real_x0 = s.x0_from_flow(xt, real_flow(xt, t), score_t).double()
-            fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), score_t).double()
-            weight = (x.detach().double() - real_x0).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-            grad = torch.nan_to_num((fake_x0 - real_x0) / weight)
+            t, real_x0, fake_x0 = self.scores(x.detach(), real_flow, fake_flow, generator)
+            grad = torch.nan_to_num((fake_x0 - real_x0) / normaliser(x, real_x0))
         # 0.5 * ||x - sg(x - grad)||^2 has gradient ``grad`` (per element, up to the mean).
         loss = 0.5 * F.mse_loss(x.double(), x.detach().double() - grad)
         return loss.float(), {"dmd_grad_norm": grad.norm().item(), "dmd_t": t.mean().item()}
@@ -90,7 +101,13 @@ class DMDLoss:
         t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
         flow = fake_flow
         if self.timesteps.score_shift is not None:  # released: (xt - x0_fake) / sigma_noise, x0_fake via sigma_score
-            ratio = self.schedule._expand(self.timesteps.score_t(t, noise_t), x) / self.schedule._expand(noise_t, x)
+            ratio = (self.timesteps.score_t(t, noise_t) / noise_t).view(-1, *[1] * (x.ndim - 1))  # sigma = t / N
             flow = lambda xt, tt: fake_flow(xt, tt) * ratio  # noqa: E731
         loss = denoising_loss(flow, x, t, self.schedule, generator, noise_t=noise_t)
         return loss, {"critic_denoising": loss.item()}
+
+
+def normaliser(x: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample weighting (DMD eq. 8): the mean distance from ``x`` to the real score's
+    x0, held constant (no gradient)."""
+    return (x.detach().double() - real_x0.detach()).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)

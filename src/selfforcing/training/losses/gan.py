@@ -73,7 +73,7 @@ class GANLoss:
         if t is None:
             t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
         else:
-            noise_t = self.schedule.nearest_train_timestep(t) if self.timesteps.sampling == "official" else t
+            noise_t = self.timesteps.noise_t(t)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return self.schedule.add_noise(x, noise, noise_t), t, noise

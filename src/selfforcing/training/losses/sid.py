@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selfforcing.training.losses.dmd import DMDLoss, FlowFn
+from selfforcing.training.losses.dmd import DMDLoss, FlowFn, normaliser
 
 
 @dataclass
@@ -25,15 +25,8 @@ class SiDLoss(DMDLoss):
     def generator_loss(
         self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        s = self.schedule
-        t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        score_t = self.timesteps.score_t(t, noise_t)
-        xt = s.add_noise(x, noise, noise_t)
-        fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), score_t).double()
-        real_x0 = s.x0_from_flow(xt, real_flow(xt, t), score_t).double()
+        t, real_x0, fake_x0 = self.scores(x, real_flow, fake_flow, generator)
         gap = real_x0 - fake_x0
         per_element = gap * ((real_x0 - x.double()) - self.alpha * gap)
-        weight = (x.detach().double() - real_x0.detach()).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-        loss = torch.nan_to_num(per_element / weight).mean().float()
+        loss = torch.nan_to_num(per_element / normaliser(x, real_x0)).mean().float()
         return loss, {"sid_gap": gap.abs().mean().item(), "sid_t": t.mean().item()}
