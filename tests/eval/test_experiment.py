@@ -3,12 +3,15 @@ shipped Table-2 plan trains, is evaluated and lands in the table."""
 
 from pathlib import Path
 
+import json
+
 import pytest
+import torch
 import yaml
 
 from selfforcing.cli import main
 from selfforcing.errors import SelfForcingError
-from selfforcing.eval.experiment import Plan
+from selfforcing.eval.experiment import Plan, Runner
 
 PLAN = Path(__file__).parents[2] / "configs" / "experiments" / "toy_table2.yaml"
 
@@ -40,3 +43,57 @@ def test_plan_refuses_a_reference_that_is_not_a_shared_stage(tmp_path):
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(SelfForcingError, match="references ode_pairs are not shared stages"):
         Plan.load(path)
+
+
+def _shipped_teacher(path: Path) -> Path:
+    """A tiny bidirectional model saved as a shipped teacher would be."""
+    from factories import randomize_
+    from selfforcing.inference import SamplingConfig, StreamingPipeline
+    from selfforcing.models import CausalWanModel, WanConfig, preset
+    from selfforcing.models.text_encoders import HashTextEncoder
+    from selfforcing.models.vae import PixelCodec
+
+    micro = yaml.safe_load(PLAN.read_text())["presets"]["micro"]["set"]
+    config = WanConfig(**{**preset("toy").__dict__, **micro["model"]["overrides"]})
+    sampling = SamplingConfig(frames_per_chunk=3, kv_cache_frames=6, height=16, width=16, timestep_shift=1.0)
+    torch.manual_seed(0)
+    StreamingPipeline(randomize_(CausalWanModel(config), std=0.05), HashTextEncoder(16, 8), PixelCodec(2),
+                      sampling).save_pretrained(path)
+    return path
+
+
+def test_a_shipped_teacher_is_used_as_given_and_scored_with_its_own_sampler(tmp_path):
+    """A shared stage with ``path`` is not trained: later stages start from it, and as a
+    reference row it is scored with its ``sampler`` (bidirectional Euler + CFG)."""
+    teacher = _shipped_teacher(tmp_path / "shipped")
+    plan = yaml.safe_load(PLAN.read_text())
+    plan["shared"]["teacher"] = {"path": str(teacher), "sampler": {"steps": 2, "guidance": 2.0}}
+    plan["references"] = ["teacher", "ode_init"]
+    plan["methods"] = {"sf_dmd": plan["methods"]["sf_dmd"]}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))  # stages run in the plan's order
+    Runner(Plan.load(path), "micro", root=tmp_path / "out").run()
+    root = tmp_path / "out" / "micro"
+    assert not (root / "teacher").exists()  # not retrained
+    ode_cfg = yaml.safe_load((root / "ode_pairs.yaml").read_text())
+    assert ode_cfg["teacher"]["path"] == str(teacher)
+    scored = json.loads((root / "eval" / "train" / "teacher-seed0" / "results.json").read_text())
+    assert scored["sampler"] == {"bidirectional_euler_steps": 2, "guidance_scale": 2.0}
+    assert "sampler" not in json.loads((root / "eval" / "train" / "ode_init-seed0" / "results.json").read_text())
+    assert "| teacher (reference) |" in (root / "table.md").read_text()
+
+
+def test_a_preset_replaces_a_shared_stage_and_bad_stages_fail_before_training(tmp_path):
+    plan = yaml.safe_load(PLAN.read_text())
+    plan["shared"]["teacher"] = {"path": str(tmp_path / "missing")}
+    plan["presets"]["retrain"] = {"steps": 1, "shared": {"teacher": {"config": "configs/toy/teacher.yaml"}}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(SelfForcingError, match="shared stage teacher: no model at"):
+        Runner(Plan.load(path), "micro", root=tmp_path)
+    runner = Runner(Plan.load(path), "retrain", root=tmp_path)  # the preset trains it instead
+    assert runner.model_dir("teacher") == tmp_path / "retrain" / "teacher" / "model"
+    plan["shared"]["teacher"] = {"config": "configs/toy/teacher.yaml", "sampler": {"stepz": 3}}
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(SelfForcingError, match="sampler takes steps"):
+        Runner(Plan.load(path), "micro", root=tmp_path)

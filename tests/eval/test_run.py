@@ -12,12 +12,16 @@ from selfforcing.models.text_encoders import HashTextEncoder
 from selfforcing.models.vae import PixelCodec
 
 
-def test_eval_command_writes_results_and_plots(tmp_path, capsys):
+def save_tiny_model(path, size: int) -> None:
     torch.manual_seed(0)
     config = WanConfig(**{**preset("tiny").__dict__, "in_channels": 12, "out_channels": 12})
-    sampling = SamplingConfig(frames_per_chunk=3, kv_cache_frames=6, height=32, width=32)
+    sampling = SamplingConfig(frames_per_chunk=3, kv_cache_frames=6, height=size, width=size)
     pipe = StreamingPipeline(randomize_(CausalWanModel(config), std=0.1), HashTextEncoder(16, 8), PixelCodec(2), sampling)
-    pipe.save_pretrained(tmp_path / "model")
+    pipe.save_pretrained(path)
+
+
+def test_eval_command_writes_results_and_plots(tmp_path, capsys):
+    save_tiny_model(tmp_path / "model", 32)
     out = tmp_path / "report"
     assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(out), "--n", "4", "--frames", "9",
                  "--window", "3"]) == 0
@@ -27,3 +31,13 @@ def test_eval_command_writes_results_and_plots(tmp_path, capsys):
     assert results["window"] == 3 and results["per_window"]["start"] == [0, 3, 6]  # FD per 3-frame window
     assert 0 <= results["scalars"]["total"] <= 100
     assert list(out.glob("*.png")) and "total" in capsys.readouterr().out
+
+
+def test_eval_scores_a_bidirectional_teacher_with_its_many_step_sampler(tmp_path):
+    save_tiny_model(tmp_path / "model", 16)
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(out), "--n", "2", "--frames", "6",
+                 "--teacher-steps", "2", "--guidance", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["sampler"] == {"bidirectional_euler_steps": 2, "guidance_scale": 2.0}
+    assert results["num_frames"] == 6

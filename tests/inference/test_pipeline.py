@@ -98,6 +98,28 @@ def test_generate_extends_an_existing_video(toy_dir, tmp_path):
                    tmp_path / "none.mp4", "--quiet") == 2
 
 
+def test_bidirectional_teacher_sampler_is_euler_cfg_over_the_whole_clip(pipe):
+    """generate_bidirectional: every frame at once, full attention, Euler steps mixing the
+    conditional and the zero-text (caption-dropout) flow with CFG, from seeded noise."""
+    prompts = ["a red circle", "a blue square"]
+    video = pipe.generate_bidirectional(prompts, 6, steps=3, guidance_scale=2.5, seed=4)
+    assert video.shape == (2, 6, 16, 16, 3) and video.dtype == torch.uint8
+    model, schedule = pipe.model, pipe.schedule
+    cond = model.encode_text(pipe.text_encoder.encode(prompts))
+    uncond = model.encode_text(torch.zeros(2, 8, 16))
+    x = torch.randn((2, 12, 6, 8, 8), generator=torch.Generator().manual_seed(4))
+    t = torch.cat([schedule.sampling_timesteps(3), torch.zeros(1)])
+    with torch.no_grad():
+        for i in range(3):
+            tb = t[i].expand(2)
+            v_c, v_u = model(x, tb, cond), model(x, tb, uncond)
+            x = x + (schedule.sigma(t[i + 1]) - schedule.sigma(t[i])) * (v_u + 2.5 * (v_c - v_u))
+    assert torch.equal(video, pipe.vae.decode(x).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+                       .permute(0, 2, 3, 4, 1))
+    with pytest.raises(SelfForcingError, match="positive integer"):
+        pipe.generate_bidirectional(prompts, 6, steps=0, guidance_scale=1.0)
+
+
 def test_save_and_load_round_trip(pipe, toy_dir):
     loaded = StreamingPipeline.from_pretrained(toy_dir)
     assert loaded.sampling == pipe.sampling

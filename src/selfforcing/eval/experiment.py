@@ -42,6 +42,7 @@ class Preset:
     seeds: list[int] | None = None
     prompts: int | None = None  # number of ODE-pair prompts
     euler_steps: int | None = None  # teacher sampler steps for the ODE pairs
+    shared: dict = field(default_factory=dict)  # shared stages replaced (e.g. retrain the shipped teacher)
 
 
 @dataclass
@@ -88,6 +89,11 @@ class Plan:
 class Runner:
     def __init__(self, plan: Plan, preset_name: str, root: Path | None = None):
         self.plan, self.preset = plan, plan.preset(preset_name)
+        self.shared = {**plan.shared, **self.preset.shared}
+        for name, spec in self.shared.items():
+            _teacher_sampling(spec.get("sampler"))  # a bad sampler fails before hours of training
+            if "path" in spec and not Path(spec["path"], "selfforcing.json").is_file():
+                raise SelfForcingError(f"shared stage {name}: no model at {spec['path']} (selfforcing.json not found)")
         self.root = Path(root or plan.output_dir) / preset_name
         self.seeds = self.preset.seeds or plan.seeds
         self.log: list[str] = []  # stages trained by this invocation, with their wall times
@@ -95,6 +101,10 @@ class Runner:
 
     # ---- stages -------------------------------------------------------------
     def model_dir(self, stage: str, seed: int | None = None) -> Path:
+        """Where a stage's model is: a shared stage given by ``path`` (a shipped model) is used
+        as it is, every other stage is trained under the run's root."""
+        if seed is None and "path" in self.shared.get(stage, {}):
+            return Path(self.shared[stage]["path"])
         return self.root / (stage if seed is None else f"{stage}-seed{seed}") / "model"
 
     def stage_config(self, spec: dict, output: Path, seed: int, shared: bool = False) -> dict:
@@ -107,6 +117,8 @@ class Runner:
             cfg["model"] = {"path": str(self.model_dir(spec["model"])), "preset": None}
         if "teacher" in spec:
             cfg["teacher"] = {"path": str(self.model_dir(spec["teacher"]))}
+        if "critic" in spec:  # the fake score's starting point, when it is not the teacher
+            cfg["critic"] = {"path": str(self.model_dir(spec["critic"]))}
         if spec.get("pairs"):
             cfg["data"] = {**cfg["data"], "path": str(self.root / "ode_pairs.safetensors")}
         scale = self.preset.steps_scale
@@ -152,16 +164,16 @@ class Runner:
         from selfforcing.eval.report import write_report
 
         self.root.mkdir(parents=True, exist_ok=True)
-        for name, spec in self.plan.shared.items():
+        for name, spec in self.shared.items():
             if spec.get("ode_pairs"):
                 self.ode_pairs(spec)
-            else:
+            elif "path" not in spec:
                 self.train(name, spec, self.seeds[0], per_seed=False)
         ev = {**self.plan.eval, **self.preset.eval}
         lengths = {"train": ev.get("frames"), "long": ev.get("long_frames")}  # None: not evaluated
         lengths = {length: frames for length, frames in lengths.items() if frames is not None}
         results: dict[str, dict] = {length: {} for length in lengths}
-        samples: dict[str, Path] = {}  # row -> the model its sample strip shows (first seed)
+        samples: dict[str, tuple[Path, dict | None]] = {}  # row -> model and sampler of its strip (first seed)
         rows = [(name, name, True) for name in self.plan.methods if not only or name in only]
         rows += [(f"{name} (reference)", name, False) for name in self.plan.references]
         for row, stage, per_seed in rows:
@@ -170,10 +182,11 @@ class Runner:
                     model = self.train(stage, self.plan.methods[stage], seed, per_seed=True)
                 else:  # a shared stage: one model, evaluated with every seed's noise
                     model = self.model_dir(stage)
-                samples.setdefault(row, model)
+                sampler = None if per_seed else self.shared[stage].get("sampler")
+                samples.setdefault(row, (model, sampler))
                 for length, frames in lengths.items():
-                    results[length].setdefault(row, []).append(
-                        self.evaluate(model, self.root / "eval" / length / f"{stage}-seed{seed}", frames, seed, ev))
+                    results[length].setdefault(row, []).append(self.evaluate(
+                        model, self.root / "eval" / length / f"{stage}-seed{seed}", frames, seed, ev, sampler))
         summary = {length: {row: summarize(runs) for row, runs in by_row.items()}
                    for length, by_row in results.items()}
         for length, by_row in results.items():
@@ -186,28 +199,41 @@ class Runner:
             tmp.write_text(markdown_table(summary, self.seeds, log, trained=bool(self.log)))
         return summary
 
-    def evaluate(self, model: Path, out: Path, frames: int, seed: int, ev: dict) -> dict:
-        """Score one model at one length, reusing an evaluation that is already on disk."""
+    def evaluate(self, model: Path, out: Path, frames: int, seed: int, ev: dict, sampler: dict | None) -> dict:
+        """Score one model at one length, reusing an evaluation that is already on disk. A
+        ``sampler`` ({steps, guidance}) scores a bidirectional teacher with its many-step sampler."""
         from selfforcing.eval.run import evaluate_model
 
         if (out / RESULTS_FILE).is_file():
             return json.loads((out / RESULTS_FILE).read_text())
         start = time.perf_counter()
-        result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3))
+        result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3),
+                                **_teacher_sampling(sampler))
         self.eval_seconds += time.perf_counter() - start
         return result
 
-    def write_samples(self, models: dict[str, Path], num_frames: int, path: Path) -> None:
+    def write_samples(self, models: dict[str, tuple[Path, dict | None]], num_frames: int, path: Path) -> None:
         """Sample strips of every row (first seed) for a few held-out prompts."""
         from selfforcing.data.toy_world import toy_prompts
         from selfforcing.eval.report import write_sample_strips
-        from selfforcing.eval.run import EVAL_SEED
+        from selfforcing.eval.run import EVAL_SEED, generate_videos
         from selfforcing.inference.pipeline import StreamingPipeline
 
         prompts = toy_prompts(SAMPLE_PROMPTS, EVAL_SEED)  # the first held-out evaluation prompts
-        videos = {row: StreamingPipeline.from_pretrained(model).generate(prompts, num_frames, seed=0)
-                  for row, model in models.items()}
+        videos = {row: generate_videos(StreamingPipeline.from_pretrained(model), prompts, num_frames, len(prompts),
+                                       seed=0, **_teacher_sampling(sampler))[0]
+                  for row, (model, sampler) in models.items()}
         write_sample_strips(videos, prompts, path, every=max(1, num_frames // 12))
+
+
+def _teacher_sampling(sampler: dict | None) -> dict:
+    """A shared stage's ``sampler`` ({steps, guidance}) as evaluate_model / generate_videos arguments."""
+    if sampler is None:
+        return {}
+    unknown = sorted(set(sampler) - {"steps", "guidance"})
+    if unknown or "steps" not in sampler:
+        raise SelfForcingError(f"a stage's sampler takes steps (required) and guidance; got {', '.join(sampler)}")
+    return {"teacher_steps": sampler["steps"], "guidance_scale": sampler.get("guidance", 3.0)}
 
 
 def summarize(runs: list[dict]) -> dict:

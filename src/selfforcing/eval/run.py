@@ -23,22 +23,32 @@ def eval_scenes(n: int, seed: int = EVAL_SEED, shapes: tuple[str, ...] = SHAPES)
 
 
 def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int, batch_size: int,
-                    seed: int) -> tuple[torch.Tensor, float]:
-    """(N, T, H, W, 3) uint8, generated in batches with the streaming pipeline, and the
-    throughput in video frames per second over all batches."""
+                    seed: int, teacher_steps: int | None = None,
+                    guidance_scale: float = 3.0) -> tuple[torch.Tensor, float]:
+    """(N, T, H, W, 3) uint8, generated in batches with the streaming pipeline (or, with
+    ``teacher_steps``, the bidirectional many-step sampler), and the throughput in video frames
+    per second over all batches."""
+    def batch(i: int) -> torch.Tensor:
+        if teacher_steps is None:
+            return pipe.generate(prompts[i:i + batch_size], num_frames, seed=seed + i)
+        return pipe.generate_bidirectional(prompts[i:i + batch_size], num_frames, teacher_steps, guidance_scale,
+                                           seed=seed + i)
+
     start = time.perf_counter()
-    videos = torch.cat([pipe.generate(prompts[i:i + batch_size], num_frames, seed=seed + i)
-                        for i in range(0, len(prompts), batch_size)])
+    videos = torch.cat([batch(i) for i in range(0, len(prompts), batch_size)])
     return videos, videos.shape[0] * videos.shape[1] / (time.perf_counter() - start)
 
 
 def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_frames: int | None = None,
                    seed: int = 0, batch_size: int = 8, device: str = "cpu", window: int = 4,
-                   loras: list[tuple[Path, float]] = (), shapes: tuple[str, ...] | None = None) -> dict:
+                   loras: list[tuple[Path, float]] = (), shapes: tuple[str, ...] | None = None,
+                   teacher_steps: int | None = None, guidance_scale: float = 3.0) -> dict:
     """Generate ``n`` videos of ``num_frames`` (default: the model's cache length) and write
     ``results.json``, per-frame plots and ``samples.png`` (the first prompts' videos above their
     real clips) into ``out_dir``. ``loras`` (file, scale) are fused
-    into the model first; ``shapes`` limits the held-out scenes to these (default: the trained ones)."""
+    into the model first; ``shapes`` limits the held-out scenes to these (default: the trained ones).
+    ``teacher_steps`` scores a bidirectional teacher as it samples (every frame at once, that many
+    Euler steps with CFG ``guidance_scale``) instead of streaming."""
     scenes = eval_scenes(n, shapes=tuple(shapes or SHAPES))  # an unknown shape fails before the model loads
     pipe = StreamingPipeline.from_pretrained(model, device=device)
     pipe.load_loras(list(loras))
@@ -48,11 +58,13 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     if n < 2:
         raise SelfForcingError("evaluation needs at least 2 videos (the Fréchet distance uses covariances)")
     prompts = [caption(scene) for scene in scenes]
-    generated, fps = generate_videos(pipe, prompts, num_frames, batch_size, seed)
+    generated, fps = generate_videos(pipe, prompts, num_frames, batch_size, seed, teacher_steps, guidance_scale)
     real = torch.stack([torch.as_tensor(render(scene, num_frames, s.height, s.width)) for scene in scenes])
     results = evaluate_videos(generated, prompts, real, window=window)
     results["model"] = str(model)
     results["stream"] = {"fps": fps, "batch_size": batch_size}
+    if teacher_steps is not None:
+        results["sampler"] = {"bidirectional_euler_steps": teacher_steps, "guidance_scale": guidance_scale}
     write_report(results, out_dir)
     shown = min(SAMPLE_ROWS, n)
     write_sample_strips({"generated": generated[:shown], "real": real[:shown]}, prompts[:shown],

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from selfforcing.diffusion.samplers import euler_sample_cfg
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
 from selfforcing.inference.conditioning import Conditioning
@@ -329,6 +330,28 @@ class StreamingPipeline:
     def generate(self, prompts: list[str] | str, num_frames: int, seed: int = 0) -> torch.Tensor:
         """Whole video (B, T, H, W, 3) uint8."""
         return torch.cat([c.frames for c in self.stream(prompts, num_frames, seed)], dim=1)
+
+    @torch.no_grad()
+    def generate_bidirectional(self, prompts: list[str] | str, num_frames: int, steps: int,
+                               guidance_scale: float, seed: int = 0, negative_prompt: str = "") -> torch.Tensor:
+        """Whole video (B, T, H, W, 3) uint8 the way a bidirectional teacher samples: every frame
+        at once, full attention, ``steps`` Euler steps of the flow ODE with classifier-free
+        guidance (the sampler of the ODE pairs). Not streaming; for scoring teachers."""
+        if not isinstance(steps, int) or steps < 1:
+            raise SelfForcingError(f"teacher sampling steps must be a positive integer, got {steps!r}")
+        text = self.encode_prompts(prompts)
+        # An empty negative prompt is the all-padding (zero) embedding that caption dropout trained.
+        raw_negative = (self.text_encoder.encode([negative_prompt]).to(self.device) if negative_prompt.strip()
+                        else torch.zeros(1, self.text_encoder.max_length, self.text_encoder.dim, device=self.device))
+        negative = self.model.encode_text(raw_negative.expand(text.batch_size, -1, -1))
+        s = self.sampling
+        shape = (text.batch_size, self.model.config.in_channels, self.latent_frames(num_frames),
+                 s.height // self.vae.spatial_ratio, s.width // self.vae.spatial_ratio)
+        noise = torch.randn(shape, generator=torch.Generator(self.device).manual_seed(seed), device=self.device,
+                            dtype=self.model.proj_out.weight.dtype)
+        x0 = euler_sample_cfg(lambda x, t, cond: self.model(x, t, text if cond else negative), noise,
+                              self.schedule, steps, guidance_scale)
+        return to_uint8(self.vae.decode(x0))
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
