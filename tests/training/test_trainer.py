@@ -61,6 +61,14 @@ def test_distillation_updates_each_network_on_its_own_steps(tmp_path, teacher_di
     assert "generator_loss" not in trainer.train_step() and not changed(student, trainer.student)
 
 
+def test_critic_warmup_delays_the_first_generator_update(tmp_path, teacher_dir):
+    trainer = make(tmp_path, teacher_dir, loss={"name": "dmd", "generator_every": 2, "critic_warmup": 3}, steps=6)
+    history = trainer.train()
+    # steps 0..5: without the warm-up the generator would update at 0, 2 and 4
+    assert ["generator_loss" in h for h in history] == [False, False, False, False, True, False]
+    assert all("critic_loss" in h for h in history)
+
+
 def test_ema_follows_the_student(tmp_path, teacher_dir):
     trainer = make(tmp_path, teacher_dir, loss={"name": "dmd", "generator_every": 1}, optim={"ema_decay": 0.5})
     initial = {k: v.clone() for k, v in trainer.ema.average.items()}

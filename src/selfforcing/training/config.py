@@ -95,6 +95,10 @@ class LossConfig:
     # (up to 20 % apart near t = 27, 0.6 % on average); null reads one table (ours).
     score_sigma_shift: float | None = bounded(POSITIVE, None)
     generator_every: int = bounded(AT_LEAST_ONE, 5)  # critic : generator update ratio
+    # Critic-only steps before the first generator update (DMD2's warm-up, an option of ours; the
+    # released code: 0). A fresh critic equals the teacher without guidance, so early DMD
+    # gradients are only the guidance direction, (w - 1)(cond - uncond): colours saturate.
+    critic_warmup: int = bounded(NON_NEGATIVE, 0)
     # ode only: Euler steps of the ODE-pair teacher (default 48)
     ode_sampling_steps: int | None = bounded(AT_LEAST_ONE, None)
     sid_alpha: float | None = None  # sid only (default 1.0)

@@ -232,10 +232,11 @@ class Trainer:
         return to_uint8(self.vae.decode(x0))[0]
 
     def train_step(self) -> dict[str, float]:
-        """One iteration: the generator every ``generator_every`` steps (always, when supervised),
-        the critic every step."""
+        """One iteration: the generator every ``generator_every`` steps once ``critic_warmup``
+        steps have passed (always, when supervised), the critic every step."""
         logs = {}
-        if not self.cfg.distillation or self.step % self.cfg.loss.generator_every == 0:
+        loss = self.cfg.loss
+        if not self.cfg.distillation or (self.step >= loss.critic_warmup and self.step % loss.generator_every == 0):
             logs.update(self.generator_step())
         if self.critic_opt is not None:
             logs.update(self.critic_step())
