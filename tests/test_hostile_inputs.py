@@ -264,6 +264,10 @@ CASES = {
     "eval-model-missing": (EVAL + ["--model", "{in}/missing"], "does not exist"),
     "eval-model-truncated": (EVAL + ["--model", "{in}/truncated_model"], "Error while deserializing header"),
     "eval-device-unknown": (EVAL + ["--device", "gpu"], "unknown device 'gpu'"),
+    "eval-checkpoint-missing": (EVAL + ["--checkpoint", "{in}/missing.pt"], "checkpoint file not found"),
+    "eval-checkpoint-foreign": (EVAL + ["--checkpoint", "{in}/other.safetensors"], "cannot tell the checkpoint format"),
+    "eval-teacher-steps-zero": (EVAL + ["--teacher-steps", "0"], "argument --teacher-steps: must be a positive integer"),
+    "eval-guidance-below-one": (EVAL + ["--guidance", "0.5"], "argument --guidance: must be at least 1"),
     "eval-output-file": (["eval", "-o", "{in}/afile"], "afile is a file, not a directory"),
     # serve
     "serve-max-streams-zero": (SERVE + ["--max-streams", "0"], "argument --max-streams: must be a positive integer"),

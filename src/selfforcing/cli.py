@@ -245,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = evaluate_model(args.model or DEFAULT_MODEL, args.output, n=args.n, num_frames=args.frames,
                              seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
                              window=args.window, loras=args.lora, shapes=args.shapes,
-                             teacher_steps=args.teacher_steps, guidance_scale=args.guidance)
+                             teacher_steps=args.teacher_steps, guidance_scale=args.guidance, checkpoint=args.checkpoint)
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
           f"semantic {s['semantic_accuracy']:.3f}, FD {s['fd']:.3f}; report in {args.output}")
@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shapes", nargs="+", default=None,
                    help="shapes of the held-out scenes (default: circle square triangle, the trained ones; "
                         "ring: the LoRA demo's new shape)")
+    e.add_argument("--checkpoint", type=Path, default=None,
+                   help="transformer weights to load on top, e.g. a training checkpoint's ema.safetensors")
     e.add_argument("--teacher-steps", type=_positive_int, default=None,
                    help="score a bidirectional teacher as it samples: every frame at once, this many Euler steps "
                         "with CFG (default: stream, as a causal student does)")

@@ -41,3 +41,8 @@ def test_eval_scores_a_bidirectional_teacher_with_its_many_step_sampler(tmp_path
     results = json.loads((out / "results.json").read_text())
     assert results["sampler"] == {"bidirectional_euler_steps": 2, "guidance_scale": 2.0}
     assert results["num_frames"] == 6
+    weights = tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(tmp_path / "again"), "--n", "2", "--frames",
+                 "6", "--teacher-steps", "2", "--guidance", "2", "--checkpoint", str(weights)]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["scalars"] == results["scalars"] and again["model"].endswith(f"+ {weights}")

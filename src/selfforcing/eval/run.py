@@ -42,15 +42,17 @@ def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int
 def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_frames: int | None = None,
                    seed: int = 0, batch_size: int = 8, device: str = "cpu", window: int = 4,
                    loras: list[tuple[Path, float]] = (), shapes: tuple[str, ...] | None = None,
-                   teacher_steps: int | None = None, guidance_scale: float = 3.0) -> dict:
+                   teacher_steps: int | None = None, guidance_scale: float = 3.0,
+                   checkpoint: str | Path | None = None) -> dict:
     """Generate ``n`` videos of ``num_frames`` (default: the model's cache length) and write
     ``results.json``, per-frame plots and ``samples.png`` (the first prompts' videos above their
     real clips) into ``out_dir``. ``loras`` (file, scale) are fused
     into the model first; ``shapes`` limits the held-out scenes to these (default: the trained ones).
     ``teacher_steps`` scores a bidirectional teacher as it samples (every frame at once, that many
-    Euler steps with CFG ``guidance_scale``) instead of streaming."""
+    Euler steps with CFG ``guidance_scale``) instead of streaming. ``checkpoint`` replaces the
+    model's transformer weights (a training checkpoint, scored without exporting it)."""
     scenes = eval_scenes(n, shapes=tuple(shapes or SHAPES))  # an unknown shape fails before the model loads
-    pipe = StreamingPipeline.from_pretrained(model, device=device)
+    pipe = StreamingPipeline.from_pretrained(model, device=device, checkpoint=checkpoint)
     pipe.load_loras(list(loras))
     s = pipe.sampling
     if num_frames is None:
@@ -61,7 +63,7 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     generated, fps = generate_videos(pipe, prompts, num_frames, batch_size, seed, teacher_steps, guidance_scale)
     real = torch.stack([torch.as_tensor(render(scene, num_frames, s.height, s.width)) for scene in scenes])
     results = evaluate_videos(generated, prompts, real, window=window)
-    results["model"] = str(model)
+    results["model"] = str(model) if checkpoint is None else f"{model} + {checkpoint}"
     results["stream"] = {"fps": fps, "batch_size": batch_size}
     if teacher_steps is not None:
         results["sampler"] = {"bidirectional_euler_steps": teacher_steps, "guidance_scale": guidance_scale}
