@@ -174,11 +174,14 @@ class TrainConfig:
         return self.loss.name in DISTILLATION_LOSSES
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the model and optimiser state (not run length or
-        logging), so a resume from another experiment's checkpoint is refused."""
+        """Hash of everything that shapes the model and optimiser state (not run length,
+        logging or learning rates), so a resume from another experiment's checkpoint is refused.
+        The rates may change on resume, to anneal by hand: the trainer applies the config's."""
         d = dataclasses.asdict(self)
         for key in ("steps", "logging", "output_dir", "device"):
             d.pop(key)
+        for key in ("lr", "critic_lr"):
+            d["optim"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

@@ -329,8 +329,13 @@ class Trainer:
             self.ema.capture()
         for name, module in self._modules().items():
             D.load_trainable_state_dict(module, weights[name])
+        learning_rates = {"student": self.cfg.optim.lr, "critic": self.cfg.optim.critic_lr}
         for name, (module, opt) in self._optimizers().items():
             D.load_optimizer_state_dict(module, opt, state["optimizers"][name])
+            # The optimiser state carries the learning rate it was saved with; the config decides,
+            # so a resume with `--set optim.lr=...` anneals by hand (same value: nothing changes).
+            for group in opt.param_groups:
+                group["lr"] = learning_rates[name]
         self.step, self.skipped = state["step"], state["skipped"]
         self.data.position = state["data_position"]
         self.noise_rng.set_state(state["noise_rng"])
