@@ -136,6 +136,26 @@ def test_resume_takes_the_learning_rates_of_the_config(tmp_path, teacher_dir):
     assert [g["lr"] for g in resumed.critic_opt.param_groups] == [2e-4]
 
 
+def test_lr_drops_scale_both_rates_at_fractions_of_the_run(tmp_path, teacher_dir):
+    trainer = make(tmp_path, teacher_dir, steps=10, loss={"name": "dmd", "generator_every": 1},
+                   optim={"lr": 1e-3, "critic_lr": 2e-3, "lr_drops": [[0.5, 0.3], [0.8, 0.1]]})
+    rates = []
+    for step in range(10):
+        trainer.step = step
+        trainer._set_learning_rates()
+        rates.append((trainer.gen_opt.param_groups[0]["lr"], trainer.critic_opt.param_groups[0]["lr"]))
+    assert rates == [(1e-3, 2e-3)] * 5 + [(3e-4, 6e-4)] * 3 + [(1e-4, 2e-4)] * 2
+
+
+@pytest.mark.parametrize("drops, message", [
+    ([[0.5]], "pairs"), ([[1.2, 0.1]], "must lie in"), ([[0.5, 0.0]], "must lie in"),
+    ([[0.8, 0.3], [0.5, 0.1]], "must increase"),
+])
+def test_bad_lr_drops_are_named(tmp_path, drops, message):
+    with pytest.raises(SelfForcingError, match=message):
+        make(tmp_path, optim={"lr_drops": drops}, paradigm={"name": "teacher"}, loss={"name": "denoising"})
+
+
 def test_a_killed_checkpoint_write_keeps_the_previous_one(tmp_path, teacher_dir, monkeypatch):
     trainer = make(tmp_path, teacher_dir, steps=2, logging={"checkpoint_every": 1})
     trainer.train()

@@ -122,6 +122,13 @@ class OptimConfig:
     grad_clip: float = bounded(POSITIVE, 10.0)
     ema_decay: float | None = bounded(OPEN_UNIT, 0.99)
     ema_start: int = bounded(NON_NEGATIVE, 200)
+    # Step decay of both rates: [fraction of `steps`, multiplier] pairs, e.g. [[0.64, 0.3], [0.84, 0.1]]
+    # runs at lr until 64 % of the steps, then 0.3 lr, then 0.1 lr from 84 % (empty: constant, as released).
+    lr_drops: list[list[float]] = field(default_factory=list)
+
+    def lr_multiplier(self, step: int, steps: int) -> float:
+        reached = [multiplier for fraction, multiplier in self.lr_drops if step >= fraction * steps]
+        return reached[-1] if reached else 1.0
 
 
 @dataclass
@@ -175,12 +182,12 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes the model and optimiser state (not run length,
-        logging or learning rates), so a resume from another experiment's checkpoint is refused.
+        logging or learning rates and their drops), so a resume from another experiment's checkpoint is refused.
         The rates may change on resume, to anneal by hand: the trainer applies the config's."""
         d = dataclasses.asdict(self)
         for key in ("steps", "logging", "output_dir", "device"):
             d.pop(key)
-        for key in ("lr", "critic_lr"):
+        for key in ("lr", "critic_lr", "lr_drops"):
             d["optim"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -223,6 +230,19 @@ def config_from_dict(data: dict) -> TrainConfig:
     cfg = build(TrainConfig, data)
     validate(cfg)
     return cfg
+
+
+def _check_lr_drops(drops: list) -> None:
+    example = "e.g. [[0.64, 0.3], [0.84, 0.1]]"
+    for pair in drops:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)):
+            raise SelfForcingError(f"optim.lr_drops takes [fraction of steps, multiplier] pairs ({example}), got {pair!r}")
+        if not (0 < pair[0] < 1 and pair[1] > 0):
+            raise SelfForcingError(f"optim.lr_drops pair {pair}: the fraction must lie in (0, 1) and the multiplier be "
+                                   "positive")
+    fractions = [pair[0] for pair in drops]
+    if fractions != sorted(set(fractions)):
+        raise SelfForcingError(f"optim.lr_drops fractions must increase ({example}), got {fractions}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -277,6 +297,7 @@ def validate(cfg: TrainConfig) -> None:
         raise SelfForcingError("set optim.total_batch_size or optim.grad_accum, not both")
     if len(opt.betas) != 2:
         raise SelfForcingError(f"optim.betas must be two numbers, got {opt.betas}")
+    _check_lr_drops(opt.lr_drops)
     if not p.denoising_steps:
         raise SelfForcingError("paradigm.denoising_steps must list at least one timestep, e.g. [1000, 750, 500, 250]")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):

@@ -164,6 +164,7 @@ class Trainer:
                    disable=not (cfg.logging.progress and self.env.is_main))
         while self.step < cfg.steps:
             start = time.perf_counter()
+            self._set_learning_rates()
             logs = self.train_step()
             self.step += 1
             logs["it_per_s"] = 1.0 / (time.perf_counter() - start)
@@ -261,6 +262,17 @@ class Trainer:
                                lambda b: self.objective.critic_loss(b, rngs))
         return logs
 
+    def _set_learning_rates(self) -> None:
+        """The config's rates at this step (``optim.lr_drops``). Set every step, so they also
+        replace the rate a resumed optimiser state was saved with: a resume with another
+        ``optim.lr`` anneals by hand."""
+        opt = self.cfg.optim
+        multiplier = opt.lr_multiplier(self.step, self.cfg.steps)
+        rates = {"student": opt.lr * multiplier, "critic": opt.critic_lr * multiplier}
+        for name, (_, optimizer) in self._optimizers().items():
+            for group in optimizer.param_groups:
+                group["lr"] = rates[name]
+
     def _update(self, role: str, params, optimizer, loss_fn) -> tuple[bool, dict[str, float]]:
         """One optimiser step with gradient accumulation, clipping and a non-finite guard."""
         params = [p for p in params if p.requires_grad]
@@ -329,13 +341,8 @@ class Trainer:
             self.ema.capture()
         for name, module in self._modules().items():
             D.load_trainable_state_dict(module, weights[name])
-        learning_rates = {"student": self.cfg.optim.lr, "critic": self.cfg.optim.critic_lr}
         for name, (module, opt) in self._optimizers().items():
             D.load_optimizer_state_dict(module, opt, state["optimizers"][name])
-            # The optimiser state carries the learning rate it was saved with; the config decides,
-            # so a resume with `--set optim.lr=...` anneals by hand (same value: nothing changes).
-            for group in opt.param_groups:
-                group["lr"] = learning_rates[name]
         self.step, self.skipped = state["step"], state["skipped"]
         self.data.position = state["data_position"]
         self.noise_rng.set_state(state["noise_rng"])
