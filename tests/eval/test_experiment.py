@@ -14,6 +14,7 @@ from selfforcing.errors import SelfForcingError
 from selfforcing.eval.experiment import Plan, Runner
 
 PLAN = Path(__file__).parents[2] / "configs" / "experiments" / "toy_table2.yaml"
+SHIPPED_TEACHER = Path(__file__).parents[2] / "src" / "selfforcing" / "assets" / "toy-teacher"
 
 
 def test_micro_table_runs_end_to_end(tmp_path, capsys):
@@ -24,6 +25,9 @@ def test_micro_table_runs_end_to_end(tmp_path, capsys):
                    "sf_sid", "sf_gan", "sf_dmd_no_restriction"):
         assert f"| {method} |" in table
     assert "| ode_init (reference) |" in table  # the DMD family's starting point, scored per seed
+    assert "| teacher (reference) |" in table  # scored with its own many-step bidirectional sampler
+    teacher_eval = json.loads((root / "eval" / "train" / "teacher-seed0" / "results.json").read_text())
+    assert teacher_eval["sampler"]["bidirectional_euler_steps"] == 2
     assert "train length" in table and "long length" in table
     assert (root / "summary.json").is_file() and list((root / "plots" / "long").glob("*.png"))
     assert (root / "plots" / "long" / "samples.png").stat().st_size > 1000
@@ -68,7 +72,7 @@ def test_a_shipped_teacher_is_used_as_given_and_scored_with_its_own_sampler(tmp_
     teacher = _shipped_teacher(tmp_path / "shipped")
     plan = yaml.safe_load(PLAN.read_text())
     plan["shared"]["teacher"] = {"path": str(teacher), "sampler": {"steps": 2, "guidance": 2.0}}
-    plan["references"] = ["teacher", "ode_init"]
+    del plan["presets"]["micro"]["shared"]  # micro retrains the teacher at test size; here it is given
     plan["methods"] = {"sf_dmd": plan["methods"]["sf_dmd"]}
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))  # stages run in the plan's order
@@ -86,6 +90,7 @@ def test_a_shipped_teacher_is_used_as_given_and_scored_with_its_own_sampler(tmp_
 def test_a_preset_replaces_a_shared_stage_and_bad_stages_fail_before_training(tmp_path):
     plan = yaml.safe_load(PLAN.read_text())
     plan["shared"]["teacher"] = {"path": str(tmp_path / "missing")}
+    del plan["presets"]["micro"]["shared"]
     plan["presets"]["retrain"] = {"steps": 1, "shared": {"teacher": {"config": "configs/toy/teacher.yaml"}}}
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
@@ -97,3 +102,14 @@ def test_a_preset_replaces_a_shared_stage_and_bad_stages_fail_before_training(tm
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(SelfForcingError, match="sampler takes steps"):
         Runner(Plan.load(path), "micro", root=tmp_path)
+
+
+def test_the_cpu_presets_start_from_the_shipped_teacher(tmp_path):
+    """The table's cpu preset and the DMD sweep use the shipped teacher as given (it must be
+    in the package); cpu-retrain trains it in the run instead."""
+    for plan_file in (PLAN, PLAN.parent / "toy_dmd_sweep.yaml"):
+        runner = Runner(Plan.load(plan_file), "cpu", root=tmp_path)
+        assert runner.model_dir("teacher").resolve() == SHIPPED_TEACHER.resolve()
+    retrain = Runner(Plan.load(PLAN), "cpu-retrain", root=tmp_path)
+    assert retrain.model_dir("teacher") == tmp_path / "cpu-retrain" / "teacher" / "model"
+    assert retrain.shared["teacher"]["sampler"] == {"steps": 32, "guidance": 3.0}

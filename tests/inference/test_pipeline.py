@@ -210,3 +210,15 @@ def test_generate_uses_the_shipped_default_model(tmp_path, capsys):
     # a prompt outside the toy grammar is explained, not refused
     assert run_cli("generate", "a cat playing the piano", "-o", tmp_path / "cat.mp4", "--frames", 3, "--quiet") == 0
     assert "does not know 'cat'" in capsys.readouterr().err
+
+
+def test_the_shipped_teacher_samples_the_whole_clip():
+    """The toy teacher in the package (the real score of the toy recipes) loads and samples
+    with its bidirectional many-step sampler; scoring it is in docs/RESULTS.md."""
+    from selfforcing.cli import DEFAULT_MODEL
+
+    pipe = StreamingPipeline.from_pretrained(DEFAULT_MODEL.parent / "toy-teacher")
+    assert pipe.model.config.num_layers == 4 and pipe.sampling.timestep_shift == 1.0
+    video = pipe.generate_bidirectional("a red circle moving right on a black background", 3, steps=2,
+                                        guidance_scale=3.0)
+    assert video.shape == (1, 3, 32, 32, 3)
