@@ -28,6 +28,7 @@ def test_micro_table_runs_end_to_end(tmp_path, capsys):
     assert "| teacher (reference) |" in table  # scored with its own many-step bidirectional sampler
     teacher_eval = json.loads((root / "eval" / "train" / "teacher-seed0" / "results.json").read_text())
     assert teacher_eval["sampler"]["bidirectional_euler_steps"] == 2
+    assert not (root / "eval" / "long" / "teacher-seed0").exists()  # no rollout: training length only
     assert "train length" in table and "long length" in table
     assert (root / "summary.json").is_file() and list((root / "plots" / "long").glob("*.png"))
     assert (root / "plots" / "long" / "samples.png").stat().st_size > 1000

@@ -185,13 +185,16 @@ class Runner:
                 sampler = None if per_seed else self.shared[stage].get("sampler")
                 samples.setdefault(row, (model, sampler))
                 for length, frames in lengths.items():
+                    if sampler is not None and length != "train":
+                        continue  # a bidirectional teacher makes clips of its training length; it has no rollout
                     results[length].setdefault(row, []).append(self.evaluate(
                         model, self.root / "eval" / length / f"{stage}-seed{seed}", frames, seed, ev, sampler))
         summary = {length: {row: summarize(runs) for row, runs in by_row.items()}
                    for length, by_row in results.items()}
         for length, by_row in results.items():
             write_report({row: runs[0] for row, runs in by_row.items()}, self.root / "plots" / length)
-            self.write_samples(samples, lengths[length], self.root / "plots" / length / "samples.png")
+            self.write_samples({row: samples[row] for row in by_row}, lengths[length],
+                               self.root / "plots" / length / "samples.png")
         log = self.log + [f"evaluation: {self.eval_seconds:.0f} s"]
         with atomic_path(self.root / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
