@@ -43,6 +43,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _replaced(text: str, old: str, new: str) -> str:
+    """``text`` with ``old`` replaced; a config that no longer holds ``old`` fails here, not as a real run."""
+    assert old in text, f"{old!r} is not in the config any more"
+    return text.replace(old, new)
+
+
 def _write_config(root: Path, file: str, text: str | None = None, **sections) -> None:
     """A config that trains the tiny teacher (no teacher model needed) into ``never/``: nothing
     may ever be written there."""
@@ -106,9 +112,9 @@ def inputs(tmp_path_factory):
         writer.write(np.zeros((3, 16, 16, 3), dtype=np.uint8))
     # training configs
     teacher = (ROOT / "configs" / "toy" / "teacher.yaml").read_text()
-    _write_config(root, "lr_string", teacher.replace("lr: 3.0e-4", "lr: 3e-4"))  # the README's sed
+    _write_config(root, "lr_string", _replaced(teacher, "lr: 1.0e-3", "lr: 1e-3"))  # the README's sed
     _write_config(root, "lr_negative", optim={"lr": -1e-4})
-    _write_config(root, "lr_nan", teacher.replace("lr: 3.0e-4", "lr: .nan"))
+    _write_config(root, "lr_nan", _replaced(teacher, "lr: 1.0e-3", "lr: .nan"))
     _write_config(root, "critic_lr_inf", optim={"critic_lr": float("inf")})
     _write_config(root, "betas_short", optim={"betas": [0.9]})
     _write_config(root, "betas_range", optim={"betas": [1.5, 0.9]})
@@ -208,7 +214,7 @@ CASES = {
     "generate-extend-wrong-size": (G + ["--extend", "{in}/small.mp4"], "video to extend must be 32x32"),
     # train: values of the wrong type or out of range
     "train-lr-yaml-string": (TRAIN + ["{in}/lr_string.yaml"],
-                             "optim.lr must be a number, got '3e-4' (a string; YAML needs a dot and a signed exponent"),
+                             "optim.lr must be a number, got '1e-3' (a string; YAML needs a dot and a signed exponent"),
     "train-lr-negative": (TRAIN + ["{in}/lr_negative.yaml"], "optim.lr must be > 0, got -0.0001"),
     "train-lr-nan": (TRAIN + ["{in}/lr_nan.yaml"], "optim.lr must be a finite number, got nan"),
     "train-critic-lr-inf": (TRAIN + ["{in}/critic_lr_inf.yaml"], "optim.critic_lr must be a finite number, got inf"),
