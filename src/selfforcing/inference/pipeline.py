@@ -30,7 +30,7 @@ from selfforcing.inference.conditioning import Conditioning
 from selfforcing.inference.rollout import rollout
 from selfforcing.models.convert import check_weight_files, load_state_dict_file
 from selfforcing.models.kv_cache import ROPE_MODES, KVCache, StaticKVCache
-from selfforcing.models.text_encoders import TextEncoder, text_encoder_from_config, validate_prompts
+from selfforcing.models.text_encoders import TextEncoder, negative_text, text_encoder_from_config, validate_prompts
 from selfforcing.models.vae import VideoVAE, vae_from_config
 from selfforcing.models.wan import CausalWanModel, TextContext
 from selfforcing.schema import check_values
@@ -340,10 +340,8 @@ class StreamingPipeline:
         if not isinstance(steps, int) or steps < 1:
             raise SelfForcingError(f"teacher sampling steps must be a positive integer, got {steps!r}")
         text = self.encode_prompts(prompts)
-        # An empty negative prompt is the all-padding (zero) embedding that caption dropout trained.
-        raw_negative = (self.text_encoder.encode([negative_prompt]).to(self.device) if negative_prompt.strip()
-                        else torch.zeros(1, self.text_encoder.max_length, self.text_encoder.dim, device=self.device))
-        negative = self.model.encode_text(raw_negative.expand(text.batch_size, -1, -1))
+        negative = self.model.encode_text(
+            negative_text(self.text_encoder, negative_prompt, self.device).expand(text.batch_size, -1, -1))
         s = self.sampling
         shape = (text.batch_size, self.model.config.in_channels, self.latent_frames(num_frames),
                  s.height // self.vae.spatial_ratio, s.width // self.vae.spatial_ratio)

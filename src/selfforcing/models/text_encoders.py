@@ -68,6 +68,13 @@ def validate_prompts(prompts: list[str], allow_empty: bool = False) -> None:
             raise SelfForcingError(f"prompt {i} is empty")
 
 
+def negative_text(text_encoder: TextEncoder, prompt: str, device: torch.device | str) -> torch.Tensor:
+    """(1, L, dim) embedding of the negative prompt (CFG and caption dropout), computed once;
+    empty means all padding (zeros), the embedding caption dropout trains."""
+    if not prompt.strip():
+        return torch.zeros(1, text_encoder.max_length, text_encoder.dim, device=device)
+    return text_encoder.encode([prompt]).to(device)
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SelfForcingError(f"text encoder {name} must be a positive integer, got {value!r}")

@@ -96,8 +96,8 @@ class LossConfig:
     score_sigma_shift: float | None = bounded(POSITIVE, None)
     generator_every: int = bounded(AT_LEAST_ONE, 5)  # critic : generator update ratio
     # Critic-only steps before the first generator update (DMD2's warm-up, an option of ours; the
-    # released code: 0). A fresh critic equals the teacher without guidance, so early DMD
-    # gradients are only the guidance direction, (w - 1)(cond - uncond): colours saturate.
+    # released code: 0). A fresh critic is the teacher without guidance, so the first DMD
+    # gradients are the guidance direction alone, (w - 1)(cond - uncond).
     critic_warmup: int = bounded(NON_NEGATIVE, 0)
     # ode only: Euler steps of the ODE-pair teacher (default 48)
     ode_sampling_steps: int | None = bounded(AT_LEAST_ONE, None)
@@ -182,8 +182,9 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes the model and optimiser state (not run length,
-        logging or learning rates and their drops), so a resume from another experiment's checkpoint is refused.
-        The rates may change on resume, to anneal by hand: the trainer applies the config's."""
+        logging, or the learning rates and their drops), so a resume from another experiment's
+        checkpoint is refused. The rates may change on resume (annealing by hand): the trainer
+        applies the config's."""
         d = dataclasses.asdict(self)
         for key in ("steps", "logging", "output_dir", "device"):
             d.pop(key)

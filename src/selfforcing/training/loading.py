@@ -95,11 +95,3 @@ def load_text_encoder(cfg: TrainConfig, device: torch.device | str = "cpu") -> T
 def load_vae(cfg: TrainConfig, device: torch.device | str = "cpu") -> VideoVAE:
     root = model_dir(cfg)
     return vae_from_config(cfg.vae, None if root is None else root / "vae", device=device)
-
-
-def negative_text(text_encoder: TextEncoder, prompt: str, device: torch.device | str) -> torch.Tensor:
-    """(1, L, dim) embedding of the negative prompt (CFG and caption dropout), computed once;
-    empty means all padding (zeros)."""
-    if not prompt.strip():
-        return torch.zeros(1, text_encoder.max_length, text_encoder.dim, device=device)
-    return text_encoder.encode([prompt]).to(device)

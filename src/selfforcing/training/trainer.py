@@ -25,6 +25,7 @@ from torch import nn
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
 from selfforcing.models import lora
+from selfforcing.models.text_encoders import negative_text
 from selfforcing.models.wan import CausalWanModel
 from selfforcing.training import distributed as D
 from selfforcing.training import loading
@@ -84,7 +85,7 @@ class Trainer:
                                          weight_decay=opt.weight_decay)
         dataset = build_dataset(cfg, self.vae)
         self.objective = Objective(cfg, self.student, self.schedule,
-                                   loading.negative_text(self.text_encoder, cfg.loss.negative_prompt, device),
+                                   negative_text(self.text_encoder, cfg.loss.negative_prompt, device),
                                    latent_hw, self.teacher, self.critic, self.head,
                                    ode_timesteps=self._check_ode_pairs(dataset, latent_hw))
         self.critic_opt = None

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from selfforcing.diffusion.samplers import euler_sample_cfg
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
+from selfforcing.models.text_encoders import negative_text
 from selfforcing.models.wan import BlockCausal, CausalWanModel
 from selfforcing.training.losses.ode import ode_regression_loss
 from selfforcing.utils import atomic_path, check_writable
@@ -112,7 +113,7 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
     loading.check_io(teacher.config, text_encoder, vae, "teacher")
     schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
     timesteps = schedule.few_step_timesteps(cfg.paradigm.denoising_steps).to(device)
-    uncond = loading.negative_text(text_encoder, cfg.loss.negative_prompt, device)
+    uncond = negative_text(text_encoder, cfg.loss.negative_prompt, device)
     latent = (teacher.config.in_channels, cfg.data.num_frames,
               cfg.data.height // vae.spatial_ratio, cfg.data.width // vae.spatial_ratio)
     generator = torch.Generator(device).manual_seed(cfg.seed)
