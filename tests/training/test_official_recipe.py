@@ -289,6 +289,7 @@ def test_defaults_and_wan_configs_carry_the_released_values():
     opt, loss = OptimConfig(), LossConfig()
     assert (opt.lr, opt.critic_lr, opt.betas, opt.weight_decay, opt.grad_clip) == (2e-6, 4e-7, [0.0, 0.999], 0.01, 10.0)
     assert (opt.ema_decay, opt.ema_start, loss.generator_every) == (0.99, 200, 5)
+    assert (opt.lr_drops, loss.critic_warmup) == ([], 0)  # constant rates, no critic warm-up
     assert (loss.score_t_sampling, loss.min_t, loss.max_t) == ("official", 0.02, 0.98)
 
     wan = Path(__file__).resolve().parents[2] / "configs" / "wan"
