@@ -69,6 +69,17 @@ def test_critic_warmup_delays_the_first_generator_update(tmp_path, teacher_dir):
     assert all("critic_loss" in h for h in history)
 
 
+def test_logged_figures_are_window_means_and_include_the_generator(tmp_path, teacher_dir):
+    trainer = make(tmp_path, teacher_dir, loss={"name": "dmd", "generator_every": 2}, steps=4,
+                   logging={"log_every": 2, "progress": False, "tensorboard": False})
+    history = trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [2, 4]
+    # the logged step (odd index) is critic-only; the generator's figure comes from the step before it
+    assert logged[1]["generator_loss"] == pytest.approx(history[2]["generator_loss"])
+    assert logged[1]["critic_loss"] == pytest.approx((history[2]["critic_loss"] + history[3]["critic_loss"]) / 2)
+
+
 def test_ema_follows_the_student(tmp_path, teacher_dir):
     trainer = make(tmp_path, teacher_dir, loss={"name": "dmd", "generator_every": 1}, optim={"ema_decay": 0.5})
     initial = {k: v.clone() for k, v in trainer.ema.average.items()}

@@ -173,7 +173,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
             if self.step % cfg.logging.log_every == 0:
-                self._log_metrics(logs, writer)
+                self._log_metrics(window_means(history[-cfg.logging.log_every:]), writer)
             if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                 frames = self.sample_video(self._sample_prompt())  # collective under FSDP: every rank samples
                 if writer is not None:
@@ -186,7 +186,7 @@ class Trainer:
         return history
 
     def _log_metrics(self, logs: dict[str, float], writer) -> None:
-        """Main rank: one JSON line per logged step in ``output_dir/metrics.jsonl`` (appended, so
+        """Main rank: one JSON line per logged step (the means since the last one) in ``output_dir/metrics.jsonl`` (appended, so
         a resumed run continues the file), and the same figures in TensorBoard if enabled."""
         if not self.env.is_main:
             return
@@ -415,6 +415,14 @@ def _logged_step(line: str) -> int | None:
 
 def _fmt(t: torch.Tensor) -> str:
     return "/".join(f"{v:.1f}" for v in t.tolist())
+
+
+def window_means(window: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's mean over the steps of a logging window that report it. The last step's
+    figures alone would miss the generator whenever it runs on other steps than the logged one
+    (``generator_every`` 2 with ``log_every`` 10 logged critic figures only)."""
+    keys = dict.fromkeys(k for logs in window for k in logs)
+    return {k: sum(logs[k] for logs in window if k in logs) / sum(k in logs for logs in window) for k in keys}
 
 
 class _CriticGroup(nn.Module):
