@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from factories import randomize_
-from selfforcing.models.wan import CausalWanModel, preset
+from factories import TINY, randomize_
+from selfforcing.models.wan import CausalWanModel, WanConfig, preset
 
 
 @pytest.fixture
@@ -18,3 +18,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A random tiny bidirectional 'teacher' saved in diffusers layout (training and DMD tests)."""
+    torch.manual_seed(123)
+    model = CausalWanModel(WanConfig.from_dict({**preset("toy").to_dict(), **TINY}))
+    path = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(path)
+    return path

@@ -190,6 +190,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     distributed.exit_worker(trainer.env)
 
 
+def cmd_dmd_probe(args: argparse.Namespace) -> None:
+    from selfforcing.eval.dmd_probe import probe_dmd
+    from selfforcing.training.config import load_config
+    from selfforcing.training.trainer import Trainer
+
+    cfg = load_config(args.config, overrides=_overrides(args.set))
+    if cfg.loss.name != "dmd":
+        raise SelfForcingError(f"{args.config}: dmd-probe needs a DMD config; its loss is {cfg.loss.name!r}")
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.resume()
+    figures = probe_dmd(trainer, args.videos, args.draws, args.seed)
+    state = f"step {trainer.step} of {cfg.output_dir}" if args.resume else "initialisation"
+    print(f"{cfg.name} at {state}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+
+
 def _overrides(pairs: list[str]) -> dict:
     """``--set data.batch_size=4`` -> nested dict (values parsed as YAML)."""
     import yaml
@@ -362,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
                    help="GPUs the --dry-run plan shards over (default 1)")
     t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("dmd-probe", help="split a DMD run's generator gradient into critic and guidance parts "
+                                         "and measure its noise, on the run's own samples")
+    p.add_argument("config", type=Path, help="the run's training config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
+    p.add_argument("--resume", action="store_true",
+                   help="probe the latest checkpoint in the config's output_dir (default: the starting point)")
+    p.add_argument("--videos", type=_positive_int, default=16, help="student videos to probe")
+    p.add_argument("--draws", type=_positive_int, default=8, help="score draws (timestep, noise) per video")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.set_defaults(func=cmd_dmd_probe)
 
     o = sub.add_parser("ode-pairs", help="sample the teacher with CFG and store its states at the few-step timesteps")
     o.add_argument("config", type=Path, help="the ODE-init training config (teacher, sizes, few-step list)")

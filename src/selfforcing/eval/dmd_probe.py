@@ -1,0 +1,84 @@
+"""What a DMD run's generator gradient is made of, measured on the run's own samples.
+
+DMD pushes each student video ``x`` along ``fake_x0 - real_x0`` (``training.losses.dmd``), where
+``real`` is the teacher with CFG scale ``w`` and ``fake`` the critic. Split it at the teacher's
+conditional prediction ``cond_x0``:
+
+    fake - real = (fake - cond)  +  (cond - real)
+                  learned part      guidance part = (w - 1) (uncond - cond)
+
+At initialisation the critic *is* the teacher, so the learned part is zero and DMD only adds
+guidance on top of a student that was distilled from guided samples already. The probe
+measures, for student videos and several draws of (timestep, noise) each:
+
+* ``critic_gain``: 1 - (critic's x0 error) / (teacher's conditional x0 error) on the student's
+  videos: how much of the student's distribution the critic has learnt beyond the teacher
+  (0 at initialisation);
+* ``learned_share``: |fake - cond| / (|fake - cond| + |cond - real|), per draw: how much of
+  the DMD direction comes from the critic rather than from guidance;
+* ``coherence``: |mean over draws of the gradient| / root-mean-square of the gradient, per
+  video: 1 when every draw pushes the video the same way, about 1/sqrt(draws) for noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from selfforcing.training.objective import Objective, Rngs
+from selfforcing.training.trainer import Trainer
+
+
+@torch.no_grad()
+def probe_dmd(trainer: Trainer, videos: int, draws: int, seed: int = 0) -> dict[str, float]:
+    """The three figures above, averaged over ``videos`` student videos (rollouts of the
+    trainer's current student on its training prompts) and ``draws`` score draws per video."""
+    objective: Objective = trainer.objective
+    if trainer.cfg.loss.name != "dmd":
+        raise ValueError(f"the DMD probe needs a DMD run; this config's loss is {trainer.cfg.loss.name!r}")
+    g = torch.Generator(trainer.env.device).manual_seed(seed)
+    rngs = Rngs(g, torch.Generator().manual_seed(seed))
+    sums = {"critic_error": 0.0, "teacher_error": 0.0, "learned_share": 0.0, "coherence": 0.0}
+    done = 0
+    while done < videos:
+        batch = trainer.next_batch()
+        x = objective.student_samples(batch, rngs, grad=False).double()
+        cond, real, fake = _x0_predictions(objective, batch.text, x, draws, g)  # (draws, B, ...)
+        dims = tuple(range(2, x.ndim + 1))
+        sums["critic_error"] += (fake - x).square().mean(dims).sum().item() / draws
+        sums["teacher_error"] += (cond - x).square().mean(dims).sum().item() / draws
+        learned, guidance = _norms(fake - cond, dims), _norms(cond - real, dims)
+        sums["learned_share"] += (learned / (learned + guidance)).sum().item() / draws
+        grad = (fake - real) / (x - real).abs().mean(dims, keepdim=True)  # DMD's normalised gradient
+        rms_of_mean = grad.mean(0).square().mean(tuple(range(1, x.ndim))).sqrt()
+        sums["coherence"] += (rms_of_mean / grad.square().mean(dims).mean(0).sqrt()).sum().item()
+        done += x.shape[0]
+    return {
+        "critic_gain": 1.0 - sums["critic_error"] / sums["teacher_error"],
+        "learned_share": sums["learned_share"] / done,
+        "coherence": sums["coherence"] / done,
+        "coherence_if_noise": 1.0 / math.sqrt(draws),
+    }
+
+
+def _x0_predictions(objective: Objective, text: torch.Tensor, x: torch.Tensor, draws: int, g: torch.Generator):
+    """Teacher-conditional, guided (real) and critic (fake) x0 of ``x`` noised ``draws`` times,
+    with the run's own score-timestep draw."""
+    s, timesteps, w = objective.schedule, objective.distribution_loss.timesteps, objective.cfg.loss.guidance_scale
+    teacher, critic = objective.teacher, objective.critic
+    ctx, neg = teacher.encode_text(text), teacher.encode_text(objective.uncond_text.expand_as(text))
+    critic_ctx = critic.encode_text(text)
+    out = []
+    for _ in range(draws):
+        t, noise_t = timesteps.sample(x.shape[0], g, x.device)
+        score_t = timesteps.score_t(t, noise_t)
+        xt = s.add_noise(x, torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype), noise_t).float()
+        v_cond, v_uncond, v_fake = teacher(xt, t, ctx), teacher(xt, t, neg), critic(xt, t, critic_ctx)
+        x0 = [s.x0_from_flow(xt, v, score_t).double() for v in (v_cond, v_uncond + w * (v_cond - v_uncond), v_fake)]
+        out.append(x0)
+    return [torch.stack(parts) for parts in zip(*out)]
+
+
+def _norms(d: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return d.square().sum(dims).sqrt()
