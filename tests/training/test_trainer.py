@@ -136,6 +136,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_dir):
         assert a.get("generator_loss") == b.get("generator_loss")
 
 
+def test_a_critic_warmed_up_alone_resumes_into_distillation(tmp_path, teacher_dir):
+    """Warm-up first, decide later: the same run as one with ``critic_warmup`` 2 from the start."""
+    def run(name, steps, warmup, resume=False):
+        loss = {"name": "dmd", "generator_every": 1, "critic_warmup": warmup}
+        return make(tmp_path / name, teacher_dir, steps=steps, loss=loss,
+                    logging={"checkpoint_every": 2}).train(resume=resume)
+
+    one = run("one", 4, warmup=2)
+    run("two", 2, warmup=10**6)  # the critic alone
+    rest = run("two", 4, warmup=2, resume=True)
+    assert ["generator_loss" in h for h in rest] == [True, True]
+    assert [h["generator_loss"] for h in one[2:]] == [h["generator_loss"] for h in rest]
+
+
 def test_resume_takes_the_learning_rates_of_the_config(tmp_path, teacher_dir):
     """The optimiser state holds the rate it was saved with; a resume with other rates in the
     config (annealing by hand) uses the config's."""
