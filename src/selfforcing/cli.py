@@ -98,6 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     validate_prompts([args.prompt])
     check_mp4_output(args.output)
+    if args.strip is not None:
+        check_writable(args.strip)
     video = None if args.extend is None else read_mp4(args.extend)  # both before the model loads
     model = args.model
     if model is None:
@@ -111,12 +113,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     num_frames = args.frames or pipe.video_frames(21)
     pipe.latent_frames(num_frames)  # validate before creating any output
     initial = None if video is None else pipe.encode_video(torch.from_numpy(video)[None])
+    frames = []
     with mp4_writer(args.output, pipe.sampling.fps) as writer, tqdm(
         total=num_frames, unit="frame", desc="generating", disable=args.quiet
     ) as bar:
         for chunk in pipe.stream([args.prompt], num_frames, seed=args.seed, initial_latents=initial):
             writer.write(chunk.frames[0])
             bar.update(chunk.frames.shape[1])
+            if args.strip is not None:
+                frames.append(chunk.frames[0])
+    if args.strip is not None:
+        from selfforcing.eval.report import write_sample_strips
+
+        write_sample_strips({Path(model).name: torch.cat(frames)[None].numpy()}, [args.prompt], args.strip)
     stats = pipe.stats
     print(f"wrote {args.output}: {stats.frames} frames; first frame after {stats.first_frame_s:.3f} s; "
           f"{stats.fps:.1f} FPS")
@@ -323,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a video from a text prompt into an mp4")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
+    g.add_argument("--strip", type=Path, default=None, metavar="PNG",
+                   help="also write every frame side by side into this image (the whole clip at a glance)")
     g.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: 21 latent frames)")
     g.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     g.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")

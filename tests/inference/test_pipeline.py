@@ -153,6 +153,20 @@ def test_generate_writes_a_playable_mp4(toy_dir, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]  # no temp file left behind
 
 
+def test_generate_draws_a_strip_of_every_frame(toy_dir, tmp_path):
+    from PIL import Image
+
+    out, strip = tmp_path / "video.mp4", tmp_path / "strip.png"
+    assert run_cli("generate", "a red circle", "--model", toy_dir, "-o", out, "--frames", 9, "--quiet",
+                   "--strip", strip) == 0
+    width, height = Image.open(strip).size
+    assert width > 2 * height  # one row of 9 frames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strip.png", "video.mp4"]
+    other = tmp_path / "other.mp4"
+    assert run_cli("generate", "a red circle", "--model", toy_dir, "-o", other, "--strip", strip / "x.png") == 2
+    assert not other.exists()  # refused before any video was made: the strip's "directory" is a file
+
+
 @pytest.mark.parametrize("args,message", [
     (["", "--model", "{model}"], "prompt 0 is empty"),
     (["a cat", "--frames", "0", "--model", "{model}"], "must be a positive integer"),
