@@ -56,8 +56,8 @@ def write_sample_strips(videos: dict[str, Any], prompts: list[str], path: str | 
         axes.set_xticks([])
         axes.set_yticks([])
         axes.set_ylabel(name if i == 0 else "", rotation=0, ha="right", va="center", fontsize="small")
-    figure.suptitle("; ".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + f" (every {every}th frame)",
-                    fontsize="small")
+    which = "every frame" if every == 1 else f"every {every}th frame"
+    figure.suptitle("; ".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + f" ({which})", fontsize="small")
     return _save(figure, Path(path))
 
 
