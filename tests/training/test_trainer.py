@@ -150,6 +150,21 @@ def test_a_critic_warmed_up_alone_resumes_into_distillation(tmp_path, teacher_di
     assert [h["generator_loss"] for h in one[2:]] == [h["generator_loss"] for h in rest]
 
 
+def test_checkpoints_fingerprinted_with_the_schedule_still_resume_under_that_schedule(tmp_path, teacher_dir):
+    """Before the schedule left the fingerprint, it was hashed in: those checkpoints resume
+    unless the schedule changed."""
+    sections = dict(loss={"name": "dmd", "generator_every": 2}, logging={"checkpoint_every": 2})
+    trainer = make(tmp_path, teacher_dir, steps=2, **sections)
+    trainer.train()
+    state_file = tmp_path / "run" / "checkpoints" / "step-0000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "fingerprint": trainer.cfg.fingerprint(with_schedule=True)}, state_file)
+    changed = dict(sections, loss={"name": "dmd", "generator_every": 5})
+    with pytest.raises(SelfForcingError, match="written by a different config"):
+        make(tmp_path, teacher_dir, steps=4, **changed).train(resume=True)
+    assert len(make(tmp_path, teacher_dir, steps=3, **sections).train(resume=True)) == 1
+
+
 def test_resume_takes_the_learning_rates_of_the_config(tmp_path, teacher_dir):
     """The optimiser state holds the rate it was saved with; a resume with other rates in the
     config (annealing by hand) uses the config's."""

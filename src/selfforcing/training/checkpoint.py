@@ -28,8 +28,11 @@ log = logging.getLogger("selfforcing.train")
 
 
 class CheckpointStore:
-    def __init__(self, root: Path, fingerprint: str, env: DistEnv):
+    def __init__(self, root: Path, fingerprint: str, env: DistEnv, also_accepted: tuple[str, ...] = ()):
+        """Writes ``fingerprint``; resumes checkpoints holding it or one of ``also_accepted``
+        (how earlier versions fingerprinted the same config)."""
         self.root, self.fingerprint, self.env = Path(root), fingerprint, env
+        self.accepted = (fingerprint, *also_accepted)
         if env.is_main:
             remove_stale_temporaries(self.root, ".step-")
 
@@ -95,7 +98,7 @@ class CheckpointStore:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "noise_rng" not in state:
             raise DamagedFileError(path / "state.pt", "not a training state")
-        if state.get("fingerprint") != self.fingerprint:
+        if state.get("fingerprint") not in self.accepted:
             raise SelfForcingError(
                 f"checkpoint {path} was written by a different config (fingerprint {state.get('fingerprint')} "
                 f"vs {self.fingerprint}): model, data, paradigm, loss and optimiser settings must match to resume"

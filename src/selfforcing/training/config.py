@@ -180,19 +180,22 @@ class TrainConfig:
     def distillation(self) -> bool:
         return self.loss.name in DISTILLATION_LOSSES
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, with_schedule: bool = False) -> str:
         """Hash of everything that shapes the model and optimiser state (not run length,
         logging, the learning rates and their drops, or the generator/critic schedule), so a resume
         from another experiment's checkpoint is refused. The rates may change on resume (annealing
         by hand): the trainer applies the config's. So may the schedule: a critic warmed up alone
-        (a huge ``critic_warmup``) resumes into distillation with the warm-up set to its step."""
+        (a huge ``critic_warmup``) resumes into distillation with the warm-up set to its step.
+        ``with_schedule`` hashes the schedule too, as checkpoints written before 2026-11-26 were
+        fingerprinted: they resume under an unchanged schedule."""
         d = dataclasses.asdict(self)
         for key in ("steps", "logging", "output_dir", "device"):
             d.pop(key)
         for key in ("lr", "critic_lr", "lr_drops"):
             d["optim"].pop(key)
-        for key in ("critic_warmup", "generator_every"):
-            d["loss"].pop(key)
+        if not with_schedule:
+            for key in ("critic_warmup", "generator_every"):
+                d["loss"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

@@ -94,7 +94,8 @@ class Trainer:
                                                 betas=tuple(opt.betas), weight_decay=opt.weight_decay)
         self.data = DataStream(dataset, cfg.data.batch_size, cfg.seed, self.env)
         self.noise_rng = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + self.env.rank)
-        self.store = CheckpointStore(Path(cfg.output_dir) / "checkpoints", cfg.fingerprint(), self.env)
+        self.store = CheckpointStore(Path(cfg.output_dir) / "checkpoints", cfg.fingerprint(), self.env,
+                                     also_accepted=(cfg.fingerprint(with_schedule=True),))
         self.step = 0
         self.skipped = 0
 
@@ -186,8 +187,9 @@ class Trainer:
         return history
 
     def _log_metrics(self, logs: dict[str, float], writer) -> None:
-        """Main rank: one JSON line per logged step (the means since the last one) in ``output_dir/metrics.jsonl`` (appended, so
-        a resumed run continues the file), and the same figures in TensorBoard if enabled."""
+        """Main rank: one JSON line per logged step (the means since the last one) in
+        ``output_dir/metrics.jsonl`` (appended, so a resumed run continues the file), and the
+        same figures in TensorBoard if enabled."""
         if not self.env.is_main:
             return
         out = Path(self.cfg.output_dir)
