@@ -190,8 +190,8 @@ def test_dmd_gradient_on_the_sample_is_the_normalised_score_gap(setup):
     objective, batch, uncond = setup("dmd")
     x = torch.randn(2, 12, 6, 8, 8, generator=torch.Generator().manual_seed(9), requires_grad=True)
     g = torch.Generator().manual_seed(3)
-    loss, _ = objective.distribution_loss.generator_loss(x, objective._real_flow(batch.text),
-                                                         objective._fake_flow(batch.text), g)
+    loss, _ = objective.distribution_loss.generator_loss(x, objective.real_flow(batch.text),
+                                                         objective.fake_flow(batch.text), g)
     loss.backward()
     g = torch.Generator().manual_seed(3)
     t = official_score_timestep(g, 2)

@@ -17,6 +17,11 @@ from selfforcing.errors import SelfForcingError
 FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def cfg_flow(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance in the standard convention, ``v_u + w (v_c - v_u)``."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
 def few_step_denoise(
     model_fn: FlowFn,
     noise: torch.Tensor,
@@ -74,8 +79,7 @@ def euler_sample_cfg(
         tb = t.expand(x.shape[0])
         v = model_fn(x, tb, True)
         if guidance_scale != 1.0:
-            v_uncond = model_fn(x, tb, False)
-            v = v_uncond + guidance_scale * (v - v_uncond)
+            v = cfg_flow(v, model_fn(x, tb, False), guidance_scale)
         x = x + (schedule.sigma(t_next) - schedule.sigma(t)) * v
     return x if record_at is None else (x, torch.stack(states, dim=1))
 

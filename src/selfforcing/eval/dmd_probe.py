@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from selfforcing.diffusion.samplers import cfg_flow
+from selfforcing.training.losses.dmd import normaliser
 from selfforcing.training.objective import Objective, Rngs
 from selfforcing.training.trainer import Trainer
 
@@ -46,11 +48,11 @@ def probe_dmd(trainer: Trainer, videos: int, draws: int, seed: int = 0) -> dict[
         x = objective.student_samples(batch, rngs, grad=False).double()
         cond, real, fake = _x0_predictions(objective, batch.text, x, draws, g)  # (draws, B, ...)
         dims = tuple(range(2, x.ndim + 1))
-        sums["critic_error"] += (fake - x).square().mean(dims).sum().item() / draws
-        sums["teacher_error"] += (cond - x).square().mean(dims).sum().item() / draws
+        sums["critic_error"] += (fake - x).square().mean(dims).sum().item()
+        sums["teacher_error"] += (cond - x).square().mean(dims).sum().item()
         learned, guidance = _norms(fake - cond, dims), _norms(cond - real, dims)
         sums["learned_share"] += (learned / (learned + guidance)).sum().item() / draws
-        grad = (fake - real) / (x - real).abs().mean(dims, keepdim=True)  # DMD's normalised gradient
+        grad = torch.stack([(f - r) / normaliser(x, r) for f, r in zip(fake, real)])  # DMD's gradient, per draw
         rms_of_mean = grad.mean(0).square().mean(tuple(range(1, x.ndim))).sqrt()
         sums["coherence"] += (rms_of_mean / grad.square().mean(dims).mean(0).sqrt()).sum().item()
         done += x.shape[0]
@@ -64,19 +66,16 @@ def probe_dmd(trainer: Trainer, videos: int, draws: int, seed: int = 0) -> dict[
 
 def _x0_predictions(objective: Objective, text: torch.Tensor, x: torch.Tensor, draws: int, g: torch.Generator):
     """Teacher-conditional, guided (real) and critic (fake) x0 of ``x`` noised ``draws`` times,
-    with the run's own score-timestep draw."""
-    s, timesteps, w = objective.schedule, objective.distribution_loss.timesteps, objective.cfg.loss.guidance_scale
-    teacher, critic = objective.teacher, objective.critic
-    ctx, neg = teacher.encode_text(text), teacher.encode_text(objective.uncond_text.expand_as(text))
-    critic_ctx = critic.encode_text(text)
+    with the run's own score-timestep draw (``DMDLoss.noised``) and scores."""
+    dmd, schedule, w = objective.distribution_loss, objective.schedule, objective.cfg.loss.guidance_scale
+    teacher_flows, fake_flow = objective.teacher_flows(text), objective.fake_flow(text)
     out = []
     for _ in range(draws):
-        t, noise_t = timesteps.sample(x.shape[0], g, x.device)
-        score_t = timesteps.score_t(t, noise_t)
-        xt = s.add_noise(x, torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype), noise_t).float()
-        v_cond, v_uncond, v_fake = teacher(xt, t, ctx), teacher(xt, t, neg), critic(xt, t, critic_ctx)
-        x0 = [s.x0_from_flow(xt, v, score_t).double() for v in (v_cond, v_uncond + w * (v_cond - v_uncond), v_fake)]
-        out.append(x0)
+        t, xt, score_t = dmd.noised(x, g)
+        xt = xt.float()
+        v_cond, v_uncond = teacher_flows(xt, t)
+        out.append([schedule.x0_from_flow(xt, v, score_t).double()
+                    for v in (v_cond, cfg_flow(v_cond, v_uncond, w), fake_flow(xt, t))])
     return [torch.stack(parts) for parts in zip(*out)]
 
 

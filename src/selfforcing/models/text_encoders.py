@@ -75,6 +75,7 @@ def negative_text(text_encoder: TextEncoder, prompt: str, device: torch.device |
         return torch.zeros(1, text_encoder.max_length, text_encoder.dim, device=device)
     return text_encoder.encode([prompt]).to(device)
 
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SelfForcingError(f"text encoder {name} must be a positive integer, got {value!r}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from selfforcing.diffusion.samplers import cfg_flow
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.models.wan import BlockCausal, CausalWanModel
 from selfforcing.training.config import TrainConfig
@@ -77,7 +78,7 @@ class Objective:
         x = self.student_samples(batch, rngs, grad=True)
         if self.cfg.loss.name == "gan":
             return self.distribution_loss.generator_loss(x, self._logits(batch.text), rngs.noise)
-        return self.distribution_loss.generator_loss(x, self._real_flow(batch.text), self._fake_flow(batch.text),
+        return self.distribution_loss.generator_loss(x, self.real_flow(batch.text), self.fake_flow(batch.text),
                                                      rngs.noise)
 
     def _supervised_loss(self, name: str, batch: Batch, g: torch.Generator) -> torch.Tensor:
@@ -114,26 +115,26 @@ class Objective:
         x = self.student_samples(batch, rngs, grad=False)
         if self.cfg.loss.name == "gan":
             return self.distribution_loss.critic_loss(x, batch.latents, self._logits(batch.text), rngs.noise)
-        return self.distribution_loss.critic_loss(x, self._fake_flow(batch.text), rngs.noise)
+        return self.distribution_loss.critic_loss(x, self.fake_flow(batch.text), rngs.noise)
 
     def critic_parameters(self) -> list[nn.Parameter]:
         params = list(self.critic.parameters())
         return params + (list(self.head.parameters()) if self.head is not None else [])
 
     # ---- scores -----------------------------------------------------------
-    def _real_flow(self, text: torch.Tensor):
+    def teacher_flows(self, text: torch.Tensor):
+        """The frozen teacher's conditional and unconditional (negative-prompt) flows, as one
+        function of ``(xt, t)`` returning both."""
+        cond, neg = self.teacher.encode_text(text), self.teacher.encode_text(self.uncond_text.expand_as(text))
+        return lambda xt, t: (self.teacher(xt, t, cond), self.teacher(xt, t, neg))
+
+    def real_flow(self, text: torch.Tensor):
         """Frozen teacher with classifier-free guidance (the "real" score), standard convention
         ``uncond + w (cond - uncond)`` (the released code's ``guidance_scale: 3.0`` is w = 4)."""
-        cond, neg = self.teacher.encode_text(text), self.teacher.encode_text(self.uncond_text.expand_as(text))
-        w = self.cfg.loss.guidance_scale
+        flows, w = self.teacher_flows(text), self.cfg.loss.guidance_scale
+        return lambda xt, t: cfg_flow(*flows(xt, t), w)
 
-        def flow(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v_cond, v_uncond = self.teacher(xt, t, cond), self.teacher(xt, t, neg)
-            return v_uncond + w * (v_cond - v_uncond)
-
-        return flow
-
-    def _fake_flow(self, text: torch.Tensor):
+    def fake_flow(self, text: torch.Tensor):
         ctx = self.critic.encode_text(text)
         return lambda xt, t: self.critic(xt, t, ctx)
 

@@ -68,18 +68,23 @@ class DMDLoss:
         if self.timesteps is None:
             self.timesteps = ScoreTimesteps(self.schedule)
 
+    def noised(
+        self, x: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, x_t, score_t): ``x`` noised to a drawn score timestep ``t``, and the timestep whose
+        sigma turns a score network's flow at ``x_t`` into x0."""
+        t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return t, self.schedule.add_noise(x, noise, noise_t), self.timesteps.score_t(t, noise_t)
+
     def scores(
         self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, real x0, fake x0) of ``x`` noised to a score timestep, in float64; gradient flows
         back to ``x`` through both networks unless the caller runs this without autograd."""
-        s = self.schedule
-        t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        score_t = self.timesteps.score_t(t, noise_t)
-        xt = s.add_noise(x, noise, noise_t)
-        real_x0 = s.x0_from_flow(xt, real_flow(xt, t), score_t).double()
-        fake_x0 = s.x0_from_flow(xt, fake_flow(xt, t), score_t).double()
+        t, xt, score_t = self.noised(x, generator)
+        real_x0 = self.schedule.x0_from_flow(xt, real_flow(xt, t), score_t).double()
+        fake_x0 = self.schedule.x0_from_flow(xt, fake_flow(xt, t), score_t).double()
         return t, real_x0, fake_x0
 
     def generator_loss(
