@@ -3,8 +3,9 @@
 1. Equivalence: the fast engine, compiled and captured as CUDA graphs, must give the eager
    reference loop's latents within bf16 tolerance (chunk-wise and frame-wise).
 2. Speed: a markdown table per engine (eager, fast, fast compiled, fast + CUDA graphs) and
-   chunk size: FPS with the Wan VAE decode (when diffusers is installed), DiT-only FPS,
-   first-frame latency, DiT model-FLOPs utilisation and peak memory.
+   chunk size, printed row by row as they finish: DiT-only FPS, first-frame latency, DiT
+   model-FLOPs utilisation, peak memory and, for the last engine (when diffusers is
+   installed), FPS and first-frame latency with the Wan VAE decode; then the VAE alone.
 
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
 weight values. Rows that would not finish inside the time budget are skipped and say so.
@@ -21,8 +22,10 @@ import torch
 from selfforcing.bench import bench_one, random_pipeline
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
-ENGINES = [("eager", "eager", None), ("fast", "fast", None), ("fast compiled", "fast+compile", None),
-           ("fast + CUDA graphs", "fast+compile", "reduce-overhead")]
+ENGINES = {"eager": "eager", "fast": "fast", "fast compiled": "fast+compile", "fast + CUDA graphs": "fast+graphs"}
+HEADER = ("| engine | frames/chunk | FPS with VAE decode | first frame with VAE (s) | DiT-only FPS | "
+          "first frame (s, DiT) | DiT MFU | peak GiB | latents vs eager (rel. L2) | row time (s) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def dit_flops(pipe, latent_frames: int) -> float:
@@ -43,13 +46,33 @@ def dit_flops(pipe, latent_frames: int) -> float:
     return total
 
 
+def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int) -> float:
+    """The Wan VAE alone, decoding random latents chunk by chunk as a stream does (video frames/s)."""
+    pipe = random_pipeline("wan2.1-1.3b", frames_per_chunk, device, "eager")
+    latents = torch.randn(1, 16, latent_frames, pipe.sampling.height // 8, pipe.sampling.width // 8,
+                          device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(3):
+        decoder, start = pipe.vae.stream_decoder(), time.perf_counter()
+        for chunk in latents.split(frames_per_chunk, dim=2):
+            decoder.decode_chunk(chunk)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return pipe.video_frames(latent_frames) / min(times[1:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=420, help="skip rows once this much time has passed")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--latent-frames", type=int, default=21, help="21: the paper's 81-frame videos")
     parser.add_argument("--device", default="cuda", help="cpu runs the same check (a dry run of this script)")
     parser.add_argument("--preset", default="wan2.1-1.3b", help="mid: a small shape for a dry run")
+    parser.add_argument("--frames-per-chunk", type=int, nargs="+", default=[3, 1], help="3: chunk-wise, 1: frame-wise")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES), metavar="ENGINE",
+                        help="engines to run, from: " + ", ".join(ENGINES))
+    parser.add_argument("--vae", choices=["none", "last", "all"], default="last",
+                        help="the FPS-with-VAE-decode columns for no engine, the last one of each chunk size, or all")
     args = parser.parse_args()
     device, start = torch.device(args.device), time.perf_counter()
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -59,21 +82,28 @@ def main() -> int:
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
     try:
         import diffusers  # noqa: F401  (the Wan VAE)
-        with_vae = args.preset == "wan2.1-1.3b"
+        with_vae = args.preset == "wan2.1-1.3b" and device.type == "cuda" and args.vae != "none"
     except ImportError:
         with_vae = False
-    rows, failures = [], []
-    for n in (3, 1):
+    engines = [label for label in ENGINES if label in args.engines]
+    print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
+          f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
+          f"`bash scripts/gpu_check.sh {' '.join(sys.argv[1:])}`\n\n{HEADER}", flush=True)
+    failures = []
+    for n in args.frames_per_chunk:
         reference = None
-        for label, engine, mode in ENGINES:
+        for label in engines:
             if time.perf_counter() - start > args.budget_s:
-                rows.append(f"| {label} | {n} | skipped: over the {args.budget_s:.0f} s budget | | | | | |")
+                print(f"| {label} | {n} | skipped: over the {args.budget_s:.0f} s budget |", flush=True)
                 continue
+            if ENGINES[label] == "fast+graphs" and device.type != "cuda":
+                print(f"| {label} | {n} | n/a: CUDA only |", flush=True)
+                continue
+            row_start = time.perf_counter()
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            pipe = random_pipeline(args.preset, n, device, engine, dit_only=True,
-                                   compile_mode=mode if device.type == "cuda" else "default-for-device")
+            pipe = random_pipeline(args.preset, n, device, ENGINES[label], dit_only=True)
             fps, first, _, _, latents = bench_one(pipe, args.latent_frames, args.repeats)
             seconds = pipe.video_frames(args.latent_frames) / fps
             mfu = dit_flops(pipe, args.latent_frames) / seconds / peak
@@ -81,26 +111,26 @@ def main() -> int:
                 reference, error = latents, 0.0
             else:
                 error = ((latents - reference).norm() / reference.norm()).item()
-                if error > 2e-2:
+                if not error < 2e-2:
                     failures.append(f"{label}, {n} frames/chunk: relative L2 {error:.3g} vs eager")
-            vae_fps = "n/a (no diffusers)" if args.preset == "wan2.1-1.3b" else "n/a (DiT-only preset)"
-            if with_vae:
+            gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            vae = "| | |"
+            if with_vae and (args.vae == "all" or label == engines[-1]):
                 vae_pipe = random_pipeline(args.preset, n, device, "eager")
                 vae_pipe.model, vae_pipe.engine = pipe.model, pipe.engine  # the same (compiled) transformer
-                vae_fps = f"{bench_one(vae_pipe, args.latent_frames, args.repeats).fps:.1f}"
-            gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            rows.append(f"| {label} | {n} | {vae_fps} | {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | "
-                        f"{error:.2e} |")
+                timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
+                vae = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
+                del vae_pipe
+            print(f"| {label} | {n} {vae} {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | {error:.2e} | "
+                  f"{time.perf_counter() - row_start:.0f} |", flush=True)
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
-          f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
-          f"`bash scripts/gpu_check.sh`; {time.perf_counter() - start:.0f} s in all\n")
-    print("| engine | frames/chunk | FPS with VAE decode | DiT-only FPS | first frame (s, DiT) | DiT MFU | "
-          "peak GiB | latents vs eager (rel. L2) |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    if with_vae and time.perf_counter() - start < args.budget_s:
+        for n in args.frames_per_chunk:
+            print(f"\nWan VAE decode alone, {n} latent frames per chunk: "
+                  f"{vae_decode_fps(device, args.latent_frames, n):.1f} video frames/s", flush=True)
+    print(f"\n{time.perf_counter() - start:.0f} s in all")
     for failure in failures:
         print(f"MISMATCH: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -182,6 +182,8 @@ CASES = {
     "generate-device-absent": (G + ["--device", "cuda:99"], "device 'cuda:99'"),
     "generate-text-device-unknown": (G + ["--text-encoder-device", "tpu9"], "unknown device 'tpu9'"),
     "generate-unknown-flag": (G + ["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    "generate-graphs-uncompiled": (G + ["--cuda-graphs"], "--cuda-graphs replays the compiled step: pass --compile"),
+    "generate-graphs-on-cpu": (G + ["--compile", "--cuda-graphs"], "CUDA graphs need a CUDA device"),
     "generate-empty-prompt": (["generate", " ", "-o", "{out}/out.mp4"], "prompt 0 is empty"),
     # generate: output
     "generate-output-avi": (["generate", PROMPT, "-o", "{out}/out.avi"], "output must be an .mp4 file"),

@@ -62,7 +62,7 @@ class LatentsOnly:
 # Wan VAE), dim 384, 6 layers, a 9-frame cache; measured DiT-only.
 MID = WanConfig(num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=512,
                 freq_dim=256, ffn_dim=1536, num_layers=6)
-ENGINES = ("eager", "fast", "fast+compile")
+ENGINES = ("eager", "fast", "fast+compile", "fast+graphs")  # fast+graphs: compiled, replayed as CUDA graphs
 
 
 def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",
@@ -92,8 +92,8 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
     if engine not in ENGINES:
         raise SelfForcingError(f"no engine {engine!r}; choose from {', '.join(ENGINES)}")
     pipe = StreamingPipeline(model.to(device, dtype), text, vae, sampling, engine=engine.split("+")[0])
-    if engine.endswith("+compile"):
-        pipe.compile(compile_mode)
+    if engine in ("fast+compile", "fast+graphs"):
+        pipe.compile(compile_mode, cuda_graphs=engine == "fast+graphs")
     return pipe
 
 

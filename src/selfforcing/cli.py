@@ -84,8 +84,10 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
     pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
                                              text_encoder_device=text_device)
     pipe.load_loras(args.lora, fuse=not args.lora_unfused)  # before compile(): CPU compiling freezes the weights
+    if args.cuda_graphs and not args.compile:
+        raise SelfForcingError("--cuda-graphs replays the compiled step: pass --compile too")
     if args.compile:
-        pipe.compile()
+        pipe.compile(cuda_graphs=args.cuda_graphs)
     return pipe
 
 
@@ -345,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--compile", action="store_true",
-                   help="compile the chunk step (CUDA: as a CUDA graph); the first chunk pays the compile time")
+                   help="compile the chunk step; the first chunk pays the compile time")
+    g.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: replay the step as CUDA graphs")
     _add_lora_arguments(g)
     g.set_defaults(func=cmd_generate)
 
@@ -362,15 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu")
     v.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
     v.add_argument("--compile", action="store_true",
-                   help="compile the chunk step (CUDA: as a CUDA graph); the first stream pays the compile time")
+                   help="compile the chunk step; the first stream pays the compile time")
+    v.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: replay the step as CUDA graphs")
     _add_lora_arguments(v)
     v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="measure streaming throughput, first-frame latency and peak memory")
     b.add_argument("--preset", default="toy",
                    help="toy | mid | wan2.1-1.3b, built with random weights (speed does not depend on weight values)")
-    b.add_argument("--engines", nargs="+", default=["fast"], choices=["eager", "fast", "fast+compile"],
-                   help="streaming engines to compare in one run (eager: the reference loop)")
+    b.add_argument("--engines", nargs="+", default=["fast"], choices=["eager", "fast", "fast+compile", "fast+graphs"],
+                   help="streaming engines to compare in one run (eager: the reference loop; fast+graphs: CUDA only)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1])
     b.add_argument("--latent-frames", type=_positive_int, default=21)

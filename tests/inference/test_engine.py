@@ -8,9 +8,11 @@ import torch
 
 from factories import randomize_
 from selfforcing.bench import FixedTextEncoder
+from selfforcing.errors import SelfForcingError
 from selfforcing.inference.conditioning import Conditioning
 from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
 from selfforcing.models import CausalWanModel, WanConfig, preset
+from selfforcing.models.graphs import CapturedStep
 from selfforcing.models.kv_cache import StaticKVCache
 from selfforcing.models.vae import PixelCodec
 
@@ -111,11 +113,49 @@ def test_the_compiled_step_compiles_once_and_never_recompiles():
     assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3)), out2)
 
 
+class ReplayedStep(CapturedStep):
+    """``CapturedStep`` with the capture swapped for a plain call on the static buffers: a
+    replay then sees exactly what a CUDA graph would read, so any input not routed through
+    them shows as a mismatch, on the CPU."""
+
+    def _capture(self, run):
+        out = run()
+        return lambda: out.copy_(run()), out
+
+
+def test_captured_steps_read_every_input_through_their_static_buffers():
+    """Rolling with sinks and relative positions, a prefix piece, a re-cache and a blend
+    switch. A later stream of the same shape reuses the cache buffers, so it replays the
+    captures of the earlier ones (one per attended-prefix length) and captures nothing new."""
+    pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
+    model = pipes["fast"].model
+    model._compiled_steps = steps = (ReplayedStep(model._first_chunk_step), ReplayedStep(model._step))
+    prefix = torch.randn(2, 12, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    recache, blend = (lambda c, text: c.switch(text, "recache"),  # noqa: E731
+                      lambda c, text: c.switch(text, "blend", blend_chunks=3))
+    try:
+        assert_same(latents(pipes["eager"], 24, recache, prefix), latents(pipes["fast"], 24, recache, prefix))
+        assert_same(latents(pipes["eager"], 24, blend), latents(pipes["fast"], 24, blend))
+        captured = [len(step._graphs) for step in steps]
+        assert_same(latents(pipes["eager"], 24, recache), latents(pipes["fast"], 24, recache))
+    finally:
+        del model._compiled_steps
+    # The first chunk; then a 3-frame chunk after 1 held frame (the sink, re-cached first),
+    # 3, 4 (the video prefix) and 6 (a full ring).
+    assert [sorted(key[1] // 16 for key in step._graphs) for step in steps] == [[3], [4, 6, 7, 9]]
+    assert captured == [1, 4] and [len(step._graphs) for step in steps] == captured
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    with pytest.raises(SelfForcingError, match="CUDA graphs need a CUDA device"):
+        pipelines(tiny_model())["fast"].compile(cuda_graphs=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_match_the_eager_loop_in_bf16():
     model = tiny_model().to("cuda", torch.bfloat16)
     pipes = pipelines(model, sink_frames=1, rope_positions="relative")
-    pipes["fast"].compile()  # reduce-overhead: CUDA graphs
+    pipes["fast"].compile(cuda_graphs=True)
     eager, fast = latents(pipes["eager"], 24).float(), latents(pipes["fast"], 24).float()
     assert (fast - eager).norm() / eager.norm() < 2e-2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -133,6 +134,9 @@ class StreamingPipeline:
         self.sampling = sampling
         self.schedule = FlowMatchSchedule(shift=sampling.timestep_shift)
         self.stats = StreamStats()
+        # Caches of finished streams, by stream shape: a later stream reuses their buffers, and
+        # so the CUDA graphs captured on them (``compile(cuda_graphs=True)``).
+        self._idle_caches: dict[tuple, list[KVCache]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -234,6 +238,22 @@ class StreamingPipeline:
         r = self.vae.temporal_ratio
         return latent_frames if r == 1 else 1 + r * (latent_frames - 1)
 
+    @contextmanager
+    def _stream_cache(self, chunk_shape: tuple[int, ...]) -> Iterator[KVCache]:
+        """A cache for one stream: an idle one of the same shape, else a new one; idle again
+        (reset) when the stream ends or is dropped."""
+        s = self.sampling
+        weight = self.model.proj_out.weight
+        key = (chunk_shape[0], *chunk_shape[3:], weight.dtype, weight.device, s.kv_cache_frames, s.sink_frames,
+               s.rope_positions, s.frames_per_chunk)
+        idle = self._idle_caches.setdefault(key, [])
+        cache = idle.pop() if idle else self.new_cache()
+        try:
+            yield cache
+        finally:
+            cache.reset()
+            idle.append(cache)
+
     def new_cache(self) -> KVCache:
         s = self.sampling
         if self.engine == "fast":
@@ -241,18 +261,21 @@ class StreamingPipeline:
                                  chunk_frames=s.frames_per_chunk)
         return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions)
 
-    def compile(self, mode: str | None = "default-for-device") -> None:
+    def compile(self, mode: str | None = "default-for-device", cuda_graphs: bool = False) -> None:
         """Compile the fast engine's chunk step (once per chunk size, batch and resolution; the
-        first two chunks pay for it). The default for the device: on CUDA, captured as CUDA
-        graphs (``reduce-overhead``); on the CPU, with the weights frozen into the graph
-        (inductor's ``freezing``: prepacked matmul weights, q/k/v projections joined into one
-        matmul), so load or fuse weights first."""
+        first two chunks pay for it). The default for the device: on CUDA, inductor's default
+        mode; on the CPU, with the weights frozen into the graph (inductor's ``freezing``:
+        prepacked matmul weights, q/k/v projections joined into one matmul), so load or fuse
+        weights first. ``cuda_graphs`` (CUDA only) replays the compiled step as captured CUDA
+        graphs, one per attended-prefix length."""
         if self.engine != "fast":
             raise SelfForcingError("compile() needs the fast engine (engine='fast')")
+        if cuda_graphs and self.device.type != "cuda":
+            raise SelfForcingError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
         if mode != "default-for-device":
-            self.model.compile_step(mode)
+            self.model.compile_step(mode, cuda_graphs=cuda_graphs)
         elif self.device.type == "cuda":
-            self.model.compile_step("reduce-overhead")
+            self.model.compile_step(cuda_graphs=cuda_graphs)
         else:
             self.model.compile_step(options={"freezing": True, "cpp.enable_concat_linear": True})
 
@@ -299,19 +322,20 @@ class StreamingPipeline:
         generator = torch.Generator(device).manual_seed(seed)
         timesteps = self.schedule.few_step_timesteps(s.denoising_steps).to(device)
         decoder = self.vae.stream_decoder()
-        chunks = rollout(
-            self.model, conditioning, self.new_cache(), self.schedule, timesteps, chunk_shape, num_chunks,
-            generator=generator, context_t=s.context_noise,
-            prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
-        )
-        for index, x0 in enumerate(chunks):
-            frames = to_uint8(decoder.decode_chunk(x0))
-            now = time.perf_counter()
-            if stats.first_frame_s is None:
-                stats.first_frame_s = now - start
-            yield VideoChunk(index, stats.frames, frames, x0)
-            stats.frames += frames.shape[1]
-            stats.elapsed_s = time.perf_counter() - start
+        with self._stream_cache(chunk_shape) as cache:
+            chunks = rollout(
+                self.model, conditioning, cache, self.schedule, timesteps, chunk_shape, num_chunks,
+                generator=generator, context_t=s.context_noise,
+                prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
+            )
+            for index, x0 in enumerate(chunks):
+                frames = to_uint8(decoder.decode_chunk(x0))
+                now = time.perf_counter()
+                if stats.first_frame_s is None:
+                    stats.first_frame_s = now - start
+                yield VideoChunk(index, stats.frames, frames, x0)
+                stats.frames += frames.shape[1]
+                stats.elapsed_s = time.perf_counter() - start
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:

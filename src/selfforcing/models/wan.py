@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from selfforcing.errors import SelfForcingError
+from selfforcing.models.graphs import CapturedStep
 from selfforcing.models.kv_cache import KVCache, StaticKVCache
 from selfforcing.schema import check_values
 
@@ -600,14 +601,16 @@ class CausalWanModel(nn.Module):
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, num_frames, height, width)
 
     # ---- the fast engine -------------------------------------------------
-    def compile_step(self, mode: str | None = None, options: dict | None = None) -> None:
+    def compile_step(self, mode: str | None = None, options: dict | None = None, cuda_graphs: bool = False) -> None:
         """Compile the chunk step of ``StaticKVCache`` forwards: one graph for a chunk with an
         empty cache, one for every other (the attended prefix is its one dynamic size), each
         compiled once (fullgraph) and never again as the cache fills, rolls, switches prompt
-        or re-caches. ``mode="reduce-overhead"`` on CUDA also captures them as CUDA graphs;
-        ``options`` go to inductor (they exclude ``mode``)."""
+        or re-caches. ``options`` go to inductor (they exclude ``mode``). ``cuda_graphs``
+        replays the compiled steps as CUDA graphs captured by ``CapturedStep`` (inductor's own
+        ``reduce-overhead`` skips them: the step writes the cache in place)."""
         compiled = partial(torch.compile, fullgraph=True, dynamic=False, mode=mode, options=options)
-        self._compiled_steps = (compiled(self._first_chunk_step), compiled(self._step))
+        steps = (compiled(self._first_chunk_step), compiled(self._step))
+        self._compiled_steps = tuple(CapturedStep(step) for step in steps) if cuda_graphs else steps
 
     def _first_chunk_step(self, x, t, text, sa) -> torch.Tensor:
         """The step of a chunk with nothing cached, compiled apart (static shapes): there the
