@@ -246,12 +246,16 @@ def cmd_ode_pairs(args: argparse.Namespace) -> None:
     print(f"wrote ODE pairs to {path}")
 
 
+def _scene_options(args: argparse.Namespace) -> dict:
+    """--shapes / --colors of ``data toy`` and ``eval``, for ``sample_scene`` (unset: its defaults)."""
+    return {key: tuple(value) for key in ("shapes", "colors") if (value := getattr(args, key)) is not None}
+
+
 def cmd_data_toy(args: argparse.Namespace) -> None:
     from selfforcing.data.toy_world import write_dataset
 
-    shapes = {} if args.shapes is None else {"shapes": tuple(args.shapes)}
     path = write_dataset(args.out, args.n, num_frames=args.frames, height=args.size, width=args.size, seed=args.seed,
-                         **shapes)
+                         **_scene_options(args))
     print(f"wrote {args.n} toy-world videos to {path}")
 
 
@@ -259,7 +263,7 @@ def cmd_data_toy_prompts(args: argparse.Namespace) -> None:
     from selfforcing.data.toy_world import toy_prompts
     from selfforcing.utils import atomic_path
 
-    prompts = toy_prompts(args.n, args.seed)
+    prompts = toy_prompts(args.n, args.seed, **_scene_options(args))
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(prompts) + "\n")
     print(f"wrote {args.n} toy-world prompts to {args.out}")
@@ -271,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_writable(args.output / "results.json")
     results = evaluate_model(args.model or DEFAULT_MODEL, args.output, n=args.n, num_frames=args.frames,
                              seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
-                             window=args.window, loras=args.lora, shapes=args.shapes,
+                             window=args.window, loras=args.lora, scene_options=_scene_options(args),
                              teacher_steps=args.teacher_steps, guidance_scale=args.guidance, checkpoint=args.checkpoint)
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
@@ -426,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--shapes", nargs="+", default=None,
                    help="shapes of the held-out scenes (default: circle square triangle, the trained ones; "
-                        "ring: the LoRA demo's new shape)")
+                        "ring: a shape the shipped models never saw)")
+    e.add_argument("--colors", nargs="+", default=None,
+                   help="object colours of the held-out scenes (default: the 7 trained ones; cyan: the LoRA demo's "
+                        "new colour)")
     e.add_argument("--checkpoint", type=Path, default=None,
                    help="transformer weights to load on top, e.g. a training checkpoint's ema.safetensors")
     e.add_argument("--teacher-steps", type=_positive_int, default=None,
@@ -453,8 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--size", type=_positive_int, default=32)
     toy.add_argument("--seed", type=_seed, default=0)
     toy.add_argument("--shapes", nargs="+", default=None,
-                     help="shapes to draw (default: circle square triangle; ring: clips of a concept the shipped "
-                          "model never saw)")
+                     help="shapes to draw (default: circle square triangle; ring: a shape the shipped models "
+                          "never saw)")
+    toy.add_argument("--colors", nargs="+", default=None,
+                     help="object colours to draw (default: the 7 trained ones; cyan: a colour the shipped models "
+                          "never saw)")
     toy.set_defaults(func=cmd_data_toy)
     enc = dsub.add_parser("encode", help="encode a folder of captioned videos to a latent cache (data.source: latents)")
     enc.add_argument("folder", type=Path)
@@ -471,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--out", type=Path, required=True)
     tp.add_argument("--n", type=_positive_int, required=True)
     tp.add_argument("--seed", type=_seed, default=1, help="scene seed (training data uses 0)")
+    tp.add_argument("--shapes", nargs="+", default=None, help="shapes of the scenes (as data toy)")
+    tp.add_argument("--colors", nargs="+", default=None, help="object colours of the scenes (as data toy)")
     tp.set_defaults(func=cmd_data_toy_prompts)
     ep = dsub.add_parser("encode-prompts", help="embed a prompt file with UMT5 once (text_encoder type: cache)")
     ep.add_argument("prompts", type=Path, help="text file, one prompt per line")

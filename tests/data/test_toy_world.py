@@ -297,3 +297,20 @@ def test_the_ring_is_drawn_and_read_only_when_asked_for():
     assert parse_caption(caption(scene))["shapes"] == ["ring"]
     with pytest.raises(SelfForcingError, match="shapes must be a non-empty subset"):
         sample_scene(0, shapes=("star",))
+
+
+def test_cyan_is_drawn_and_read_only_when_asked_for():
+    """The LoRA demo's new colour: never in the default scenes or the vocabulary, drawn when
+    asked (a scene has at most as many objects as colours), in the grammar."""
+    assert all(o.color != "cyan" for i in range(200) for o in sample_scene(i).objects)
+    assert "cyan" not in VOCABULARY and unknown_words("a cyan circle resting on a black background") == ["cyan"]
+    scenes = [sample_scene(i, colors=("cyan",)) for i in range(20)]
+    assert all(len(s.objects) == 1 and s.objects[0].color == "cyan" for s in scenes)
+    frame = render(scenes[0], 1, 64, 64, antialias=False)[0].numpy()
+    assert (frame == np.array(toy_world.NEW_COLORS["cyan"])).all(-1).sum() > 20
+    assert parse_caption(caption(scenes[0]))["colors"] == ["cyan"]
+    two = sample_scene(1, colors=("cyan", "red"), min_objects=2)
+    assert sorted(o.color for o in two.objects) == ["cyan", "red"]
+    for colors in [("teal",), ("cyan", "cyan"), ()]:
+        with pytest.raises(SelfForcingError, match="colors must be distinct colours"):
+            sample_scene(0, colors=colors)

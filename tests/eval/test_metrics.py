@@ -411,3 +411,14 @@ def test_a_ring_is_recognised_by_its_hole():
                          for s in scenes])
     assert semantic_accuracy(rings, prompts).mean() > 0.95
     assert semantic_accuracy(discs, prompts).mean() < 0.8  # a solid disc is no ring
+
+
+def test_the_new_colour_is_detected_like_the_trained_ones():
+    from selfforcing.data.toy_world import sample_scene, video_seed
+    from selfforcing.eval.metrics import semantic_accuracy
+
+    scenes = [sample_scene(video_seed(2, i), colors=("cyan",)) for i in range(8)]
+    prompts = [caption(scene) for scene in scenes]
+    assert semantic_accuracy(torch.stack([render(scene, 4) for scene in scenes]), prompts).mean() > 0.95
+    greens = [caption(scene).replace("cyan", "green") for scene in scenes]  # the same pixels, prompted green
+    assert semantic_accuracy(torch.stack([render(scene, 4) for scene in scenes]), greens).mean() < 0.5

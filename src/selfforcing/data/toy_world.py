@@ -48,6 +48,10 @@ OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (160, 50, 220),
     "white": (245, 245, 245),
 }
+# Drawn and read only when asked for, like NEW_SHAPES: a colour the shipped models never saw
+# (the LoRA demo), as far from the others (>= 128 apart) and from the backgrounds.
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"cyan": (0, 215, 215)}
+ALL_COLORS = {**OBJECT_COLORS, **NEW_COLORS}
 BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
     "dark blue": (15, 25, 80),
@@ -132,19 +136,21 @@ def sample_scene(
     size_range: tuple[float, float] = (0.12, 0.22),
     speed_range: tuple[float, float] = (0.02, 0.06),
     shapes: tuple[str, ...] = SHAPES,
+    colors: tuple[str, ...] = tuple(OBJECT_COLORS),
 ) -> Scene:
     """Draw a scene from ``numpy.random.default_rng(seed)``.
 
     Objects in one scene get distinct colours, so a colour identifies an object in both
     the caption and the pixels. ``motions`` picks the allowed classes from
-    :data:`MOTIONS` and ``shapes`` from :data:`ALL_SHAPES`; sizes and speeds are fractions
-    of the frame (speeds per frame).
+    :data:`MOTIONS`, ``shapes`` from :data:`ALL_SHAPES` and ``colors`` from :data:`ALL_COLORS`
+    (a scene has at most as many objects as colours); sizes and speeds are fractions of the
+    frame (speeds per frame).
     """
-    _check_scene_options(max_objects, min_objects, motions, size_range, speed_range, shapes)
+    _check_scene_options(max_objects, min_objects, motions, size_range, speed_range, shapes, colors)
     rng = np.random.default_rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
-    count = int(rng.integers(min_objects, max_objects + 1))
-    colors = rng.choice(list(OBJECT_COLORS), size=count, replace=False)
+    count = int(rng.integers(min_objects, min(max_objects, len(colors)) + 1))
+    colors = rng.choice(list(colors), size=count, replace=False)
     drawn = rng.choice(shapes, size=count)
     sizes = [float(size) for size in rng.uniform(*size_range, size=count)]
     objects = []
@@ -154,7 +160,7 @@ def sample_scene(
     return Scene(background, tuple(objects))
 
 
-def _check_scene_options(max_objects, min_objects, motions, size_range, speed_range, shapes) -> None:
+def _check_scene_options(max_objects, min_objects, motions, size_range, speed_range, shapes, colors) -> None:
     """Reject options that would fail deep inside numpy or silently draw odd scenes."""
     if _not_int(min_objects) or _not_int(max_objects) or not 1 <= min_objects <= max_objects <= len(OBJECT_COLORS):
         raise SelfForcingError(
@@ -166,6 +172,9 @@ def _check_scene_options(max_objects, min_objects, motions, size_range, speed_ra
         raise SelfForcingError(f"motions must be a non-empty subset of {MOTIONS}, got {tuple(motions)}")
     if not shapes or any(s not in ALL_SHAPES for s in shapes):
         raise SelfForcingError(f"shapes must be a non-empty subset of {ALL_SHAPES}, got {tuple(shapes)}")
+    if any(c not in ALL_COLORS for c in colors) or len(set(colors)) != len(colors) or len(colors) < min_objects:
+        raise SelfForcingError(f"colors must be distinct colours of {tuple(ALL_COLORS)}, at least min_objects "
+                               f"({min_objects}) of them, got {tuple(colors)}")
     if not 0 < size_range[0] <= size_range[1] < 0.5:
         raise SelfForcingError(f"size_range must satisfy 0 < low <= high < 0.5, got {size_range}")
     if not 0 <= speed_range[0] <= speed_range[1]:
@@ -255,7 +264,7 @@ def render(
         cx, cy = centres[:, 0, None, None], centres[:, 1, None, None]
         distance = _signed_distance(obj.shape, xs - cx, ys - cy, obj.size)
         alpha = np.clip(0.5 - distance / pixel, 0, 1) if antialias else distance <= 0
-        color = np.asarray(OBJECT_COLORS[obj.color], dtype=np.float32)
+        color = np.asarray(ALL_COLORS[obj.color], dtype=np.float32)
         frames += alpha[..., None].astype(np.float32) * (color - frames)
     return torch.from_numpy(np.rint(frames).astype(np.uint8))
 
@@ -344,11 +353,11 @@ def _split_on(words: list[str], separator: str) -> list[list[str]]:
 
 def _parse_object(words: list[str], text: str) -> tuple[str, str, str]:
     """One '<a|an> <colour> <shape> <motion phrase>' group."""
-    if len(words) < 4 or words[0] not in ("a", "an") or words[1] not in OBJECT_COLORS or words[2] not in ALL_SHAPES \
+    if len(words) < 4 or words[0] not in ("a", "an") or words[1] not in ALL_COLORS or words[2] not in ALL_SHAPES \
             or " ".join(words[3:]) not in MOTION_PHRASES:
         raise SelfForcingError(
             f"caption {text!r}: cannot read {' '.join(words)!r} as 'a <colour> <shape> <motion>' "
-            f"(colours: {', '.join(OBJECT_COLORS)}; shapes: {', '.join(ALL_SHAPES)}; "
+            f"(colours: {', '.join(ALL_COLORS)}; shapes: {', '.join(ALL_SHAPES)}; "
             f"motions: {', '.join(MOTION_PHRASES)})"
         )
     return words[1], words[2], " ".join(words[3:])
@@ -377,9 +386,10 @@ def unknown_words(prompt: str) -> list[str]:
 # ----------------------------------------------------------------------------- datasets
 
 
-def toy_prompts(n: int, seed: int) -> list[str]:
-    """Captions of the first ``n`` scenes of the dataset with this seed (prompt files, evaluation)."""
-    return [caption(sample_scene(video_seed(seed, i))) for i in range(n)]
+def toy_prompts(n: int, seed: int, **scene_options: Any) -> list[str]:
+    """Captions of the first ``n`` scenes of the dataset with this seed (prompt files, evaluation);
+    ``scene_options`` go to :func:`sample_scene`."""
+    return [caption(sample_scene(video_seed(seed, i), **scene_options)) for i in range(n)]
 
 
 def video_seed(seed: int, index: int) -> int:

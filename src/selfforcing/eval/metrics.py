@@ -67,13 +67,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from selfforcing.data.toy_world import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, parse_caption
+from selfforcing.data.toy_world import ALL_COLORS, BACKGROUND_COLORS, SHAPES, parse_caption
 from selfforcing.errors import SelfForcingError
 
-OBJECT_NAMES: tuple[str, ...] = tuple(OBJECT_COLORS)
+OBJECT_NAMES: tuple[str, ...] = tuple(ALL_COLORS)  # the LoRA demo's new colour too
 BACKGROUND_NAMES: tuple[str, ...] = tuple(BACKGROUND_COLORS)
 # Palette label order: object colours, then backgrounds; label len(PALETTE) means "other".
-PALETTE = np.array([*OBJECT_COLORS.values(), *BACKGROUND_COLORS.values()], dtype=np.float32)
+PALETTE = np.array([*ALL_COLORS.values(), *BACKGROUND_COLORS.values()], dtype=np.float32)
 OTHER = len(PALETTE)
 
 # RGB distance within which a pixel counts as a palette colour: under half the closest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from selfforcing.data.toy_world import SHAPES, caption, render, sample_scene, video_seed
+from selfforcing.data.toy_world import caption, render, sample_scene, video_seed
 from selfforcing.errors import SelfForcingError
 from selfforcing.eval.metrics import evaluate_videos
 from selfforcing.eval.report import write_report, write_sample_strips
@@ -18,8 +18,8 @@ EVAL_SEED = 2  # scene seed of held-out prompts (training draws seed 0, ODE-pair
 SAMPLE_ROWS = 3  # prompts shown in samples.png
 
 
-def eval_scenes(n: int, seed: int = EVAL_SEED, shapes: tuple[str, ...] = SHAPES):
-    return [sample_scene(video_seed(seed, i), shapes=shapes) for i in range(n)]
+def eval_scenes(n: int, seed: int = EVAL_SEED, **scene_options):
+    return [sample_scene(video_seed(seed, i), **scene_options) for i in range(n)]
 
 
 def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int, batch_size: int,
@@ -41,17 +41,18 @@ def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int
 
 def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_frames: int | None = None,
                    seed: int = 0, batch_size: int = 8, device: str = "cpu", window: int = 4,
-                   loras: list[tuple[Path, float]] = (), shapes: tuple[str, ...] | None = None,
+                   loras: list[tuple[Path, float]] = (), scene_options: dict | None = None,
                    teacher_steps: int | None = None, guidance_scale: float = 3.0,
                    checkpoint: str | Path | None = None) -> dict:
     """Generate ``n`` videos of ``num_frames`` (default: the model's cache length) and write
     ``results.json``, per-frame plots and ``samples.png`` (the first prompts' videos above their
     real clips) into ``out_dir``. ``loras`` (file, scale) are fused
-    into the model first; ``shapes`` limits the held-out scenes to these (default: the trained ones).
+    into the model first; ``scene_options`` (``shapes``, ``colors``) go to ``sample_scene`` (default:
+    the trained shapes and colours).
     ``teacher_steps`` scores a bidirectional teacher as it samples (every frame at once, that many
     Euler steps with CFG ``guidance_scale``) instead of streaming. ``checkpoint`` replaces the
     model's transformer weights (a training checkpoint, scored without exporting it)."""
-    scenes = eval_scenes(n, shapes=tuple(shapes or SHAPES))  # an unknown shape fails before the model loads
+    scenes = eval_scenes(n, **(scene_options or {}))  # an unknown shape or colour fails before the model loads
     pipe = StreamingPipeline.from_pretrained(model, device=device, checkpoint=checkpoint)
     pipe.load_loras(list(loras))
     s = pipe.sampling
