@@ -159,3 +159,20 @@ def test_cuda_graphs_match_the_eager_loop_in_bf16():
     pipes["fast"].compile(cuda_graphs=True)
     eager, fast = latents(pipes["eager"], 24).float(), latents(pipes["fast"], 24).float()
     assert (fast - eager).norm() / eager.norm() < 2e-2
+
+
+def test_a_finished_or_dropped_stream_leaves_its_cache_to_the_next_one():
+    """Later streams of the same shape reuse the cache buffers (and so the CUDA graphs captured
+    on them); a stream abandoned after one chunk returns its cache too, reset."""
+    fast = pipelines(tiny_model())["fast"]
+    text = texts(fast)[0]
+    stream = fast.stream(Conditioning(text), 12)
+    next(stream)
+    stream.close()
+    (cache,) = [c for idle in fast._idle_caches.values() for c in idle]
+    assert cache.num_valid == 0
+    with torch.no_grad():
+        list(fast.stream(Conditioning(text), 12))
+    assert [c for idle in fast._idle_caches.values() for c in idle] == [cache]
+    list(fast.stream(Conditioning(texts(fast, batch=1)[0]), 12))  # another batch: another cache
+    assert sum(len(idle) for idle in fast._idle_caches.values()) == 2

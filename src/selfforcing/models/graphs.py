@@ -50,6 +50,7 @@ class CapturedStep:
             run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the server's other streams may use the GPU from their threads meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = run()
         return graph.replay, out
