@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from selfforcing.bench import bench_one, random_pipeline
+from selfforcing.bench import bench_one, random_pipeline, random_wan_vae
+from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
+from selfforcing.models.vae import num_video_frames
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 ENGINES = {"eager": "eager", "fast": "fast", "fast compiled": "fast+compile", "fast + CUDA graphs": "fast+graphs"}
@@ -48,17 +50,17 @@ def dit_flops(pipe, latent_frames: int) -> float:
 
 def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int) -> float:
     """The Wan VAE alone, decoding random latents chunk by chunk as a stream does (video frames/s)."""
-    pipe = random_pipeline("wan2.1-1.3b", frames_per_chunk, device, "eager")
-    latents = torch.randn(1, 16, latent_frames, pipe.sampling.height // 8, pipe.sampling.width // 8,
-                          device=device, dtype=torch.bfloat16)
+    vae, size = random_wan_vae(device), SamplingConfig()
+    latents = torch.randn(1, vae.latent_channels, latent_frames, size.height // vae.spatial_ratio,
+                          size.width // vae.spatial_ratio, device=device, dtype=torch.bfloat16)
     times = []
     for _ in range(3):
-        decoder, start = pipe.vae.stream_decoder(), time.perf_counter()
+        decoder, start = vae.stream_decoder(), time.perf_counter()
         for chunk in latents.split(frames_per_chunk, dim=2):
             decoder.decode_chunk(chunk)
         torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return pipe.video_frames(latent_frames) / min(times[1:])
+    return num_video_frames(vae, latent_frames) / min(times[1:])
 
 
 def main() -> int:
@@ -116,8 +118,9 @@ def main() -> int:
             gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             vae = "| | |"
             if with_vae and (args.vae == "all" or label == engines[-1]):
-                vae_pipe = random_pipeline(args.preset, n, device, "eager")
-                vae_pipe.model, vae_pipe.engine = pipe.model, pipe.engine  # the same (compiled) transformer
+                # The same (compiled) transformer, with the VAE decoding each chunk.
+                vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, random_wan_vae(device), pipe.sampling,
+                                             engine=pipe.engine)
                 timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
                 vae = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
                 del vae_pipe

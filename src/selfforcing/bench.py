@@ -65,6 +65,13 @@ MID = WanConfig(num_attention_heads=6, attention_head_dim=64, in_channels=16, ou
 ENGINES = ("eager", "fast", "fast+compile", "fast+graphs")  # fast+graphs: compiled, replayed as CUDA graphs
 
 
+def random_wan_vae(device: torch.device) -> WanVAE:
+    """The Wan2.1 VAE with random weights (diffusers' default config), bf16 on CUDA."""
+    from diffusers import AutoencoderKLWan
+
+    return WanVAE(AutoencoderKLWan()).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",
                     dit_only: bool = False, compile_mode: str | None = "default-for-device") -> StreamingPipeline:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -80,12 +87,7 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
     elif name == "wan2.1-1.3b":
         model = CausalWanModel(preset(name))
         text = FixedTextEncoder(model.config.text_dim, 512)
-        if dit_only:
-            vae = LatentsOnly(model.config.in_channels, temporal_ratio=4)
-        else:
-            from diffusers import AutoencoderKLWan
-
-            vae = WanVAE(AutoencoderKLWan()).to(device, dtype)
+        vae = LatentsOnly(model.config.in_channels, temporal_ratio=4) if dit_only else random_wan_vae(device)
         sampling = SamplingConfig(frames_per_chunk=frames_per_chunk)
     else:
         raise SelfForcingError(f"no benchmark preset {name!r}; choose toy, mid or wan2.1-1.3b")
