@@ -242,7 +242,8 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_ode_pairs(args: argparse.Namespace) -> None:
     from selfforcing.training.paradigms.ode import make_ode_pairs
 
-    path = make_ode_pairs(args.config, args.prompts, args.output, num_steps=args.steps, batch_size=args.batch_size)
+    path = make_ode_pairs(args.config, args.prompts, args.output, num_steps=args.steps, batch_size=args.batch_size,
+                          overrides=_overrides(args.set))
     print(f"wrote ODE pairs to {path}")
 
 
@@ -279,7 +280,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              teacher_steps=args.teacher_steps, guidance_scale=args.guidance, checkpoint=args.checkpoint)
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
-          f"semantic {s['semantic_accuracy']:.3f}, FD {s['fd']:.3f}; report in {args.output}")
+          f"semantic {s['semantic_accuracy']:.3f} (objects present {s['object_presence']:.2f}, of the prompted "
+          f"shape {s['shape_match']:.2f}, background {s['background_match']:.2f}), FD {s['fd']:.3f}; "
+          f"report in {args.output}")
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -416,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps", type=_positive_int, default=None,
                    help="Euler steps of the teacher sampler (default: loss.ode_sampling_steps, else 48)")
     o.add_argument("--batch-size", type=_positive_int, default=8)
+    o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
     o.set_defaults(func=cmd_ode_pairs)
 
     e = sub.add_parser("eval", help="score a model on held-out toy-world prompts, frame by frame")

@@ -25,6 +25,12 @@ def test_micro_table_runs_end_to_end(tmp_path, capsys):
                    "sf_sid", "sf_gan", "sf_dmd_no_restriction"):
         assert f"| {method} |" in table
     assert "| ode_init (reference) |" in table  # the DMD family's starting point, scored per seed
+    assert "| ode_init_framewise (reference) |" in table  # the frame-wise student's own init
+    init = json.loads((root / "ode_init_framewise" / "model" / "selfforcing.json").read_text())
+    assert init["sampling"]["frames_per_chunk"] == 1
+    runner = Runner(Plan.load(PLAN), "micro", root=tmp_path)
+    framewise = runner.stage_config(runner.plan.methods["sf_dmd_framewise"], tmp_path / "x", seed=0)
+    assert framewise["model"]["path"] == str(root / "ode_init_framewise" / "model")
     assert "| teacher (reference) |" in table  # scored with its own many-step bidirectional sampler
     teacher_eval = json.loads((root / "eval" / "train" / "teacher-seed0" / "results.json").read_text())
     assert teacher_eval["sampler"]["bidirectional_euler_steps"] == 2

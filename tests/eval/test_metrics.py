@@ -30,7 +30,9 @@ from selfforcing.eval.metrics import (
     frechet_distance,
     reference_coverage,
     reference_weights,
+    SEMANTIC_PARTS,
     semantic_accuracy,
+    semantic_parts,
     shape_from_fill,
     windowed_fd,
 )
@@ -189,6 +191,24 @@ def test_semantic_accuracy_follows_its_formula(prompt, expected):
     video = one_frame()
     video[0, 0, 8:16, 10:20] = OBJECT_COLORS["red"]
     assert semantic_accuracy(video, [prompt])[0, 0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [  # object_presence, shape_match, no_stray_colour, background_match
+        ("a red square resting on a black background", (1, 1, 1, 1)),
+        ("a red circle resting on a black background", (1, 0, 1, 1)),
+        ("a red square resting on a gray background", (1, 1, 1, 0)),
+        ("a blue square resting on a black background", (0, 0, 0, 1)),
+        ("a red square resting and a blue circle moving left on a black background", (0.5, 0.5, 1, 1)),
+    ],
+)
+def test_semantic_parts_tell_how_a_prompt_is_missed(prompt, expected):
+    video = one_frame()
+    video[0, 0, 8:16, 10:20] = OBJECT_COLORS["red"]
+    parts = semantic_parts(video, [prompt])
+    assert tuple(parts) == SEMANTIC_PARTS
+    assert tuple(float(part[0, 0]) for part in parts.values()) == pytest.approx(expected)
 
 
 def test_semantic_accuracy_rejects_bad_prompts():
@@ -371,7 +391,7 @@ def test_evaluate_videos_shapes_and_json(results):
     result = results["real"]
     lengths = {name: len(curve) for name, curve in result["per_frame"].items()}
     assert lengths == {
-        "semantic_accuracy": T, "saturation": T, "brightness": T,
+        "semantic_accuracy": T, **{part: T for part in SEMANTIC_PARTS}, "saturation": T, "brightness": T,
         "saturation_drift": T, "brightness_drift": T, "palette_drift": T,
         "persistence": T - 1, "motion_agreement": T - 1, "speed": T - 1, "jerk": T - 2,
     }

@@ -39,8 +39,9 @@ def test_shipped_config_trains(tmp_path, teacher_dir, name, capsys):
 def test_ode_pairs_then_ode_init(tmp_path, teacher_dir, capsys):
     (tmp_path / "prompts.txt").write_text("a red circle bouncing on a black background\na blue square resting\n")
     pairs = tmp_path / "pairs.safetensors"
-    config = shrink("ode_init", tmp_path, teacher_dir, data={"path": str(pairs), "batch_size": 2, "num_frames": 6,
-                                                             "height": 16, "width": 16})
-    assert main(["ode-pairs", str(config), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "8"]) == 0
-    assert pairs.is_file()
-    assert main(["train", str(config)]) == 0, capsys.readouterr().err
+    config = shrink("ode_init", tmp_path, teacher_dir, data={"path": str(tmp_path / "elsewhere.safetensors"),
+                                                             "batch_size": 2, "num_frames": 6, "height": 16, "width": 16})
+    redirect = ["--set", f"data.path={pairs}"]  # --set works as for train
+    assert main(["ode-pairs", str(config), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "8", *redirect]) == 0
+    assert pairs.is_file() and not (tmp_path / "elsewhere.safetensors").exists()
+    assert main(["train", str(config), *redirect]) == 0, capsys.readouterr().err

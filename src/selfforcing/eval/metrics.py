@@ -16,7 +16,8 @@ and the fill ratio of its bounding box, from which it guesses the shape.
 Metric families (see each function for the exact formula):
 
 * **Semantic accuracy** (:func:`semantic_accuracy`): the fraction of the prompt's
-  attributes visible in a frame, in [0, 1].
+  attributes visible in a frame, in [0, 1]; its parts (:func:`semantic_parts`): objects
+  present, of the right shape, no stray colour, the right background.
 * **Quality** (:func:`frame_features`, :func:`frechet_distance`, :func:`windowed_fd`):
   a Frechet distance between Gaussian fits of deterministic per-frame features of the
   generated and real frames, per window of frame indices.
@@ -270,6 +271,39 @@ def _parse_prompts(prompts: Sequence[str], count: int) -> list[dict[str, Any]]:
     return [parse_caption(prompt) for prompt in prompts]
 
 
+SEMANTIC_PARTS = ("object_presence", "shape_match", "no_stray_colour", "background_match")
+
+
+def semantic_parts(videos: Any, prompts: Sequence[str], detections: Detections | None = None) -> dict[str, np.ndarray]:
+    """The attributes :func:`semantic_accuracy` counts, apart, each ``(N, T)`` in [0, 1]:
+
+    ``object_presence``  fraction of the prompted objects present (colour k covers MIN_AREA..MAX_AREA)
+    ``shape_match``      fraction of the prompted objects present *and* of the prompted shape
+                         (fill-ratio guess; a ring by its hole)
+    ``no_stray_colour``  1 where no unprompted object colour is present
+    ``background_match`` 1 where the border's nearest background colour is the prompted one,
+                         within BACKGROUND_THRESHOLD
+
+    Apart they tell *how* a model misses a prompt: a distillation loss can, say, clean the
+    background and erase the objects at once, which the combined score hides.
+    """
+    if detections is None:
+        detections = detect(videos)
+    parsed = _parse_prompts(prompts, detections.present.shape[0])
+    parts = {name: np.empty(detections.present.shape[:2]) for name in SEMANTIC_PARTS}
+    for n, prompt in enumerate(parsed):
+        colors = [OBJECT_NAMES.index(c) for c in prompt["colors"]]
+        present = detections.present[n][:, colors]  # (T, K)
+        shape_ok = present & np.stack([_shape_seen(detections, n, c, s) for c, s in zip(colors, prompt["shapes"])], -1)
+        parts["object_presence"][n] = present.mean(-1)
+        parts["shape_match"][n] = shape_ok.mean(-1)
+        parts["no_stray_colour"][n] = ~np.delete(detections.present[n], colors, axis=-1).any(-1)
+        parts["background_match"][n] = (detections.background[n] == BACKGROUND_NAMES.index(prompt["background"])) & (
+            detections.background_distance[n] <= BACKGROUND_THRESHOLD
+        )
+    return parts
+
+
 def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detections | None = None) -> np.ndarray:
     """Per-frame fraction of the prompt visible, ``(N, T)`` in [0, 1].
 
@@ -280,28 +314,21 @@ def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detection
                 + [no unprompted object colour is present]
                 + [background matches the prompt] ) / (2K + 2)
 
-    The background matches when the border's nearest background colour is the prompted
-    one and lies within BACKGROUND_THRESHOLD of it. Every attribute is checked in every
-    frame, so a model that forgets an object, morphs its shape, invents a colour or lets
-    the background drift loses points from that frame on. Rendered toy-world clips score
-    about 0.95 at 32x32, not 1: where objects overlap, the one behind loses its shape.
-    Pass ``detections`` (from :func:`detect` on ``videos``) to skip re-running the detector.
+    (the four terms, apart: :func:`semantic_parts`). The background matches when the border's
+    nearest background colour is the prompted one and lies within BACKGROUND_THRESHOLD of it.
+    Every attribute is checked in every frame, so a model that forgets an object, morphs its
+    shape, invents a colour or lets the background drift loses points from that frame on.
+    Rendered toy-world clips score about 0.95 at 32x32, not 1: where objects overlap, the one
+    behind loses its shape. Pass ``detections`` (from :func:`detect` on ``videos``) to skip
+    re-running the detector.
     """
     if detections is None:
         detections = detect(videos)
-    parsed = _parse_prompts(prompts, detections.present.shape[0])
-    scores = np.empty(detections.present.shape[:2])
-    for n, prompt in enumerate(parsed):
-        colors = [OBJECT_NAMES.index(c) for c in prompt["colors"]]
-        present = detections.present[n][:, colors]  # (T, K)
-        shape_ok = present & np.stack([_shape_seen(detections, n, c, s) for c, s in zip(colors, prompt["shapes"])], -1)
-        extra = np.delete(detections.present[n], colors, axis=-1).any(-1)
-        background_ok = (detections.background[n] == BACKGROUND_NAMES.index(prompt["background"])) & (
-            detections.background_distance[n] <= BACKGROUND_THRESHOLD
-        )
-        points = present.sum(-1) + shape_ok.sum(-1) + ~extra + background_ok
-        scores[n] = points / (2 * len(colors) + 2)
-    return scores
+    parts = semantic_parts(videos, prompts, detections)
+    objects = np.array([len(p["colors"]) for p in _parse_prompts(prompts, detections.present.shape[0])])[:, None]
+    points = objects * (parts["object_presence"] + parts["shape_match"]) + parts["no_stray_colour"] \
+        + parts["background_match"]
+    return points / (2 * objects + 2)
 
 
 def _shape_seen(detections: Detections, video: int, color: int, shape: str) -> np.ndarray:
@@ -622,7 +649,8 @@ def evaluate_videos(
     differ in number and length (generated rollouts may be longer); keep the resolution
     the same, as edge energy and anti-aliased edges depend on it. Returns::
 
-        per_frame       generated curves over frame index: semantic_accuracy, saturation,
+        per_frame       generated curves over frame index: semantic_accuracy and its
+                        parts (SEMANTIC_PARTS), saturation,
                         brightness, saturation_drift, brightness_drift, palette_drift (T);
                         persistence, motion_agreement, speed (T-1, pair t -> t+1);
                         jerk (T-2, centred on frames 1..T-2)
@@ -645,6 +673,7 @@ def evaluate_videos(
     drift = color_drift(stats, real_stats)
     per_frame = {
         "semantic_accuracy": semantic_accuracy(videos, prompts, det).mean(0),
+        **{name: part.mean(0) for name, part in semantic_parts(videos, prompts, det).items()},
         "saturation": stats["saturation"],
         "brightness": stats["brightness"],
         **drift,

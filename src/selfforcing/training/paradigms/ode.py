@@ -82,7 +82,7 @@ def loss(
 
 
 def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: str | Path | None = None,
-                   num_steps: int | None = None, batch_size: int = 8) -> Path:
+                   num_steps: int | None = None, batch_size: int = 8, overrides: dict | None = None) -> Path:
     """`selfforcing ode-pairs`: sample the config's teacher on every prompt and store the pairs
     at ``output`` (default: the config's ``data.path``, where ODE-init training reads them).
 
@@ -97,7 +97,7 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
     from selfforcing.training import loading
     from selfforcing.training.config import load_config
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides=overrides)
     if cfg.teacher is None:
         raise SelfForcingError(f"{config_path} has no teacher to sample")
     num_steps = num_steps or cfg.loss.ode_sampling_steps or 48
