@@ -214,7 +214,14 @@ def cmd_dmd_probe(args: argparse.Namespace) -> None:
         trainer.resume()
     figures = probe_dmd(trainer, args.videos, args.draws, args.seed)
     state = f"step {trainer.step} of {cfg.output_dir}" if args.resume else "initialisation"
-    print(f"{cfg.name} at {state}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+    main = {k: v for k, v in figures.items() if "/" not in k}
+    print(f"{cfg.name} at {state}: " + ", ".join(f"{k} {v:.3f}" for k, v in main.items()))
+    bands = sorted({k.rsplit("/", 1)[1] for k in figures if "/" in k}, key=lambda band: int(band.split("-")[0]))
+    if bands:  # object_push per band of score timesteps: > 0 fades objects into the background
+        print("object_push (> 0: towards the background) by score timestep: " + "; ".join(
+            f"t {band}: " + ", ".join(f"{part} {figures[f'object_push/{part}/{band}']:+.3f}"
+                                      for part in ("update", "guidance", "learned")
+                                      if f"object_push/{part}/{band}" in figures) for band in bands))
 
 
 def _overrides(pairs: list[str]) -> dict:

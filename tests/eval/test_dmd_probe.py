@@ -22,6 +22,28 @@ def test_at_initialisation_the_dmd_gradient_is_all_guidance(tmp_path, teacher_di
     assert figures["learned_share"] == pytest.approx(0.0, abs=1e-12)
     assert figures["coherence_if_noise"] == pytest.approx(1 / math.sqrt(3))
     assert 0.0 < figures["coherence"] <= 1.0
+    for key in [k for k in figures if k.startswith("object_push/learned/")]:
+        assert figures[key] == pytest.approx(0.0, abs=1e-9)
+        assert figures[key.replace("learned", "update")] == pytest.approx(figures[key.replace("learned", "guidance")])
+
+
+def test_object_push_is_positive_towards_the_background_and_negative_away():
+    from selfforcing.data.toy_world import OBJECT_COLORS
+    from selfforcing.eval.dmd_probe import _object_push
+    from selfforcing.models.vae import PixelCodec
+
+    codec = PixelCodec(2)
+    video = torch.full((1, 3, 2, 16, 16), -1.0)
+    video[:, 2] = -0.2  # a dark blue background
+    red = torch.tensor(OBJECT_COLORS["red"], dtype=torch.float64) / 127.5 - 1
+    video[..., 4:10, 4:10] = red.view(3, 1, 1, 1).float()
+    x = codec.encode(video).double()
+    fade = torch.zeros_like(video, dtype=torch.float64)
+    fade[..., 4:10, 4:10] = (video[..., :1, :1] - video[..., 4:5, 4:5]).double()  # object -> background colour
+    updates = torch.stack([codec.encode(fade), -codec.encode(fade)])
+    pushes = _object_push(codec, x, updates, torch.tensor([[0.1], [0.9]]))
+    assert [band for band, _ in pushes] == [0, 4]
+    assert pushes[0][1] > 0 and pushes[1][1] < 0
 
 
 def test_a_changed_critic_shows_in_the_split_and_one_draw_is_fully_coherent(tmp_path, teacher_dir):
@@ -41,6 +63,8 @@ def test_the_command_probes_a_run_and_refuses_other_losses(tmp_path, teacher_dir
     config.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", teacher={"path": str(teacher_dir)})))
     assert main(["train", str(config)]) == 0
     assert main(["dmd-probe", str(config), "--resume", "--videos", "2", "--draws", "2"]) == 0
-    assert f"test at step 2 of {tmp_path / 'run'}: critic_gain" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"test at step 2 of {tmp_path / 'run'}: critic_gain" in out
+    assert "object_push (> 0: towards the background) by score timestep: t " in out
     assert main(["dmd-probe", str(config), "--set", "loss.name=gan"]) == 2
     assert "dmd-probe needs a DMD config; its loss is 'gan'" in capsys.readouterr().err
