@@ -214,8 +214,8 @@ def cmd_dmd_probe(args: argparse.Namespace) -> None:
         trainer.resume()
     figures = probe_dmd(trainer, args.videos, args.draws, args.seed)
     state = f"step {trainer.step} of {cfg.output_dir}" if args.resume else "initialisation"
-    main = {k: v for k, v in figures.items() if "/" not in k}
-    print(f"{cfg.name} at {state}: " + ", ".join(f"{k} {v:.3f}" for k, v in main.items()))
+    overall = {k: v for k, v in figures.items() if "/" not in k}
+    print(f"{cfg.name} at {state}: " + ", ".join(f"{k} {v:.3f}" for k, v in overall.items()))
     bands = sorted({k.rsplit("/", 1)[1] for k in figures if "/" in k}, key=lambda band: int(band.split("-")[0]))
     if bands:  # object_push per band of score timesteps: > 0 fades objects into the background
         print("object_push (> 0: towards the background) by score timestep: " + "; ".join(
