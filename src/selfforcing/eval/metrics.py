@@ -322,10 +322,12 @@ def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detection
     behind loses its shape. Pass ``detections`` (from :func:`detect` on ``videos``) to skip
     re-running the detector.
     """
-    if detections is None:
-        detections = detect(videos)
-    parts = semantic_parts(videos, prompts, detections)
-    objects = np.array([len(p["colors"]) for p in _parse_prompts(prompts, detections.present.shape[0])])[:, None]
+    return _semantic_score(semantic_parts(videos, prompts, detections), prompts)
+
+
+def _semantic_score(parts: dict[str, np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+    """:func:`semantic_accuracy` from its parts (K objects: 2K + 2 points per frame)."""
+    objects = np.array([len(parse_caption(p)["colors"]) for p in prompts])[:, None]
     points = objects * (parts["object_presence"] + parts["shape_match"]) + parts["no_stray_colour"] \
         + parts["background_match"]
     return points / (2 * objects + 2)
@@ -671,9 +673,10 @@ def evaluate_videos(
     weights = reference_weights(real_det, prompts)
     stats, real_stats = color_statistics(videos, det), color_statistics(real_videos, real_det, weights)
     drift = color_drift(stats, real_stats)
+    parts = semantic_parts(videos, prompts, det)  # once: the score and its parts
     per_frame = {
-        "semantic_accuracy": semantic_accuracy(videos, prompts, det).mean(0),
-        **{name: part.mean(0) for name, part in semantic_parts(videos, prompts, det).items()},
+        "semantic_accuracy": _semantic_score(parts, prompts).mean(0),
+        **{name: part.mean(0) for name, part in parts.items()},
         "saturation": stats["saturation"],
         "brightness": stats["brightness"],
         **drift,
