@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="train and evaluate every method of an experiment plan (the paper's table)")
     x.add_argument("plan", type=Path)
     x.add_argument("--preset", default="cpu", help="scale of the run, as the plan defines (micro, cpu, gpu)")
-    x.add_argument("--only", nargs="+", default=None, help="run only these methods (shared stages always run)")
+    x.add_argument("--only", nargs="+", default=None, help="run only these methods (and the shared stages they start from)")
     x.add_argument("-o", "--output", type=Path, default=None, help="root directory (default: the plan's)")
     x.set_defaults(func=cmd_experiment)
 

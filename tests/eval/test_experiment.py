@@ -120,3 +120,24 @@ def test_the_cpu_presets_start_from_the_shipped_teacher(tmp_path):
     retrain = Runner(Plan.load(PLAN), "cpu-retrain", root=tmp_path)
     assert retrain.model_dir("teacher") == tmp_path / "cpu-retrain" / "teacher" / "model"
     assert retrain.shared["teacher"]["sampler"] == {"steps": 32, "guidance": 3.0}
+
+
+def test_a_preset_can_run_some_rows_and_trains_only_the_stages_they_need(tmp_path):
+    """A preset's ``methods`` / ``references`` choose the rows; a shared stage none of them
+    starts from (here the frame-wise init) is not trained, and an unknown row is refused."""
+    plan = yaml.safe_load(PLAN.read_text())
+    plan["presets"]["micro"].update(methods=["sf_dmd"], references=["ode_init"])
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    runner = Runner(Plan.load(path), "micro", root=tmp_path)
+    assert runner.needed_shared_stages(runner.methods) == ["teacher", "ode_pairs", "ode_init"]
+    runner.run()
+    root = tmp_path / "micro"
+    table = (root / "table.md").read_text()
+    assert "| sf_dmd |" in table and "| ode_init (reference) |" in table
+    assert "| tf_dmd |" not in table and "teacher (reference)" not in table
+    assert not (root / "ode_init_framewise").exists()
+    plan["presets"]["micro"]["methods"] = ["sf_dmd", "sf_dmx"]
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(SelfForcingError, match="preset methods sf_dmx are not in the plan's methods"):
+        Runner(Plan.load(path), "micro", root=tmp_path)

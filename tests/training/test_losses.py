@@ -59,15 +59,39 @@ def test_denoising_loss_is_zero_for_the_exact_flow_of_a_point_mass():
     assert denoising_loss(target_flow, x0, t, schedule) < 1e-8
 
 
-def test_ode_regression_is_zero_when_the_student_lands_on_the_endpoint():
-    end = torch.randn(2, 4, 6, 2, 2)
+def _trajectory(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(endpoint, few-step timesteps, trajectory): states on straight paths to a random endpoint."""
+    end = torch.randn(batch, 4, 6, 2, 2)
     timesteps = schedule.few_step_timesteps()
-    noise = torch.randn(2, 4, 4, 6, 2, 2)
-    states = torch.stack([schedule.add_noise(end, noise[:, i], timesteps[i].expand(2)) for i in range(4)], dim=1)
-    trajectory = torch.cat([states, end[:, None]], dim=1)
+    noise = torch.randn(batch, 4, 4, 6, 2, 2)
+    states = torch.stack([schedule.add_noise(end, noise[:, i], timesteps[i].expand(batch)) for i in range(4)], dim=1)
+    return end, timesteps, torch.cat([states, end[:, None]], dim=1)
+
+
+def test_ode_regression_is_zero_when_the_student_lands_on_the_endpoint():
+    end, timesteps, trajectory = _trajectory(2)
     exact = lambda xt, t: (xt - end) / schedule._expand(t, xt)  # noqa: E731
     assert ode_regression_loss(exact, trajectory, timesteps, schedule, frames_per_chunk=3) < 1e-8
     assert ode_regression_loss(lambda xt, t: torch.zeros_like(xt), trajectory, timesteps, schedule, 3) > 0.1
+
+
+def test_ode_regression_with_clean_context_shows_some_chunks_clean_at_t0_and_scores_only_the_rest():
+    end, timesteps, trajectory = _trajectory(8)
+    seen = []
+
+    def exact(xt, t):  # the endpoint's flow; 0/0 at t = 0, where the loss must not look
+        seen.append((xt, t))
+        return (xt - end) / schedule._expand(t, xt)
+
+    g = torch.Generator().manual_seed(0)
+    assert ode_regression_loss(exact, trajectory, timesteps, schedule, 3, g, clean_context=0.5) < 1e-8
+    xt, t = seen[-1]
+    clean = (t == 0).view(8, 2, 3)
+    assert 0 < clean.sum() < clean.numel() and (clean == clean[..., :1]).all()  # whole chunks, some of them
+    frames = (t == 0).view(8, 1, 6, 1, 1).expand_as(end)
+    assert torch.equal(xt[frames], end[frames])  # a clean chunk is the endpoint itself
+    ode_regression_loss(exact, trajectory, timesteps, schedule, 3, torch.Generator().manual_seed(0))
+    assert (seen[-1][1] > 0).all()  # the released draw: every chunk noisy
 
 
 def test_gan_discriminator_learns_to_separate_real_from_fake():

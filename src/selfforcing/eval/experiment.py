@@ -43,6 +43,9 @@ class Preset:
     prompts: int | None = None  # number of ODE-pair prompts
     euler_steps: int | None = None  # teacher sampler steps for the ODE pairs
     shared: dict = field(default_factory=dict)  # shared stages replaced (e.g. retrain the shipped teacher)
+    # Rows run by this preset (default: all of the plan's); shared stages no row needs are skipped.
+    methods: list[str] | None = None
+    references: list[str] | None = None
 
 
 @dataclass
@@ -96,8 +99,34 @@ class Runner:
                 raise SelfForcingError(f"shared stage {name}: no model at {spec['path']} (selfforcing.json not found)")
         self.root = Path(root or plan.output_dir) / preset_name
         self.seeds = self.preset.seeds or plan.seeds
+        self.methods = self._chosen("methods", self.preset.methods, list(plan.methods))
+        self.references = self._chosen("references", self.preset.references, plan.references)
         self.log: list[str] = []  # stages trained by this invocation, with their wall times
         self.eval_seconds = 0.0
+
+    def _chosen(self, kind: str, chosen: list[str] | None, available: list[str]) -> list[str]:
+        if chosen is None:
+            return list(available)
+        unknown = sorted(set(chosen) - set(available))
+        if unknown:
+            raise SelfForcingError(f"preset {kind} {', '.join(unknown)} are not in the plan's {kind} "
+                                   f"({', '.join(available)})")
+        return list(chosen)
+
+    def needed_shared_stages(self, methods: list[str]) -> list[str]:
+        """The shared stages the chosen rows start from, directly or through another shared
+        stage (in the plan's order); the ODE pairs when one of them trains on pairs."""
+        needed, todo = set(), [self.plan.methods[m] for m in methods] + [{"model": r} for r in self.references]
+        while todo:
+            spec = todo.pop()
+            for role in ("model", "teacher", "critic"):
+                stage = spec.get(role)
+                if stage in self.shared and stage not in needed:
+                    needed.add(stage)
+                    todo.append(self.shared[stage])
+            if spec.get("pairs"):
+                needed.update(name for name, s in self.shared.items() if s.get("ode_pairs"))
+        return [name for name in self.shared if name in needed]
 
     # ---- stages -------------------------------------------------------------
     def model_dir(self, stage: str, seed: int | None = None) -> Path:
@@ -164,7 +193,9 @@ class Runner:
         from selfforcing.eval.report import write_report
 
         self.root.mkdir(parents=True, exist_ok=True)
-        for name, spec in self.shared.items():
+        methods = [name for name in self.methods if not only or name in only]
+        for name in self.needed_shared_stages(methods):
+            spec = self.shared[name]
             if spec.get("ode_pairs"):
                 self.ode_pairs(spec)
             elif "path" not in spec:
@@ -174,8 +205,8 @@ class Runner:
         lengths = {length: frames for length, frames in lengths.items() if frames is not None}
         results: dict[str, dict] = {length: {} for length in lengths}
         samples: dict[str, tuple[Path, dict | None]] = {}  # row -> model and sampler of its strip (first seed)
-        rows = [(name, name, True) for name in self.plan.methods if not only or name in only]
-        rows += [(f"{name} (reference)", name, False) for name in self.plan.references]
+        rows = [(name, name, True) for name in methods]
+        rows += [(f"{name} (reference)", name, False) for name in self.references]
         for row, stage, per_seed in rows:
             for seed in self.seeds:
                 if per_seed:

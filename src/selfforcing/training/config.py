@@ -101,6 +101,9 @@ class LossConfig:
     critic_warmup: int = bounded(NON_NEGATIVE, 0)
     # ode only: Euler steps of the ODE-pair teacher (default 48)
     ode_sampling_steps: int | None = bounded(AT_LEAST_ONE, None)
+    # ode only: probability that a chunk is the clean endpoint (t = 0), context for later chunks as
+    # the KV cache is at inference (an option of ours; the released code: 0, every chunk noisy)
+    ode_clean_context: float | None = bounded(FRACTION, None)
     sid_alpha: float | None = None  # sid only (default 1.0)
     r1_weight: float | None = bounded(NON_NEGATIVE, None)  # gan only (default 1.0; the released code: 0)
     gan_feature_layer: int | None = bounded(NON_NEGATIVE, None)  # gan only (default: the middle block)
@@ -277,6 +280,7 @@ def validate(cfg: TrainConfig) -> None:
     if loss.min_t > loss.max_t:
         raise SelfForcingError(f"loss.min_t {loss.min_t} is above loss.max_t {loss.max_t}; min_t <= max_t")
     _only_for(loss.ode_sampling_steps, "loss.ode_sampling_steps", loss.name == "ode")
+    _only_for(loss.ode_clean_context, "loss.ode_clean_context", loss.name == "ode")
     _only_for(loss.score_sigma_shift, "loss.score_sigma_shift", loss.name in ("dmd", "sid")
               and loss.score_t_sampling == "official")
     _only_for(loss.sid_alpha, "loss.sid_alpha", loss.name == "sid")

@@ -90,7 +90,8 @@ class Objective:
             return teacher_forcing.loss(model, batch.latents, batch.text, schedule, self.attention, g)
         if name == "diffusion_forcing":
             return diffusion_forcing.loss(model, batch.latents, batch.text, schedule, self.attention, g)
-        return ode.loss(model, batch.trajectories, batch.text, schedule, self.attention, self.ode_timesteps, g)
+        return ode.loss(model, batch.trajectories, batch.text, schedule, self.attention, self.ode_timesteps, g,
+                        clean_context=self.cfg.loss.ode_clean_context or 0.0)
 
     def student_samples(self, batch: Batch, rngs: Rngs, grad: bool) -> torch.Tensor:
         """Few-step student videos; with ``grad`` only the exit steps carry gradient."""

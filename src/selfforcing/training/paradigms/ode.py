@@ -74,11 +74,12 @@ class OdePairs(torch.utils.data.Dataset):
 def loss(
     model: CausalWanModel, trajectory: torch.Tensor, text: torch.Tensor, schedule: FlowMatchSchedule,
     attention: BlockCausal, timesteps: torch.Tensor, generator: torch.Generator | None = None,
+    clean_context: float = 0.0,
 ) -> torch.Tensor:
     """ODE regression of the causal student (block-causal, one random state per chunk)."""
     ctx = model.encode_text(text)
     return ode_regression_loss(lambda xt, t: model(xt, t, ctx, attention=attention), trajectory, timesteps,
-                               schedule, attention.frames_per_chunk, generator)
+                               schedule, attention.frames_per_chunk, generator, clean_context)
 
 
 def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: str | Path | None = None,
