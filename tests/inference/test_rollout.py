@@ -60,3 +60,24 @@ def test_gradient_flows_only_through_the_exit_step():
     assert not cache.window(0)[0].requires_grad and cache.window(0)[0].grad_fn is None
     torch.stack(chunks).square().mean().backward()
     assert recorder.model.proj_out.weight.grad is not None
+
+
+@torch.no_grad()
+def test_context_from_final_fills_the_cache_with_the_chunk_inference_would_have_made():
+    """A chunk stopped at step 0 fills the cache with itself ("exit", released) or with its
+    denoising carried on to the end ("final"): then the next chunk, run to its last step,
+    equals the plain rollout's (the noise draws come in the same order)."""
+    _, text, schedule = setup()
+    timesteps = schedule.few_step_timesteps()
+
+    def chunks(**kw):
+        return list(rollout(setup()[0], text, KVCache(2, capacity=9), schedule, timesteps, (1, 4, 3, 8, 8), 2,
+                            generator=torch.Generator().manual_seed(0), **kw))
+
+    plain = chunks()
+    final = chunks(exit_index=[0, 3], context_from="final")
+    early = chunks(exit_index=[0, 3])
+    assert not torch.allclose(final[0], plain[0])  # chunk 0 itself is the early estimate either way
+    assert torch.equal(final[0], early[0])
+    assert torch.allclose(final[1], plain[1], atol=1e-6)
+    assert (early[1] - plain[1]).abs().max() > 1e-3

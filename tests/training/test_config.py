@@ -35,6 +35,9 @@ def test_each_holistic_loss_has_a_shipped_config_that_selects_it():
     ({"data": {"num_frames": 7}}, "not a multiple of paradigm.frames_per_chunk"),
     ({"steps": 0}, "steps must be a positive integer"),
     ({"data": {"caption_dropout": 0.1}}, "caption_dropout only applies to paradigm teacher"),
+    ({"paradigm": {"context_from": "last"}}, "paradigm.context_from must be one of exit, final"),
+    ({"paradigm": {"name": "diffusion_forcing", "context_from": "final"}}, "context_from final applies to self_forcing"),
+    ({"loss": {"name": "dmd", "ode_clean_context": 0.2}}, "loss.ode_clean_context is set but does not apply"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, change, message):
     cfg = tiny_config(tmp_path, teacher={"path": "somewhere"})

@@ -45,6 +45,7 @@ def rollout(
     exit_index: int | list[int] | None = None,
     grad: bool = False,
     hide_first_chunk_from_last: bool = False,
+    context_from: str = "exit",
 ) -> Iterator[torch.Tensor]:
     """Yield clean latent chunks of shape ``chunk_shape`` (B, C, n, h, w); ``num_chunks=None`` streams for ever.
 
@@ -52,6 +53,10 @@ def rollout(
     extension): they only fill the cache, in pieces of ``n`` frames, and are not yielded.
     ``exit_index`` may differ per chunk (a list). ``hide_first_chunk_from_last`` is the §3.4 training trick: the last of ``num_chunks``
     chunks does not attend to the first chunk (as if the rolling cache had evicted it).
+    ``context_from`` says which output of a chunk stopped early at ``exit_index`` fills the cache:
+    ``"exit"`` (the released code) that early estimate itself, ``"final"`` (an option of ours)
+    the chunk denoised on through the remaining steps without gradient, as inference would
+    have made it, so the later chunks train on the context they will see at inference.
     """
     device = timesteps.device
     frames_per_chunk = chunk_shape[2]
@@ -86,8 +91,11 @@ def rollout(
         exit_at = exit_index[chunk] if isinstance(exit_index, list) else exit_index
         x0 = few_step_denoise(flow, noise, timesteps, schedule, exit_index=exit_at, grad=grad, generator=generator)
         yield x0
-        fill_cache(text, x0.detach())
-        remember(x0.detach())
+        context = x0.detach()
+        if context_from == "final" and exit_at is not None:
+            context = _finish(flow, context, timesteps[exit_at + 1:], schedule, generator)
+        fill_cache(text, context)
+        remember(context)
         chunk += 1
 
 
@@ -107,6 +115,18 @@ def _recache(text: TextContext, cache: KVCache, held: dict[int, torch.Tensor], f
         for i in range(0, len(run), frames_per_chunk):
             fill_cache(text, torch.cat([held[f] for f in run[i:i + frames_per_chunk]], dim=2))
     cache.skip_to(next_frame)
+
+
+@torch.no_grad()
+def _finish(flow, x0: torch.Tensor, remaining: torch.Tensor, schedule: FlowMatchSchedule,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Denoise an early ``x0`` on through the ``remaining`` few-step timesteps (re-noised to the
+    first of them, as the sampler would have)."""
+    if len(remaining) == 0:
+        return x0
+    fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return few_step_denoise(flow, schedule.add_noise(x0, fresh, remaining[0].expand(x0.shape[0])), remaining, schedule,
+                            generator=generator)
 
 
 @torch.no_grad()

@@ -69,10 +69,14 @@ class ParadigmConfig:
     exit_per_chunk: bool = False
     hide_first_chunk_from_last: bool = True  # §3.4, self_forcing only
     context_noise: float = bounded(Range(0, 1000, high_open=True), 0.0)
+    # self_forcing only: which output of a chunk stopped at the exit step fills the KV cache:
+    # "exit" (released) the early estimate, "final" (ours) the chunk denoised on to the last step
+    context_from: str = "exit"
     gradient_checkpointing: bool = False
 
 
 SCORE_T_SAMPLING = ("official", "continuous")
+CONTEXT_FROM = ("exit", "final")
 
 
 @dataclass
@@ -260,6 +264,9 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("paradigm.name", p.name, PARADIGMS)
     _one_of("loss.name", loss.name, LOSSES)
     _one_of("data.source", data.source, DATA_SOURCES)
+    _one_of("paradigm.context_from", p.context_from, CONTEXT_FROM)
+    if p.context_from != "exit" and p.name != "self_forcing":
+        raise SelfForcingError(f"paradigm.context_from {p.context_from} applies to self_forcing only")
     if loss.name in DISTILLATION_LOSSES:
         if p.name not in DISTILLATION_PARADIGMS:
             raise SelfForcingError(f"loss {loss.name} needs a generator paradigm ({', '.join(DISTILLATION_PARADIGMS)}), "

@@ -102,7 +102,7 @@ class Objective:
                 return self_forcing.generate(
                     self.student, shape, batch.text, self.schedule, p.frames_per_chunk, ts, rngs.shared, rngs.noise,
                     context_t=p.context_noise, exit_per_chunk=p.exit_per_chunk,
-                    hide_first_chunk_from_last=p.hide_first_chunk_from_last, grad=grad,
+                    hide_first_chunk_from_last=p.hide_first_chunk_from_last, grad=grad, context_from=p.context_from,
                 )
             paradigm = teacher_forcing if p.name == "teacher_forcing" else diffusion_forcing
             return paradigm.generate(self.student, batch.latents, batch.text, self.schedule, self.attention, ts,

@@ -20,12 +20,13 @@ def generate(
     model: CausalWanModel, shape: tuple[int, ...], text: torch.Tensor, schedule: FlowMatchSchedule,
     frames_per_chunk: int, timesteps: torch.Tensor, exit_generator: torch.Generator,
     generator: torch.Generator | None = None, *, context_t: float = 0.0, exit_per_chunk: bool = False,
-    hide_first_chunk_from_last: bool = True, grad: bool = True,
+    hide_first_chunk_from_last: bool = True, grad: bool = True, context_from: str = "exit",
 ) -> torch.Tensor:
     """Roll out a (B, C, F, h, w) video with gradient through the exit steps only.
 
     ``exit_per_chunk`` draws a separate exit step for every chunk instead of one shared step.
     ``hide_first_chunk_from_last`` applies the §3.4 restriction to the last chunk.
+    ``context_from`` ("exit" or "final"): see :func:`~selfforcing.inference.rollout.rollout`.
     """
     B, C, F, h, w = shape
     num_chunks = F // frames_per_chunk
@@ -35,6 +36,6 @@ def generate(
     chunks = rollout(
         model, model.encode_text(text), cache, schedule, timesteps, (B, C, frames_per_chunk, h, w), num_chunks,
         generator=generator, context_t=context_t, exit_index=exits if exit_per_chunk else exits[0], grad=grad,
-        hide_first_chunk_from_last=hide_first_chunk_from_last,
+        hide_first_chunk_from_last=hide_first_chunk_from_last, context_from=context_from,
     )
     return torch.cat(list(chunks), dim=2)
