@@ -25,12 +25,10 @@ def test_micro_table_runs_end_to_end(tmp_path, capsys):
                    "sf_sid", "sf_gan", "sf_dmd_no_restriction"):
         assert f"| {method} |" in table
     assert "| ode_init (reference) |" in table  # the DMD family's starting point, scored per seed
-    assert "| ode_init_framewise (reference) |" in table  # the frame-wise student's own init
-    init = json.loads((root / "ode_init_framewise" / "model" / "selfforcing.json").read_text())
-    assert init["sampling"]["frames_per_chunk"] == 1
     runner = Runner(Plan.load(PLAN), "micro", root=tmp_path)
     framewise = runner.stage_config(runner.plan.methods["sf_dmd_framewise"], tmp_path / "x", seed=0)
-    assert framewise["model"]["path"] == str(root / "ode_init_framewise" / "model")
+    assert framewise["model"]["path"] == str(root / "ode_init" / "model")  # the chunk-wise init, on 1-frame chunks
+    assert framewise["paradigm"]["frames_per_chunk"] == 1
     assert "| teacher (reference) |" in table  # scored with its own many-step bidirectional sampler
     teacher_eval = json.loads((root / "eval" / "train" / "teacher-seed0" / "results.json").read_text())
     assert teacher_eval["sampler"]["bidirectional_euler_steps"] == 2
@@ -123,20 +121,21 @@ def test_the_cpu_presets_start_from_the_shipped_teacher(tmp_path):
 
 
 def test_a_preset_can_run_some_rows_and_trains_only_the_stages_they_need(tmp_path):
-    """A preset's ``methods`` / ``references`` choose the rows; a shared stage none of them
-    starts from (here the frame-wise init) is not trained, and an unknown row is refused."""
+    """A preset's ``methods`` / ``references`` choose the rows; the shared stages none of them
+    starts from (here the ODE pairs and init) are not trained, and an unknown row is refused."""
     plan = yaml.safe_load(PLAN.read_text())
-    plan["presets"]["micro"].update(methods=["sf_dmd"], references=["ode_init"])
+    plan["presets"]["micro"].update(methods=["diffusion_forcing"], references=["teacher"])
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     runner = Runner(Plan.load(path), "micro", root=tmp_path)
-    assert runner.needed_shared_stages(runner.methods) == ["teacher", "ode_pairs", "ode_init"]
+    assert runner.needed_shared_stages(runner.methods) == ["teacher"]
+    assert runner.needed_shared_stages(["sf_dmd"]) == ["teacher", "ode_pairs", "ode_init"]
     runner.run()
     root = tmp_path / "micro"
     table = (root / "table.md").read_text()
-    assert "| sf_dmd |" in table and "| ode_init (reference) |" in table
-    assert "| tf_dmd |" not in table and "teacher (reference)" not in table
-    assert not (root / "ode_init_framewise").exists()
+    assert "| diffusion_forcing |" in table and "| teacher (reference) |" in table
+    assert "| tf_dmd |" not in table and "ode_init (reference)" not in table
+    assert not (root / "ode_init").exists() and not (root / "ode_pairs.safetensors").exists()
     plan["presets"]["micro"]["methods"] = ["sf_dmd", "sf_dmx"]
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(SelfForcingError, match="preset methods sf_dmx are not in the plan's methods"):
