@@ -43,5 +43,5 @@ def ode_regression_loss(
     t = F.pad(timesteps.to(trajectory.device), (0, 1))[step]  # the endpoint's timestep is 0
     x0_pred = schedule.x0_from_flow(xt, flow_fn(xt, t), t)
     error = (x0_pred.float() - trajectory[:, -1].float()) ** 2  # (B, C, F, h, w)
-    noisy = (step < S)[:, None, :, None, None].expand_as(error)
-    return error[noisy].sum() / noisy.sum().clamp(min=1)
+    noisy = (step < S)[:, None, :, None, None].expand_as(error)  # a mask, not an index: no host sync
+    return torch.where(noisy, error, 0.0).sum() / noisy.sum().clamp(min=1)
