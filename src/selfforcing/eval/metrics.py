@@ -327,7 +327,7 @@ def semantic_accuracy(videos: Any, prompts: Sequence[str], detections: Detection
 
 def _semantic_score(parts: dict[str, np.ndarray], prompts: Sequence[str]) -> np.ndarray:
     """:func:`semantic_accuracy` from its parts (K objects: 2K + 2 points per frame)."""
-    objects = np.array([len(parse_caption(p)["colors"]) for p in prompts])[:, None]
+    objects = np.array([len(p["colors"]) for p in _parse_prompts(prompts, len(parts["object_presence"]))])[:, None]
     points = objects * (parts["object_presence"] + parts["shape_match"]) + parts["no_stray_colour"] \
         + parts["background_match"]
     return points / (2 * objects + 2)
