@@ -14,6 +14,7 @@ weight values. Rows that would not finish inside the time budget are skipped and
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -90,7 +91,7 @@ def main() -> int:
     engines = [label for label in ENGINES if label in args.engines]
     print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
-          f"`bash scripts/gpu_check.sh {' '.join(sys.argv[1:])}`\n\n{HEADER}", flush=True)
+          f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n\n{HEADER}", flush=True)
     failures = []
     for n in args.frames_per_chunk:
         reference = None
