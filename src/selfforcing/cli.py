@@ -284,7 +284,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = evaluate_model(args.model or DEFAULT_MODEL, args.output, n=args.n, num_frames=args.frames,
                              seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
                              window=args.window, loras=args.lora, scene_options=_scene_options(args),
-                             teacher_steps=args.teacher_steps, guidance_scale=args.guidance, checkpoint=args.checkpoint)
+                             teacher_steps=args.teacher_steps, guidance_scale=args.guidance, checkpoint=args.checkpoint,
+                             context=args.context)
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
           f"semantic {s['semantic_accuracy']:.3f} (objects present {s['object_presence']:.2f}, of the prompted "
@@ -452,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with CFG (default: stream, as a causal student does)")
     e.add_argument("--guidance", type=_number(float, Range(1.0, name="at least 1")), default=3.0,
                    help="CFG scale of --teacher-steps (default 3, the toy ODE pairs' scale)")
+    e.add_argument("--context", choices=["own", "real"], default="own",
+                   help="what each chunk continues: own (default) the model's earlier chunks, as it streams; real "
+                        "the real clip's earlier frames (the KV cache filled with ground truth: the exposure-bias check)")
     _add_lora_arguments(e, unfused=False)
     e.set_defaults(func=cmd_eval)
 

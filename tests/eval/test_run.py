@@ -46,3 +46,34 @@ def test_eval_scores_a_bidirectional_teacher_with_its_many_step_sampler(tmp_path
                  "6", "--teacher-steps", "2", "--guidance", "2", "--checkpoint", str(weights)]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["scalars"] == results["scalars"] and again["model"].endswith(f"+ {weights}")
+
+
+def test_real_context_generates_each_chunk_from_the_real_frames_before_it(tmp_path):
+    from selfforcing.eval.run import generate_from_real_context
+
+    save_tiny_model(tmp_path / "model", 16)
+    pipe = StreamingPipeline.from_pretrained(tmp_path / "model")
+    prompts = ["a red circle bouncing on a dark blue background"] * 2
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (2, 9, 16, 16, 3), generator=g, dtype=torch.uint8)
+    changed = real.clone()
+    changed[:, 3:] = torch.randint(0, 256, changed[:, 3:].shape, generator=g, dtype=torch.uint8)
+
+    video, _ = generate_from_real_context(pipe, prompts, real, batch_size=2, seed=5)
+    other, _ = generate_from_real_context(pipe, prompts, changed, batch_size=2, seed=5)
+    assert video.shape == (2, 9, 16, 16, 3)
+    assert torch.equal(video[:, :3], pipe.generate(prompts, 3, seed=5))  # chunk 0: no context, the free stream's
+    assert torch.equal(video[:, :6], other[:, :6])  # chunks 0 and 1 see only real frames 0-2, unchanged
+    assert not torch.equal(video[:, 6:], other[:, 6:])  # chunk 2 sees frames 3-5, changed
+
+
+def test_eval_with_real_context(tmp_path):
+    save_tiny_model(tmp_path / "model", 16)
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(out), "--n", "2", "--frames", "6",
+                 "--context", "real"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["context"] == "real" and results["num_frames"] == 6
+    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(tmp_path / "teacher"), "--n", "2",
+                 "--frames", "6", "--context", "real", "--teacher-steps", "2"]) != 0
+    assert not (tmp_path / "teacher" / "results.json").exists()

@@ -39,11 +39,36 @@ def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int
     return videos, videos.shape[0] * videos.shape[1] / (time.perf_counter() - start)
 
 
+def generate_from_real_context(pipe: StreamingPipeline, prompts: list[str], real: torch.Tensor, batch_size: int,
+                               seed: int) -> tuple[torch.Tensor, float]:
+    """Like ``generate_videos``, but chunk k of every video continues the *real* clip's frames
+    before it (the KV cache filled with ground truth, as Teacher Forcing trains; chunk 0 has no
+    context). Scored against the free-running stream, which continues its own outputs, this
+    measures exposure bias (paper §1, §3): what a model loses at inference because its context
+    is its own. Each chunk's noise is a fresh draw of ``seed`` + the batch offset."""
+    if pipe.vae.temporal_ratio != 1:
+        raise SelfForcingError("real-context evaluation needs a codec with one latent frame per video frame "
+                               f"(this VAE packs {pipe.vae.temporal_ratio} frames into one)")
+    n = pipe.sampling.frames_per_chunk
+
+    def chunk(prompts: list[str], latents: torch.Tensor, start: int, seed: int) -> torch.Tensor:
+        prefix = latents[:, :, :start] if start else None
+        return torch.cat([c.frames for c in pipe.stream(prompts, n, seed, initial_latents=prefix)], dim=1)
+
+    start_time, videos = time.perf_counter(), []
+    for i in range(0, len(prompts), batch_size):
+        latents = pipe.encode_video(real[i:i + batch_size])
+        videos.append(torch.cat([chunk(prompts[i:i + batch_size], latents, start, seed + i)
+                                 for start in range(0, real.shape[1], n)], dim=1))
+    videos = torch.cat(videos)
+    return videos, videos.shape[0] * videos.shape[1] / (time.perf_counter() - start_time)
+
+
 def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_frames: int | None = None,
                    seed: int = 0, batch_size: int = 8, device: str = "cpu", window: int = 4,
                    loras: list[tuple[Path, float]] = (), scene_options: dict | None = None,
                    teacher_steps: int | None = None, guidance_scale: float = 3.0,
-                   checkpoint: str | Path | None = None) -> dict:
+                   checkpoint: str | Path | None = None, context: str = "own") -> dict:
     """Generate ``n`` videos of ``num_frames`` (default: the model's cache length) and write
     ``results.json``, per-frame plots and ``samples.png`` (the first prompts' videos above their
     real clips) into ``out_dir``. ``loras`` (file, scale) are fused
@@ -51,7 +76,13 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     the trained shapes and colours).
     ``teacher_steps`` scores a bidirectional teacher as it samples (every frame at once, that many
     Euler steps with CFG ``guidance_scale``) instead of streaming. ``checkpoint`` replaces the
-    model's transformer weights (a training checkpoint, scored without exporting it)."""
+    model's transformer weights (a training checkpoint, scored without exporting it). ``context``
+    ``"real"`` generates every chunk from the real clip's earlier frames instead of the model's
+    own (``generate_from_real_context``: the exposure-bias check)."""
+    if context not in ("own", "real"):
+        raise SelfForcingError(f"context must be 'own' (the model's outputs) or 'real' (the real clip's), got {context!r}")
+    if context == "real" and teacher_steps is not None:
+        raise SelfForcingError("a bidirectional teacher samples every frame at once: it has no context to replace")
     scenes = eval_scenes(n, **(scene_options or {}))  # an unknown shape or colour fails before the model loads
     pipe = StreamingPipeline.from_pretrained(model, device=device, checkpoint=checkpoint)
     pipe.load_loras(list(loras))
@@ -61,11 +92,16 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     if n < 2:
         raise SelfForcingError("evaluation needs at least 2 videos (the Fréchet distance uses covariances)")
     prompts = [caption(scene) for scene in scenes]
-    generated, fps = generate_videos(pipe, prompts, num_frames, batch_size, seed, teacher_steps, guidance_scale)
     real = torch.stack([torch.as_tensor(render(scene, num_frames, s.height, s.width)) for scene in scenes])
+    if context == "real":
+        pipe.latent_frames(num_frames)  # a clear error for a length the stream cannot make
+        generated, fps = generate_from_real_context(pipe, prompts, real, batch_size, seed)
+    else:
+        generated, fps = generate_videos(pipe, prompts, num_frames, batch_size, seed, teacher_steps, guidance_scale)
     results = evaluate_videos(generated, prompts, real, window=window)
     results["model"] = str(model) if checkpoint is None else f"{model} + {checkpoint}"
     results["stream"] = {"fps": fps, "batch_size": batch_size}
+    results["context"] = context
     if teacher_steps is not None:
         results["sampler"] = {"bidirectional_euler_steps": teacher_steps, "guidance_scale": guidance_scale}
     write_report(results, out_dir)
