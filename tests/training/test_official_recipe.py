@@ -284,7 +284,7 @@ def test_defaults_and_wan_configs_carry_the_released_values():
     from pathlib import Path
 
     from selfforcing.models.text_encoders import WAN_NEGATIVE_PROMPT
-    from selfforcing.training.config import LossConfig, OptimConfig, load_config
+    from selfforcing.training.config import LossConfig, OptimConfig, ParadigmConfig, load_config
 
     opt, loss = OptimConfig(), LossConfig()
     assert (opt.lr, opt.critic_lr, opt.betas, opt.weight_decay, opt.grad_clip) == (2e-6, 4e-7, [0.0, 0.999], 0.01, 10.0)
@@ -302,6 +302,8 @@ def test_defaults_and_wan_configs_carry_the_released_values():
     assert "14B" in dmd.teacher.path and "1.3B" in dmd.critic.path
     sid = load_config(wan / "self_forcing_sid.yaml")
     assert (sid.loss.name, sid.optim.critic_lr, sid.optim.weight_decay) == ("sid", 2e-6, 0.0)
+    # The cache takes the exit step's estimate (the toy configs choose "final", an option of ours).
+    assert ParadigmConfig().context_from == dmd.paradigm.context_from == sid.paradigm.context_from == "exit"
     ode = load_config(wan / "ode_init.yaml")
     assert (ode.paradigm.timestep_shift, ode.loss.guidance_scale, ode.loss.ode_sampling_steps) == (8.0, 6.0, 48)
     assert ode.loss.negative_prompt == WAN_NEGATIVE_PROMPT
