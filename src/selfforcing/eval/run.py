@@ -45,22 +45,27 @@ def generate_from_real_context(pipe: StreamingPipeline, prompts: list[str], real
     before it (the KV cache filled with ground truth, as Teacher Forcing trains; chunk 0 has no
     context). Scored against the free-running stream, which continues its own outputs, this
     measures exposure bias (paper §1, §3): what a model loses at inference because its context
-    is its own. Each chunk's noise is a fresh draw of ``seed`` + the batch offset."""
+    is its own. Each chunk gets the noise it gets in the free stream of the same seed (one
+    generator drawn on across the chunks), so the context is the only difference."""
     if pipe.vae.temporal_ratio != 1:
         raise SelfForcingError("real-context evaluation needs a codec with one latent frame per video frame "
                                f"(this VAE packs {pipe.vae.temporal_ratio} frames into one)")
+    if pipe.sampling.context_noise:
+        raise SelfForcingError("real-context evaluation needs context_noise 0 (noising the context draws noise "
+                               "the free stream does not, so the chunks' noise would no longer match)")
     n = pipe.sampling.frames_per_chunk
 
-    def chunk(prompts: list[str], latents: torch.Tensor, start: int, seed: int) -> torch.Tensor:
-        prefix = latents[:, :, :start] if start else None
-        return torch.cat([c.frames for c in pipe.stream(prompts, n, seed, initial_latents=prefix)], dim=1)
+    def video(prompts: list[str], real: torch.Tensor, seed: int) -> torch.Tensor:
+        latents, generator = pipe.encode_video(real), torch.Generator(pipe.device).manual_seed(seed)
+        chunks = []
+        for start in range(0, real.shape[1], n):
+            prefix = latents[:, :, :start] if start else None
+            chunks += [c.frames for c in pipe.stream(prompts, n, generator, initial_latents=prefix)]
+        return torch.cat(chunks, dim=1)
 
-    start_time, videos = time.perf_counter(), []
-    for i in range(0, len(prompts), batch_size):
-        latents = pipe.encode_video(real[i:i + batch_size])
-        videos.append(torch.cat([chunk(prompts[i:i + batch_size], latents, start, seed + i)
-                                 for start in range(0, real.shape[1], n)], dim=1))
-    videos = torch.cat(videos)
+    start_time = time.perf_counter()
+    videos = torch.cat([video(prompts[i:i + batch_size], real[i:i + batch_size], seed + i)
+                        for i in range(0, len(prompts), batch_size)])
     return videos, videos.shape[0] * videos.shape[1] / (time.perf_counter() - start_time)
 
 

@@ -291,7 +291,7 @@ class StreamingPipeline:
         self,
         prompts: list[str] | str | Conditioning,
         num_frames: int | None,
-        seed: int = 0,
+        seed: int | torch.Generator = 0,
         initial_latents: torch.Tensor | None = None,
     ) -> Iterator[VideoChunk]:
         """Generate and yield video chunk by chunk; ``num_frames=None`` streams until the caller stops.
@@ -299,7 +299,8 @@ class StreamingPipeline:
         ``initial_latents`` (B, C, F0, h, w) continues a given video (extension): those frames
         only fill the KV cache (see ``encode_video`` to get them from pixels). Pass a
         ``Conditioning`` (from ``encode_prompts``) instead of prompts to switch prompts while
-        the stream runs.
+        the stream runs. ``seed`` may be a generator to go on drawing from (one stream's noise
+        spread over several calls).
         """
         start = time.perf_counter()
         conditioning = prompts if isinstance(prompts, Conditioning) else Conditioning(self.encode_prompts(prompts))
@@ -319,7 +320,7 @@ class StreamingPipeline:
             raise SelfForcingError(f"initial latents of shape {tuple(initial_latents.shape)} do not match {chunk_shape}")
 
         self.stats = stats = StreamStats()
-        generator = torch.Generator(device).manual_seed(seed)
+        generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device).manual_seed(seed)
         timesteps = self.schedule.few_step_timesteps(s.denoising_steps).to(device)
         decoder = self.vae.stream_decoder()
         with self._stream_cache(chunk_shape) as cache:
