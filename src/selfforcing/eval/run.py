@@ -34,8 +34,14 @@ def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int
         return pipe.generate_bidirectional(prompts[i:i + batch_size], num_frames, teacher_steps, guidance_scale,
                                            seed=seed + i)
 
+    return _in_batches(batch, len(prompts), batch_size)
+
+
+def _in_batches(batch, count: int, batch_size: int) -> tuple[torch.Tensor, float]:
+    """``batch(i)`` (the videos from index i on, ``batch_size`` of them) over all ``count``
+    videos, concatenated, and the throughput in video frames per second."""
     start = time.perf_counter()
-    videos = torch.cat([batch(i) for i in range(0, len(prompts), batch_size)])
+    videos = torch.cat([batch(i) for i in range(0, count, batch_size)])
     return videos, videos.shape[0] * videos.shape[1] / (time.perf_counter() - start)
 
 
@@ -53,20 +59,19 @@ def generate_from_real_context(pipe: StreamingPipeline, prompts: list[str], real
     if pipe.sampling.context_noise:
         raise SelfForcingError("real-context evaluation needs context_noise 0 (noising the context draws noise "
                                "the free stream does not, so the chunks' noise would no longer match)")
+    pipe.latent_frames(real.shape[1])  # a clear error for a length the stream cannot make in whole chunks
     n = pipe.sampling.frames_per_chunk
 
-    def video(prompts: list[str], real: torch.Tensor, seed: int) -> torch.Tensor:
-        latents, generator = pipe.encode_video(real), torch.Generator(pipe.device).manual_seed(seed)
+    def batch(i: int) -> torch.Tensor:
+        latents = pipe.encode_video(real[i:i + batch_size])
+        generator = torch.Generator(pipe.device).manual_seed(seed + i)
         chunks = []
         for start in range(0, real.shape[1], n):
             prefix = latents[:, :, :start] if start else None
-            chunks += [c.frames for c in pipe.stream(prompts, n, generator, initial_latents=prefix)]
+            chunks += [c.frames for c in pipe.stream(prompts[i:i + batch_size], n, generator, initial_latents=prefix)]
         return torch.cat(chunks, dim=1)
 
-    start_time = time.perf_counter()
-    videos = torch.cat([video(prompts[i:i + batch_size], real[i:i + batch_size], seed + i)
-                        for i in range(0, len(prompts), batch_size)])
-    return videos, videos.shape[0] * videos.shape[1] / (time.perf_counter() - start_time)
+    return _in_batches(batch, len(prompts), batch_size)
 
 
 def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_frames: int | None = None,
@@ -99,7 +104,6 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     prompts = [caption(scene) for scene in scenes]
     real = torch.stack([torch.as_tensor(render(scene, num_frames, s.height, s.width)) for scene in scenes])
     if context == "real":
-        pipe.latent_frames(num_frames)  # a clear error for a length the stream cannot make
         generated, fps = generate_from_real_context(pipe, prompts, real, batch_size, seed)
     else:
         generated, fps = generate_videos(pipe, prompts, num_frames, batch_size, seed, teacher_steps, guidance_scale)
