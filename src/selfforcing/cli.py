@@ -299,7 +299,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     from selfforcing.eval.experiment import Plan, Runner
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    runner = Runner(Plan.load(args.plan), args.preset, root=args.output)
+    runner = Runner(Plan.load(args.plan), args.preset, root=args.output, jobs=args.jobs)
     runner.run(only=args.only)
     print((runner.root / "table.md").read_text())
     print(f"results in {runner.root}")
@@ -464,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--preset", default="cpu", help="scale of the run, as the plan defines (micro, cpu, gpu)")
     x.add_argument("--only", nargs="+", default=None, help="run only these methods (and the shared stages they start from)")
     x.add_argument("-o", "--output", type=Path, default=None, help="root directory (default: the plan's)")
+    x.add_argument("--jobs", type=int, default=None,
+                   help="stages run side by side, splitting the threads (default: the preset's, else 1)")
     x.set_defaults(func=cmd_experiment)
 
     d = sub.add_parser("data", help="datasets")

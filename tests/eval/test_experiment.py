@@ -140,3 +140,30 @@ def test_a_preset_can_run_some_rows_and_trains_only_the_stages_they_need(tmp_pat
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(SelfForcingError, match="preset methods sf_dmx are not in the plan's methods"):
         Runner(Plan.load(path), "micro", root=tmp_path)
+
+
+def test_stages_run_side_by_side_give_the_table_of_one_job(tmp_path):
+    """``jobs: 2`` runs independent stages in two worker processes, each after the stages it
+    starts from (teacher -> ODE pairs -> ODE init -> students -> evaluations); every score is the
+    one a single job gives (to float rounding: one thread sums in another order than two)."""
+    plan = yaml.safe_load(PLAN.read_text())
+    plan["presets"]["micro"].update(methods=["diffusion_forcing", "sf_dmd"], references=["ode_init"], seeds=[0, 1])
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    one = Runner(Plan.load(path), "micro", root=tmp_path / "one")
+    tasks = one.tasks(one.methods, {"train": 6}, {"n": 2})
+    assert list(tasks)[:3] == [("train", "teacher", None), ("train", "ode_pairs", None), ("train", "ode_init", None)]
+    assert tasks[("train", "ode_init", None)].after == (("train", "teacher", None), ("train", "ode_pairs", None))
+    assert tasks[("train", "sf_dmd", 1)].after == (("train", "ode_init", None), ("train", "teacher", None))
+    assert tasks[("eval", "train", "sf_dmd", 1)].after == (("train", "sf_dmd", 1),)
+    assert tasks[("eval", "train", "ode_init", 0)].after == (("train", "ode_init", None),)
+    one.run()
+    Runner(Plan.load(path), "micro", root=tmp_path / "two", jobs=2).run()
+    for result in (tmp_path / "one" / "micro" / "eval").rglob("results.json"):
+        twin = tmp_path / "two" / "micro" / result.relative_to(tmp_path / "one" / "micro")
+        assert json.loads(twin.read_text())["scalars"] == pytest.approx(json.loads(result.read_text())["scalars"],
+                                                                        rel=1e-4), result
+    assert len(list((tmp_path / "two" / "micro" / "eval").rglob("results.json"))) == 2 * 3 * 2  # rows x seeds x lengths
+    assert "(2 jobs: stage times overlap)" in (tmp_path / "two" / "micro" / "table.md").read_text()
+    with pytest.raises(SelfForcingError, match="jobs must be at least 1"):
+        Runner(Plan.load(path), "micro", root=tmp_path, jobs=0)

@@ -7,17 +7,23 @@ rewrites every config's paths so that each stage starts from the outputs it depe
 skips stages whose model or evaluation already exists (re-running resumes the table),
 evaluates every (method, seed) at the training length and at the extrapolation length
 (rolling KV cache), and writes ``table.md``, ``summary.json``, per-frame plots and sample
-strips.
+strips. With ``jobs`` > 1 independent stages (another seed, another row, an evaluation) run
+side by side in worker processes, the threads split between them: on 2 cores two 1-thread
+trainings do 1.15x the work of one 2-thread training (docs/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -46,6 +52,11 @@ class Preset:
     # Rows run by this preset (default: all of the plan's); shared stages no row needs are skipped.
     methods: list[str] | None = None
     references: list[str] | None = None
+    jobs: int = 1  # stages run side by side (worker processes sharing the machine's threads)
+
+    def __post_init__(self):
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise SelfForcingError(f"jobs must be a positive integer, got {self.jobs!r}")
 
 
 @dataclass
@@ -90,8 +101,11 @@ class Plan:
 
 
 class Runner:
-    def __init__(self, plan: Plan, preset_name: str, root: Path | None = None):
+    def __init__(self, plan: Plan, preset_name: str, root: Path | None = None, jobs: int | None = None):
         self.plan, self.preset = plan, plan.preset(preset_name)
+        self.jobs = self.preset.jobs if jobs is None else jobs
+        if self.jobs < 1:
+            raise SelfForcingError(f"jobs must be at least 1, got {self.jobs}")
         self.shared = {**plan.shared, **self.preset.shared}
         for name, spec in self.shared.items():
             _teacher_sampling(spec.get("sampler"))  # a bad sampler fails before hours of training
@@ -113,19 +127,23 @@ class Runner:
                                    f"({', '.join(available)})")
         return list(chosen)
 
+    def starts_from(self, spec: dict) -> list[str]:
+        """The shared stages a stage starts from: its model, teacher and critic, and the ODE
+        pairs when it trains on pairs."""
+        names = [spec[role] for role in ("model", "teacher", "critic") if spec.get(role) in self.shared]
+        if spec.get("pairs"):
+            names += [name for name, s in self.shared.items() if s.get("ode_pairs")]
+        return list(dict.fromkeys(names))
+
     def needed_shared_stages(self, methods: list[str]) -> list[str]:
         """The shared stages the chosen rows start from, directly or through another shared
-        stage (in the plan's order); the ODE pairs when one of them trains on pairs."""
+        stage (in the plan's order)."""
         needed, todo = set(), [self.plan.methods[m] for m in methods] + [{"model": r} for r in self.references]
         while todo:
-            spec = todo.pop()
-            for role in ("model", "teacher", "critic"):
-                stage = spec.get(role)
-                if stage in self.shared and stage not in needed:
+            for stage in self.starts_from(todo.pop()):
+                if stage not in needed:
                     needed.add(stage)
                     todo.append(self.shared[stage])
-            if spec.get("pairs"):
-                needed.update(name for name, s in self.shared.items() if s.get("ode_pairs"))
         return [name for name in self.shared if name in needed]
 
     # ---- stages -------------------------------------------------------------
@@ -157,27 +175,27 @@ class Runner:
         cfg.setdefault("logging", {})["progress"] = False
         return cfg
 
-    def train(self, name: str, spec: dict, seed: int, per_seed: bool) -> Path:
+    def train(self, name: str, spec: dict, seed: int, per_seed: bool) -> str | None:
+        """Train one stage unless its model is on disk; the log line of its wall time."""
         from selfforcing.training.trainer import Trainer
 
         out = self.root / (f"{name}-seed{seed}" if per_seed else name)
         if (out / "model" / "selfforcing.json").is_file():
-            return out / "model"
+            return None
         cfg = config_from_dict(self.stage_config(spec, out, seed, shared=not per_seed))
         start = time.perf_counter()
         trainer = Trainer(cfg)
         trainer.train(resume=(out / "checkpoints" / "latest").is_file())
         trainer.export(out / "model")
-        self.log.append(f"{out.name}: {cfg.steps} steps in {time.perf_counter() - start:.0f} s")
-        return out / "model"
+        return f"{out.name}: {cfg.steps} steps in {time.perf_counter() - start:.0f} s"
 
-    def ode_pairs(self, spec: dict) -> None:
+    def ode_pairs(self, spec: dict) -> str | None:
         from selfforcing.data.toy_world import toy_prompts
         from selfforcing.training.paradigms.ode import make_ode_pairs
 
         pairs = self.root / "ode_pairs.safetensors"
         if pairs.is_file():
-            return
+            return None
         n = self.preset.prompts or self.plan.prompts["n"]
         prompts = self.root / "prompts.txt"
         with atomic_path(prompts) as tmp:
@@ -186,65 +204,95 @@ class Runner:
         config.write_text(yaml.safe_dump(self.stage_config(spec, self.root / "ode_pairs", self.seeds[0])))
         start = time.perf_counter()
         make_ode_pairs(config, prompts, pairs, num_steps=self.preset.euler_steps or spec.get("euler_steps", 48))
-        self.log.append(f"ode pairs: {n} prompts in {time.perf_counter() - start:.0f} s")
+        return f"ode pairs: {n} prompts in {time.perf_counter() - start:.0f} s"
 
     # ---- the table ------------------------------------------------------------
-    def run(self, only: list[str] | None = None) -> dict:
-        from selfforcing.eval.report import write_report
+    def rows(self, methods: list[str]) -> list[tuple[str, str, bool]]:
+        """(row name, stage, trained per seed) of every row: the methods, then the references."""
+        return [(name, name, True) for name in methods] + [(f"{name} (reference)", name, False)
+                                                           for name in self.references]
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        methods = [name for name in self.methods if not only or name in only]
+    def sampler(self, stage: str, per_seed: bool) -> dict | None:
+        """The many-step sampler a reference row is scored with (None: the model's own rollout)."""
+        return None if per_seed else self.shared[stage].get("sampler")
+
+    def tasks(self, methods: list[str], lengths: dict[str, int], ev: dict) -> dict[tuple, Task]:
+        """Every stage to train and every evaluation, each after the stages it starts from, in the
+        order a single job runs them: the shared stages (the critical path) first, evaluations last."""
+        tasks: dict[tuple, Task] = {}
+
+        def after(spec: dict) -> tuple:
+            return tuple(key for key in (("train", name, None) for name in self.starts_from(spec)) if key in tasks)
+
         for name in self.needed_shared_stages(methods):
             spec = self.shared[name]
             if spec.get("ode_pairs"):
-                self.ode_pairs(spec)
-            elif "path" not in spec:
-                self.train(name, spec, self.seeds[0], per_seed=False)
-        ev = {**self.plan.eval, **self.preset.eval}
-        lengths = {"train": ev.get("frames"), "long": ev.get("long_frames")}  # None: not evaluated
-        lengths = {length: frames for length, frames in lengths.items() if frames is not None}
-        results: dict[str, dict] = {length: {} for length in lengths}
-        samples: dict[str, tuple[Path, dict | None]] = {}  # row -> model and sampler of its strip (first seed)
-        rows = [(name, name, True) for name in methods]
-        rows += [(f"{name} (reference)", name, False) for name in self.references]
-        for row, stage, per_seed in rows:
+                tasks[("train", name, None)] = Task(after(spec), partial(self.ode_pairs, spec))
+            elif "path" not in spec:  # a shipped stage is used as given
+                tasks[("train", name, None)] = Task(after(spec), partial(self.train, name, spec, self.seeds[0], False))
+        for name in methods:
+            spec = self.plan.methods[name]
             for seed in self.seeds:
-                if per_seed:
-                    model = self.train(stage, self.plan.methods[stage], seed, per_seed=True)
-                else:  # a shared stage: one model, evaluated with every seed's noise
-                    model = self.model_dir(stage)
-                sampler = None if per_seed else self.shared[stage].get("sampler")
-                samples.setdefault(row, (model, sampler))
+                tasks[("train", name, seed)] = Task(after(spec), partial(self.train, name, spec, seed, True))
+        for _, stage, per_seed in self.rows(methods):
+            sampler = self.sampler(stage, per_seed)
+            for seed in self.seeds:
+                model = ("train", stage, seed if per_seed else None)
                 for length, frames in lengths.items():
                     if sampler is not None and length != "train":
                         continue  # a bidirectional teacher makes clips of its training length; it has no rollout
-                    results[length].setdefault(row, []).append(self.evaluate(
-                        model, self.root / "eval" / length / f"{stage}-seed{seed}", frames, seed, ev, sampler))
+                    tasks[("eval", length, stage, seed)] = Task(
+                        (model,) if model in tasks else (),
+                        partial(self.evaluate, self.model_dir(*model[1:]), self.root / "eval" / length /
+                                f"{stage}-seed{seed}", frames, seed, ev, sampler))
+        return tasks
+
+    def run(self, only: list[str] | None = None) -> dict:
+        from selfforcing.eval.report import write_report
+
+        start = time.perf_counter()
+        self.root.mkdir(parents=True, exist_ok=True)
+        methods = [name for name in self.methods if not only or name in only]
+        ev = {**self.plan.eval, **self.preset.eval}
+        lengths = {"train": ev.get("frames"), "long": ev.get("long_frames")}  # None: not evaluated
+        lengths = {length: frames for length, frames in lengths.items() if frames is not None}
+        done = run_tasks(self.tasks(methods, lengths, ev), self.jobs)
+        self.log += [line for key, line in done.items() if key[0] == "train" and line]
+        self.eval_seconds += sum(done[key][1] for key in done if key[0] == "eval")
+        results: dict[str, dict] = {length: {} for length in lengths}
+        samples: dict[str, tuple[Path, dict | None]] = {}  # row -> model and sampler of its strip (first seed)
+        for row, stage, per_seed in self.rows(methods):
+            samples[row] = (self.model_dir(stage, self.seeds[0] if per_seed else None), self.sampler(stage, per_seed))
+            for length in lengths:
+                runs = [done[key][0] for key in (("eval", length, stage, seed) for seed in self.seeds) if key in done]
+                if runs:
+                    results[length][row] = runs
         summary = {length: {row: summarize(runs) for row, runs in by_row.items()}
                    for length, by_row in results.items()}
         for length, by_row in results.items():
             write_report({row: runs[0] for row, runs in by_row.items()}, self.root / "plots" / length)
             self.write_samples({row: samples[row] for row in by_row}, lengths[length],
                                self.root / "plots" / length / "samples.png")
-        log = self.log + [f"evaluation: {self.eval_seconds:.0f} s"]
+        jobs = f" ({self.jobs} jobs: stage times overlap)" if self.jobs > 1 else ""
+        log = self.log + [f"evaluation: {self.eval_seconds:.0f} s", f"run: {time.perf_counter() - start:.0f} s{jobs}"]
         with atomic_path(self.root / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         with atomic_path(self.root / "table.md") as tmp:
             tmp.write_text(markdown_table(summary, self.seeds, log, trained=bool(self.log)))
         return summary
 
-    def evaluate(self, model: Path, out: Path, frames: int, seed: int, ev: dict, sampler: dict | None) -> dict:
-        """Score one model at one length, reusing an evaluation that is already on disk. A
+    def evaluate(self, model: Path, out: Path, frames: int, seed: int, ev: dict,
+                 sampler: dict | None) -> tuple[dict, float]:
+        """Score one model at one length, reusing an evaluation that is already on disk (0 s). A
         ``sampler`` ({steps, guidance}) scores a bidirectional teacher with its many-step sampler."""
         from selfforcing.eval.run import evaluate_model
 
         if (out / RESULTS_FILE).is_file():
-            return json.loads((out / RESULTS_FILE).read_text())
+            return json.loads((out / RESULTS_FILE).read_text()), 0.0
         start = time.perf_counter()
         result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3),
                                 **_teacher_sampling(sampler))
-        self.eval_seconds += time.perf_counter() - start
-        return result
+        return result, time.perf_counter() - start
 
     def write_samples(self, models: dict[str, tuple[Path, dict | None]], num_frames: int, path: Path) -> None:
         """Sample strips of every row (first seed) for a few held-out prompts."""
@@ -258,6 +306,46 @@ class Runner:
                                        seed=0, **_teacher_sampling(sampler))[0]
                   for row, (model, sampler) in models.items()}
         write_sample_strips(videos, prompts, path, every=max(1, num_frames // 12))
+
+
+@dataclass(frozen=True)
+class Task:
+    after: tuple  # keys of the tasks that must finish first
+    call: Callable[[], Any]
+
+
+def run_tasks(tasks: dict[Any, Task], jobs: int) -> dict[Any, Any]:
+    """Run every task after the ones it depends on and return each result by key. One job runs
+    them in their order in this process; more run the first ready ones (in order, so the critical
+    path goes first) in worker processes that split this process's threads between them."""
+    if jobs == 1:
+        return {key: task.call() for key, task in tasks.items()}
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    done: dict[Any, Any] = {}
+    waiting, running = dict(tasks), {}  # running: future -> key
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_set_threads, initargs=(threads,))
+    try:
+        while waiting or running:
+            ready = [key for key, task in waiting.items() if all(k in done for k in task.after)]
+            for key in ready[:jobs - len(running)]:
+                running[pool.submit(waiting.pop(key).call)] = key
+            if not running:
+                raise SelfForcingError(f"tasks wait on tasks that never run: {', '.join(map(str, waiting))}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future)] = future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, the stages already running finish first
+    return done
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _teacher_sampling(sampler: dict | None) -> dict:
