@@ -2,10 +2,12 @@
 
 1. Equivalence: the fast engine, compiled and captured as CUDA graphs, must give the eager
    reference loop's latents within bf16 tolerance (chunk-wise and frame-wise).
-2. Speed: a markdown table per engine (eager, fast, fast compiled, fast + CUDA graphs) and
-   chunk size, printed row by row as they finish: DiT-only FPS, first-frame latency, DiT
-   model-FLOPs utilisation, peak memory and, for the last engine (when diffusers is
-   installed), FPS and first-frame latency with the Wan VAE decode; then the VAE alone.
+2. Speed: first the Wan VAE decode alone in each setting (``VAE_VARIANTS``, when diffusers
+   is installed), then a markdown table per engine (eager, fast, fast compiled, fast + CUDA
+   graphs) and chunk size, printed row by row as they finish: DiT-only FPS, first-frame
+   latency, DiT model-FLOPs utilisation, peak memory and, for the last engine, FPS and
+   first-frame latency with the VAE decode in its fastest setting, decoding after the DiT
+   and (a second row) beside it on a side stream (``overlap_decode``).
 
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
 weight values. Rows that would not finish inside the time budget are skipped and say so.
@@ -50,33 +52,52 @@ def dit_flops(pipe, latent_frames: int) -> float:
 
 
 # cuDNN picks its conv3d algorithms by a heuristic unless told to time them (the stream's
-# shapes are fixed, so timing once pays); channels-last is the layout its fast kernels prefer.
-# name -> (cudnn.benchmark, channels-last conv3d weights)
-VAE_VARIANTS = {"as loaded": (False, False), "cudnn.benchmark": (True, False),
-                "cudnn.benchmark + channels_last_3d": (True, True)}
+# shapes are fixed, so timing once pays); channels-last is the layout its fast kernels prefer;
+# a chunk per decoder call gives every conv a chunk's frames at once (WanVAE.frames_per_call).
+# name -> (cudnn.benchmark, channels-last conv3d weights, a chunk per decoder call)
+VAE_VARIANTS = {"as loaded": (False, False, False), "cudnn.benchmark": (True, False, False),
+                "cudnn.benchmark + channels_last_3d": (True, True, False),
+                "cudnn.benchmark + a chunk per call": (True, False, True)}
+
+
+def wan_vae(device: torch.device, variant: str, frames_per_chunk: int):
+    """The random-weight Wan VAE set up as ``variant`` says (cudnn.benchmark is global: set here)."""
+    vae = random_wan_vae(device)
+    torch.backends.cudnn.benchmark, channels_last, chunk_per_call = VAE_VARIANTS[variant]
+    if channels_last:
+        for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    vae.frames_per_call = frames_per_chunk if chunk_per_call else 1
+    return vae
 
 
 def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int, variant: str) -> float:
     """The Wan VAE alone, decoding random latents chunk by chunk as a stream does (video frames/s)."""
-    vae, size = random_wan_vae(device), SamplingConfig()
-    benchmark, channels_last = VAE_VARIANTS[variant]
-    if channels_last:
-        for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    vae, size = wan_vae(device, variant, frames_per_chunk), SamplingConfig()
     latents = torch.randn(1, vae.latent_channels, latent_frames, size.height // vae.spatial_ratio,
                           size.width // vae.spatial_ratio, device=device, dtype=torch.bfloat16)
-    was_benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, benchmark
-    try:
-        times = []
-        for _ in range(3):
-            decoder, start = vae.stream_decoder(), time.perf_counter()
-            for chunk in latents.split(frames_per_chunk, dim=2):
-                decoder.decode_chunk(chunk)
-            torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.backends.cudnn.benchmark = was_benchmark
+    times = []
+    for _ in range(3):
+        decoder, start = vae.stream_decoder(), time.perf_counter()
+        for chunk in latents.split(frames_per_chunk, dim=2):
+            decoder.decode_chunk(chunk)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
     return num_video_frames(vae, latent_frames) / min(times[1:])
+
+
+def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
+    """Time the VAE alone in every variant, print the table; the fastest variant per chunk size."""
+    print("Wan VAE decode alone (video frames/s):\n\n| frames/chunk | " + " | ".join(VAE_VARIANTS)
+          + " |\n|---|" + "---|" * len(VAE_VARIANTS), flush=True)
+    best = {}
+    for n in args.frames_per_chunk:
+        fps = {variant: vae_decode_fps(device, args.latent_frames, n, variant)
+               for variant in VAE_VARIANTS if time.perf_counter() - start < args.budget_s}
+        print(f"| {n} | {' | '.join(f'{fps[v]:.1f}' if v in fps else 'skipped' for v in VAE_VARIANTS)} |", flush=True)
+        best[n] = max(fps, key=fps.get) if fps else "as loaded"
+    print(flush=True)
+    return best
 
 
 def main() -> int:
@@ -90,7 +111,9 @@ def main() -> int:
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES), metavar="ENGINE",
                         help="engines to run, from: " + ", ".join(ENGINES) + " (none: only the VAE decode alone)")
     parser.add_argument("--vae", choices=["none", "last", "all"], default="last",
-                        help="the FPS-with-VAE-decode columns for no engine, the last one of each chunk size, or all")
+                        help="the FPS-with-VAE-decode columns for no engine, the last one of each chunk size, or all; "
+                             "the decode runs in the fastest variant of the VAE-alone table, after the DiT and, in "
+                             "a second row, beside it (overlap_decode)")
     args = parser.parse_args()
     device, start = torch.device(args.device), time.perf_counter()
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -106,7 +129,10 @@ def main() -> int:
     engines = [label for label in ENGINES if label in args.engines]
     print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
-          f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n\n{HEADER}", flush=True)
+          f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
+    decode_variant = fastest_decode(device, args, start) if with_vae else {}
+    if engines:
+        print(HEADER, flush=True)
     failures = []
     for n in args.frames_per_chunk:
         reference = None
@@ -132,26 +158,22 @@ def main() -> int:
                 if not error < 2e-2:
                     failures.append(f"{label}, {n} frames/chunk: relative L2 {error:.3g} vs eager")
             gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            vae = "| | |"
+            with_decode = {"": "| | |"}
             if with_vae and (args.vae == "all" or label == engines[-1]):
-                # The same (compiled) transformer, with the VAE decoding each chunk.
-                vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, random_wan_vae(device), pipe.sampling,
-                                             engine=pipe.engine)
-                timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
-                vae = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
-                del vae_pipe
-            print(f"| {label} | {n} {vae} {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | {error:.2e} | "
-                  f"{time.perf_counter() - row_start:.0f} |", flush=True)
+                # The same (compiled) transformer, with the VAE decoding each chunk after it, then beside it.
+                decoder_vae = wan_vae(device, decode_variant[n], n)
+                for overlap, suffix in ((False, ""), (True, ", decode beside")):
+                    vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, decoder_vae, pipe.sampling,
+                                                 engine=pipe.engine, overlap_decode=overlap)
+                    timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
+                    with_decode[suffix] = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
+                    del vae_pipe
+            for suffix, vae in with_decode.items():
+                print(f"| {label}{suffix} | {n} {vae} {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | "
+                      f"{error:.2e} | {time.perf_counter() - row_start:.0f} |", flush=True)
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if with_vae and time.perf_counter() - start < args.budget_s:
-        print("\nWan VAE decode alone (video frames/s):\n\n| frames/chunk | " + " | ".join(VAE_VARIANTS)
-              + " |\n|---|" + "---|" * len(VAE_VARIANTS), flush=True)
-        for n in args.frames_per_chunk:
-            fps = [f"{vae_decode_fps(device, args.latent_frames, n, variant):.1f}"
-                   if time.perf_counter() - start < args.budget_s else "skipped" for variant in VAE_VARIANTS]
-            print(f"| {n} | {' | '.join(fps)} |", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s in all")
     for failure in failures:
         print(f"MISMATCH: {failure}", file=sys.stderr)

@@ -49,6 +49,19 @@ def test_stream_yields_decoded_chunks_progressively(pipe):
     assert pipe.stats.frames == 12 and pipe.stats.fps > 0
 
 
+def test_overlapped_decode_hands_over_the_same_chunks_in_order(pipe):
+    """``overlap_decode`` only moves when a chunk is handed over (after the next one is queued;
+    on CUDA its decode runs on a side stream): same chunks, same order, the last one included."""
+    overlapped = StreamingPipeline(pipe.model, pipe.text_encoder, pipe.vae, pipe.sampling, overlap_decode=True)
+    plain = list(pipe.stream(["a red circle", "a blue square"], num_frames=12, seed=3))
+    chunks = list(overlapped.stream(["a red circle", "a blue square"], num_frames=12, seed=3))
+    assert [(c.index, c.start_frame) for c in chunks] == [(c.index, c.start_frame) for c in plain] == [
+        (0, 0), (1, 3), (2, 6), (3, 9)]
+    for a, b in zip(chunks, plain):
+        assert torch.equal(a.frames, b.frames) and torch.equal(a.latents, b.latents)
+    assert overlapped.stats.frames == 12
+
+
 def test_seeds_batches_and_prompts(pipe):
     a = pipe.generate("a red circle", 6, seed=1)
     assert torch.equal(a, pipe.generate("a red circle", 6, seed=1))

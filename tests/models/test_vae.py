@@ -132,12 +132,20 @@ def test_wan_decode_matches_diffusers_on_denormalised_latents(wan, latents):
     torch.testing.assert_close(wan.decode(latents), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("frames_per_call", [1, 2, 3])
 @pytest.mark.parametrize("sizes", [[1, 3, 3], [3, 3, 1], [1] * 7, [7]])
-def test_wan_stream_decode_equals_one_shot(wan, latents, sizes):
+def test_wan_stream_decode_equals_one_shot(wan, latents, sizes, frames_per_call):
+    """Frame by frame (diffusers' decode) or several latent frames per decoder call."""
     one_shot = wan.decode(latents)
-    streamed = stream(wan, latents, sizes)
+    streamed = stream(WanVAE(wan.model, frames_per_call=frames_per_call), latents, sizes)
     assert streamed.shape == one_shot.shape
     assert (streamed - one_shot).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("frames_per_call", [0, 1.5])
+def test_wan_rejects_a_bad_frames_per_call(wan, frames_per_call):
+    with pytest.raises(SelfForcingError, match="frames_per_call must be a positive integer"):
+        WanVAE(wan.model, frames_per_call=frames_per_call)
 
 
 def test_wan22_style_stream_decode_equals_one_shot(latents):
@@ -164,6 +172,7 @@ def test_wan22_style_stream_decode_equals_one_shot(latents):
     torch.testing.assert_close(one_shot, model.decode(denormalize_by_hand(latents)).sample, rtol=0, atol=1e-5)
     for sizes in ([1, 3, 3], [3, 3, 1]):
         assert (stream(wan22, latents, sizes) - one_shot).abs().max() <= 1e-5
+        assert (stream(WanVAE(model, frames_per_call=3), latents, sizes) - one_shot).abs().max() <= 1e-5
 
 
 def test_wan_stream_decoders_do_not_interfere(wan, latents):

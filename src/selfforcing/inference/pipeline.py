@@ -113,13 +113,17 @@ ENGINES = ("fast", "eager")
 class StreamingPipeline:
     """Streams video from a causal student. ``engine="fast"`` (default) runs every forward as
     one fixed-shape chunk step over a ``StaticKVCache`` (compilable with ``compile()``);
-    ``"eager"`` is the reference loop over the ``KVCache`` (same outputs, to float rounding)."""
+    ``"eager"`` is the reference loop over the ``KVCache`` (same outputs, to float rounding).
+
+    ``overlap_decode`` (CUDA) decodes each chunk on a side stream while the main stream goes
+    on with the next chunk's cache fill and denoising, so the VAE and the DiT share the GPU
+    instead of taking turns; each chunk is then handed over once the next one is queued."""
 
     def __init__(self, model: CausalWanModel, text_encoder: TextEncoder, vae: VideoVAE, sampling: SamplingConfig,
-                 engine: str = "fast"):
+                 engine: str = "fast", overlap_decode: bool = False):
         if engine not in ENGINES:
             raise SelfForcingError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-        self.engine = engine
+        self.engine, self.overlap_decode = engine, overlap_decode
         if text_encoder.dim != model.config.text_dim:
             raise SelfForcingError(
                 f"text encoder width {text_encoder.dim} does not match the model's text_dim {model.config.text_dim}"
@@ -329,14 +333,30 @@ class StreamingPipeline:
                 generator=generator, context_t=s.context_noise,
                 prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
             )
-            for index, x0 in enumerate(chunks):
-                frames = to_uint8(decoder.decode_chunk(x0))
+            for index, (x0, frames) in enumerate(self._decoded(chunks, decoder)):
                 now = time.perf_counter()
                 if stats.first_frame_s is None:
                     stats.first_frame_s = now - start
                 yield VideoChunk(index, stats.frames, frames, x0)
                 stats.frames += frames.shape[1]
                 stats.elapsed_s = time.perf_counter() - start
+
+    def _decoded(self, chunks: Iterator[torch.Tensor], decoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x0, uint8 frames) of every chunk, decoded in order. With ``overlap_decode`` a chunk
+        is handed over after the next chunk's DiT work is queued (asking ``chunks`` for the next
+        chunk queues it: the fast engine has no host syncs), its decode running beside it."""
+        if not self.overlap_decode:
+            for x0 in chunks:
+                yield x0, to_uint8(decoder.decode_chunk(x0))
+            return
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        pending = None
+        for x0 in chunks:
+            if pending is not None:
+                yield pending()
+            pending = _decode_beside(decoder, x0, side)
+        if pending is not None:
+            yield pending()
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
@@ -375,6 +395,27 @@ class StreamingPipeline:
         x0 = euler_sample_cfg(lambda x, t, cond: self.model(x, t, text if cond else negative), noise,
                               self.schedule, steps, guidance_scale)
         return to_uint8(self.vae.decode(x0))
+
+
+def _decode_beside(decoder, x0: torch.Tensor, side: torch.cuda.Stream | None):
+    """Queue the decode of ``x0`` on the ``side`` CUDA stream (None: decode now); returns the
+    call that waits for it and gives (x0, uint8 frames)."""
+    if side is None:
+        frames = to_uint8(decoder.decode_chunk(x0))
+        return lambda: (x0, frames)
+    main = torch.cuda.current_stream(x0.device)
+    side.wait_stream(main)  # x0 is written by the main stream
+    with torch.cuda.stream(side):
+        frames = to_uint8(decoder.decode_chunk(x0))
+        done = side.record_event()
+    x0.record_stream(side)  # the allocator must not hand x0's memory to main while side reads it
+
+    def finish() -> tuple[torch.Tensor, torch.Tensor]:
+        done.synchronize()
+        frames.record_stream(main)  # the caller uses the frames on the main stream
+        return x0, frames
+
+    return finish
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -175,9 +175,15 @@ class WanVAE(nn.Module):
     is frozen: encoding and decoding run without gradients.
     """
 
-    def __init__(self, model: AutoencoderKLWan) -> None:
+    def __init__(self, model: AutoencoderKLWan, frames_per_call: int = 1) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+        if not isinstance(frames_per_call, int) or frames_per_call < 1:
+            raise SelfForcingError(f"frames_per_call must be a positive integer, got {frames_per_call!r}")
+        # Latent frames per decoder call when streaming. 1 is diffusers' and the released
+        # code's frame-by-frame decode; more gives each conv several frames at once (fewer,
+        # larger kernels), the same video to float rounding (WanStreamDecoder).
+        self.frames_per_call = frames_per_call
         cfg = model.config
         self.latent_channels = cfg.z_dim
         # Derived from the architecture rather than the `scale_factor_*` config
@@ -255,6 +261,11 @@ class WanStreamDecoder:
     cache at the start of each ``decode`` call. Here the cache lives on this
     object, so it survives between chunks, and two stream decoders over the same
     VAE do not interfere. Chunks must share batch size and spatial size.
+
+    With ``vae.frames_per_call`` > 1 a decoder call takes up to that many latent
+    frames: every causal conv sees the same frames either way (its cache holds the
+    frames before the call), so only the video's first latent frame, which the
+    temporal upsamplers treat apart (no upsampling, ``first_chunk``), goes alone.
     """
 
     def __init__(self, vae: WanVAE) -> None:
@@ -275,16 +286,17 @@ class WanStreamDecoder:
         model = self._vae.model
         z = self._vae.denormalize(latents.to(model.device)).to(model.dtype)
         x = model.post_quant_conv(z)  # 1x1x1 conv: no temporal context, safe per chunk
-        frames = []
-        for i in range(x.shape[2]):
-            frames.append(
-                model.decoder(
-                    x[:, :, i : i + 1],
-                    feat_cache=self._feat_cache,
-                    feat_idx=[0],  # the decoder walks its convs in order, indexing the cache
-                    first_chunk=first_chunk and i == 0,
-                )
+        first, rest = (x[:, :, :1], x[:, :, 1:]) if first_chunk else (x[:, :, :0], x)
+        calls = [part for part in (first, *rest.split(self._vae.frames_per_call, dim=2)) if part.shape[2]]
+        frames = [
+            model.decoder(
+                part,
+                feat_cache=self._feat_cache,
+                feat_idx=[0],  # the decoder walks its convs in order, indexing the cache
+                first_chunk=first_chunk and i == 0,
             )
+            for i, part in enumerate(calls)
+        ]
         video = torch.cat(frames, dim=2)
         if model.config.patch_size is not None:
             from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
