@@ -8,8 +8,8 @@ skips stages whose model or evaluation already exists (re-running resumes the ta
 evaluates every (method, seed) at the training length and at the extrapolation length
 (rolling KV cache), and writes ``table.md``, ``summary.json``, per-frame plots and sample
 strips. With ``jobs`` > 1 independent stages (another seed, another row, an evaluation) run
-side by side in worker processes, the threads split between them: on 2 cores two 1-thread
-trainings do 1.15x the work of one 2-thread training (docs/RESULTS.md).
+side by side in worker processes, the threads split between them (on 2 cores, two 1-thread
+stages do about 7 % more work than one 2-thread stage: docs/RESULTS.md, Table 2's v5 run).
 """
 
 from __future__ import annotations
