@@ -19,6 +19,7 @@ import argparse
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -60,10 +61,20 @@ VAE_VARIANTS = {"as loaded": (False, False, False), "cudnn.benchmark": (True, Fa
                 "cudnn.benchmark + a chunk per call": (True, False, True)}
 
 
+@contextmanager
+def cudnn_benchmark(variant: str):
+    """cuDNN's algorithm timing as ``variant`` says, for the block only (it is global)."""
+    was, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, VAE_VARIANTS[variant][0]
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 def wan_vae(device: torch.device, variant: str, frames_per_chunk: int):
-    """The random-weight Wan VAE set up as ``variant`` says (cudnn.benchmark is global: set here)."""
+    """The random-weight Wan VAE with the weights and calls ``variant`` says (see cudnn_benchmark)."""
     vae = random_wan_vae(device)
-    torch.backends.cudnn.benchmark, channels_last, chunk_per_call = VAE_VARIANTS[variant]
+    _, channels_last, chunk_per_call = VAE_VARIANTS[variant]
     if channels_last:
         for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
@@ -77,12 +88,13 @@ def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: i
     latents = torch.randn(1, vae.latent_channels, latent_frames, size.height // vae.spatial_ratio,
                           size.width // vae.spatial_ratio, device=device, dtype=torch.bfloat16)
     times = []
-    for _ in range(3):
-        decoder, start = vae.stream_decoder(), time.perf_counter()
-        for chunk in latents.split(frames_per_chunk, dim=2):
-            decoder.decode_chunk(chunk)
-        torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    with cudnn_benchmark(variant):
+        for _ in range(3):
+            decoder, start = vae.stream_decoder(), time.perf_counter()
+            for chunk in latents.split(frames_per_chunk, dim=2):
+                decoder.decode_chunk(chunk)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
     return num_video_frames(vae, latent_frames) / min(times[1:])
 
 
@@ -165,7 +177,8 @@ def main() -> int:
                 for overlap, suffix in ((False, ""), (True, ", decode beside")):
                     vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, decoder_vae, pipe.sampling,
                                                  engine=pipe.engine, overlap_decode=overlap)
-                    timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
+                    with cudnn_benchmark(decode_variant[n]):
+                        timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
                     with_decode[suffix] = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
                     del vae_pipe
             for suffix, vae in with_decode.items():

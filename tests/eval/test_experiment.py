@@ -165,5 +165,9 @@ def test_stages_run_side_by_side_give_the_table_of_one_job(tmp_path):
                                                                         rel=1e-4), result
     assert len(list((tmp_path / "two" / "micro" / "eval").rglob("results.json"))) == 2 * 3 * 2  # rows x seeds x lengths
     assert "(2 jobs: stage times overlap)" in (tmp_path / "two" / "micro" / "table.md").read_text()
-    with pytest.raises(SelfForcingError, match="jobs must be at least 1"):
+    with pytest.raises(SelfForcingError, match="--jobs must be at least 1"):
         Runner(Plan.load(path), "micro", root=tmp_path, jobs=0)
+    plan["presets"]["micro"]["jobs"] = "two"
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(SelfForcingError, match="preset micro: jobs must be a positive integer, got 'two'"):
+        Runner(Plan.load(path), "micro", root=tmp_path)

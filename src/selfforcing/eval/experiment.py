@@ -96,7 +96,7 @@ class Plan:
             raise SelfForcingError(f"unknown preset {name!r}; the plan has {', '.join(self.presets)}")
         try:
             return Preset(**self.presets[name])
-        except TypeError as e:
+        except (TypeError, SelfForcingError) as e:
             raise SelfForcingError(f"preset {name}: {e}") from None
 
 
@@ -105,7 +105,7 @@ class Runner:
         self.plan, self.preset = plan, plan.preset(preset_name)
         self.jobs = self.preset.jobs if jobs is None else jobs
         if self.jobs < 1:
-            raise SelfForcingError(f"jobs must be at least 1, got {self.jobs}")
+            raise SelfForcingError(f"--jobs must be at least 1, got {self.jobs}")
         self.shared = {**plan.shared, **self.preset.shared}
         for name, spec in self.shared.items():
             _teacher_sampling(spec.get("sampler"))  # a bad sampler fails before hours of training
