@@ -62,6 +62,17 @@ def test_overlapped_decode_hands_over_the_same_chunks_in_order(pipe):
     assert overlapped.stats.frames == 12
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_beside_the_dit_on_a_side_cuda_stream_gives_the_same_frames():
+    plain = toy_pipeline()
+    plain.model.to("cuda")
+    overlapped = StreamingPipeline(plain.model, plain.text_encoder, plain.vae, plain.sampling, overlap_decode=True)
+    chunks = list(overlapped.stream("a red circle", num_frames=12, seed=3))
+    for a, b in zip(chunks, plain.stream("a red circle", num_frames=12, seed=3), strict=True):
+        assert a.frames.device.type == "cpu" and torch.equal(a.frames, b.frames) and torch.equal(a.latents, b.latents)
+
+
 def test_seeds_batches_and_prompts(pipe):
     a = pipe.generate("a red circle", 6, seed=1)
     assert torch.equal(a, pipe.generate("a red circle", 6, seed=1))

@@ -399,28 +399,35 @@ class StreamingPipeline:
 
 def _decode_beside(decoder, x0: torch.Tensor, side: torch.cuda.Stream | None):
     """Queue the decode of ``x0`` on the ``side`` CUDA stream (None: decode now); returns the
-    call that waits for it and gives (x0, uint8 frames)."""
+    call that waits for it and gives (x0, uint8 frames on the host)."""
     if side is None:
         frames = to_uint8(decoder.decode_chunk(x0))
         return lambda: (x0, frames)
-    main = torch.cuda.current_stream(x0.device)
-    side.wait_stream(main)  # x0 is written by the main stream
+    side.wait_stream(torch.cuda.current_stream(x0.device))  # x0 is written by the main stream
     with torch.cuda.stream(side):
-        frames = to_uint8(decoder.decode_chunk(x0))
+        on_device = _uint8_frames(decoder.decode_chunk(x0)).contiguous()
+        # The copy to the host is queued on the side stream too: a blocking .cpu() here would
+        # wait for the decode, and one on the main stream for the next chunk's DiT work.
+        frames = torch.empty(on_device.shape, dtype=torch.uint8, pin_memory=True)
+        frames.copy_(on_device, non_blocking=True)
         done = side.record_event()
     x0.record_stream(side)  # the allocator must not hand x0's memory to main while side reads it
 
     def finish() -> tuple[torch.Tensor, torch.Tensor]:
         done.synchronize()
-        frames.record_stream(main)  # the caller uses the frames on the main stream
         return x0, frames
 
     return finish
 
 
+def _uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8, on the video's device."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8 on the host."""
+    return _uint8_frames(video).cpu()
 
 
 def _read_json(path: Path) -> dict:
