@@ -161,7 +161,7 @@ def test_stages_run_side_by_side_give_the_table_of_one_job(tmp_path):
     Runner(Plan.load(path), "micro", root=tmp_path / "two", jobs=2).run()
     for result in (tmp_path / "one" / "micro" / "eval").rglob("results.json"):
         twin = tmp_path / "two" / "micro" / result.relative_to(tmp_path / "one" / "micro")
-        ours, theirs = (json.loads(path.read_text())["scalars"] for path in (twin, result))
+        ours, theirs = (json.loads(file.read_text())["scalars"] for file in (twin, result))
         assert {k for k, v in ours.items() if v is None} == {k for k, v in theirs.items() if v is None}, result
         numbers = [k for k, v in theirs.items() if v is not None]
         assert [ours[k] for k in numbers] == pytest.approx([theirs[k] for k in numbers], rel=1e-4), result

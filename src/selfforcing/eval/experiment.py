@@ -115,8 +115,6 @@ class Runner:
         self.seeds = self.preset.seeds or plan.seeds
         self.methods = self._chosen("methods", self.preset.methods, list(plan.methods))
         self.references = self._chosen("references", self.preset.references, plan.references)
-        self.log: list[str] = []  # stages trained by this invocation, with their wall times
-        self.eval_seconds = 0.0
 
     def _chosen(self, kind: str, chosen: list[str] | None, available: list[str]) -> list[str]:
         if chosen is None:
@@ -257,8 +255,8 @@ class Runner:
         lengths = {"train": ev.get("frames"), "long": ev.get("long_frames")}  # None: not evaluated
         lengths = {length: frames for length, frames in lengths.items() if frames is not None}
         done = run_tasks(self.tasks(methods, lengths, ev), self.jobs)
-        self.log += [line for key, line in done.items() if key[0] == "train" and line]
-        self.eval_seconds += sum(done[key][1] for key in done if key[0] == "eval")
+        trained = [line for key, line in done.items() if key[0] == "train" and line]  # with their wall times
+        eval_seconds = sum(done[key][1] for key in done if key[0] == "eval")
         results: dict[str, dict] = {length: {} for length in lengths}
         samples: dict[str, tuple[Path, dict | None]] = {}  # row -> model and sampler of its strip (first seed)
         for row, stage, per_seed in self.rows(methods):
@@ -274,11 +272,11 @@ class Runner:
             self.write_samples({row: samples[row] for row in by_row}, lengths[length],
                                self.root / "plots" / length / "samples.png")
         jobs = f" ({self.jobs} jobs: stage times overlap)" if self.jobs > 1 else ""
-        log = self.log + [f"evaluation: {self.eval_seconds:.0f} s", f"run: {time.perf_counter() - start:.0f} s{jobs}"]
+        log = trained + [f"evaluation: {eval_seconds:.0f} s", f"run: {time.perf_counter() - start:.0f} s{jobs}"]
         with atomic_path(self.root / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         with atomic_path(self.root / "table.md") as tmp:
-            tmp.write_text(markdown_table(summary, self.seeds, log, trained=bool(self.log)))
+            tmp.write_text(markdown_table(summary, self.seeds, log, trained=bool(trained)))
         return summary
 
     def evaluate(self, model: Path, out: Path, frames: int, seed: int, ev: dict,
