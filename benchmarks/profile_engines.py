@@ -2,8 +2,9 @@
 
 1. ``torch.profiler`` over one 9-frame frame-wise stream of the ``mid`` preset (after a
    warm-up stream), eager and fast engines: the share of self CPU time of the top ops.
-2. The CPU flash SDPA against matmul-softmax-matmul at the shapes of a ``mid`` chunk
-   (6 heads of 64; frame-wise 390 queries over 3900 keys, chunk-wise 1170 over 4680).
+2. The CPU flash SDPA against matmul-softmax-matmul and inductor's compiled FlexAttention at
+   the shapes of a ``mid`` chunk (6 heads of 64; frame-wise 390 queries over 3900 keys,
+   chunk-wise 1170 over 4680).
 
 Run: ``python benchmarks/profile_engines.py`` (figures in docs/PERFORMANCE.md).
 """
@@ -14,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing.bench import random_pipeline
@@ -43,14 +45,17 @@ def milliseconds(fn, repeats: int = 30) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def attention_times(queries: int, keys: int) -> tuple[float, float]:
+def attention_times(queries: int, keys: int) -> tuple[float, float, float]:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 6, n, 64, generator=g) for n in (queries, keys, keys))
+    flex = torch.compile(flex_attention, dynamic=False)
+    torch.testing.assert_close(flex(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
     def matmul_softmax():
         return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * 64**-0.5).softmax(-1), v)
 
-    return milliseconds(lambda: F.scaled_dot_product_attention(q, k, v)), milliseconds(matmul_softmax)
+    return (milliseconds(lambda: F.scaled_dot_product_attention(q, k, v)), milliseconds(matmul_softmax),
+            milliseconds(lambda: flex(q, k, v)))
 
 
 def main() -> None:
@@ -61,10 +66,11 @@ def main() -> None:
         shares = op_shares(engine)
         print(f"| {engine} | " + " | ".join(f"{v:.1f} %" for v in shares.values())
               + f" | {100 - sum(shares.values()):.1f} % |")
-    print("\n| queries x keys | flash SDPA (ms) | matmul-softmax-matmul (ms) | ratio |\n|---|---|---|---|")
+    print("\n| queries x keys | flash SDPA (ms) | matmul-softmax-matmul (ms) | compiled FlexAttention (ms) |\n"
+          "|---|---|---|---|")
     for queries, keys in ((390, 3900), (1170, 4680)):
-        flash, math = attention_times(queries, keys)
-        print(f"| {queries} x {keys} | {flash:.1f} | {math:.1f} | {math / flash:.1f}x |")
+        flash, math, flex = attention_times(queries, keys)
+        print(f"| {queries} x {keys} | {flash:.1f} | {math:.1f} ({math / flash:.1f}x) | {flex:.1f} ({flex / flash:.1f}x) |")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import platform
 import resource
 import shlex
 import statistics
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -93,7 +93,9 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
         raise SelfForcingError(f"no benchmark preset {name!r}; choose toy, mid or wan2.1-1.3b")
     if engine not in ENGINES:
         raise SelfForcingError(f"no engine {engine!r}; choose from {', '.join(ENGINES)}")
-    pipe = StreamingPipeline(model.to(device, dtype), text, vae, sampling, engine=engine.split("+")[0])
+    # The first frame as the live server hands it over: alone, as soon as it is decoded.
+    pipe = StreamingPipeline(model.to(device, dtype), text, vae, sampling, engine=engine.split("+")[0],
+                             early_first_frame=True)
     if engine in ("fast+compile", "fast+graphs"):
         pipe.compile(compile_mode, cuda_graphs=engine == "fast+graphs")
     return pipe
@@ -139,7 +141,10 @@ def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> Stre
 
 
 def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], latent_frames: int,
-              repeats: int, output: Path | None, engines: list[str] = ("fast",)) -> list[BenchResult]:
+              repeats: int, output: Path | None, engines: list[str] = ("fast",),
+              command: Sequence[str] = ("selfforcing", "bench")) -> list[BenchResult]:
+    """Stream every engine at every chunk size; print the table and append it to ``output``,
+    headed by ``command`` (the command line that measured it) and the machine."""
     results = []
     for n in frames_per_chunk:
         if latent_frames % n:
@@ -152,11 +157,7 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
             results.append(BenchResult(preset, engine, n, timing.video_frames, timing.fps, timing.first_frame_s,
                                        timing.warm_up_s, _peak_memory_gib(device)))
             torch._dynamo.reset()  # each compiled engine starts from scratch
-    table = _markdown(results, device, dit_only=preset == "mid")
-    print(table)
-    if output is not None:
-        with open(output, "a") as f:
-            f.write("\n" + table + "\n")
+    _report(_markdown(results, device, command, dit_only=preset == "mid"), output)
     return results
 
 
@@ -177,13 +178,24 @@ def _machine(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _markdown(results: list[BenchResult], device: torch.device, dit_only: bool = False) -> str:
+def _heading(command: Sequence[str], device: torch.device, conditions: str) -> list[str]:
+    """What a table of figures opens with: the command that measured them, the machine and the day."""
+    return [f"Command: `{shlex.join(command)}`  ",
+            f"Machine: {_machine(device)}; {time.strftime('%Y-%m-%d')}; {conditions}", ""]
+
+
+def _report(table: str, output: Path | None) -> None:
+    print(table)
+    if output is not None:
+        with open(output, "a") as f:
+            f.write("\n" + table + "\n")
+
+
+def _markdown(results: list[BenchResult], device: torch.device, command: Sequence[str], dit_only: bool = False) -> str:
     memory = "peak GPU memory (GiB)" if device.type == "cuda" else "process peak RSS so far (GiB)"
     decode = "DiT only (decode excluded, FPS = latent frames/s)" if dit_only else "VAE decode included"
     lines = [
-        f"Command: `{' '.join(shlex.quote(a) for a in ['selfforcing', *sys.argv[1:]])}`  ",
-        f"Machine: {_machine(device)}; {time.strftime('%Y-%m-%d')}; random weights, text encoding excluded, {decode}",
-        "",
+        *_heading(command, device, f"random weights, text encoding excluded, {decode}"),
         f"| preset | engine | frames/chunk | video frames | throughput (FPS) | vs eager | first frame (s) | "
         f"warm-up, 2 chunks (s) | {memory} |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -196,7 +208,8 @@ def _markdown(results: list[BenchResult], device: torch.device, dit_only: bool =
     return "\n".join(lines)
 
 
-def run_train_bench(preset_name: str, device: torch.device, steps: int, output: Path | None) -> dict[str, float]:
+def run_train_bench(preset_name: str, device: torch.device, steps: int, output: Path | None,
+                    command: Sequence[str] = ("selfforcing", "bench", "--training")) -> dict[str, float]:
     """Seconds per training iteration of SF / TF / DF (+ DMD) at an equal config (paper Fig. 6).
 
     Uses a random teacher of the same architecture: iteration time does not depend on weights.
@@ -231,18 +244,12 @@ def run_train_bench(preset_name: str, device: torch.device, steps: int, output: 
             _sync(device)
             results[paradigm] = (time.perf_counter() - start) / steps
     lines = [
-        f"Command: `{' '.join(shlex.quote(a) for a in ['selfforcing', *sys.argv[1:]])}`  ",
-        f"Machine: {_machine(device)}; {time.strftime('%Y-%m-%d')}; toy preset, batch 2, 12 latent frames, "
-        "chunk 3, generator + critic (DMD) update every iteration",
-        "",
+        *_heading(command, device, "toy preset, batch 2, 12 latent frames, chunk 3, generator + critic (DMD) "
+                  "update every iteration"),
         "| paradigm (+ DMD) | seconds / iteration | relative to Self Forcing |",
         "|---|---|---|",
     ]
     for name, sec in results.items():
         lines.append(f"| {name} | {sec:.3f} | {sec / results['self_forcing']:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    if output is not None:
-        with open(output, "a") as f:
-            f.write("\n" + table + "\n")
+    _report("\n".join(lines), output)
     return results

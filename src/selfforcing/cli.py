@@ -157,17 +157,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not is_loopback(args.host):
             print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
                   file=sys.stderr)
-        serve(_load_pipeline(args, args.model or DEFAULT_MODEL), sock, options=options)
+        pipe = _load_pipeline(args, args.model or DEFAULT_MODEL)
+        pipe.early_first_frame = True  # a live viewer sees the first frame after one latent frame's decode
+        serve(pipe, sock, options=options)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from selfforcing.bench import run_bench, run_train_bench
 
     if args.training:
-        run_train_bench(args.preset, _device(args.device), args.repeats, args.append)
+        run_train_bench(args.preset, _device(args.device), args.repeats, args.append, args.command_line)
         return
     run_bench(preset=args.preset, device=_device(args.device), frames_per_chunk=args.frames_per_chunk,
-              latent_frames=args.latent_frames, repeats=args.repeats, output=args.append, engines=args.engines)
+              latent_frames=args.latent_frames, repeats=args.repeats, output=args.append, engines=args.engines,
+              command=args.command_line)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -556,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     with _sigterm_as_interrupt():
         try:
             args = build_parser().parse_args(argv)
+            args.command_line = ["selfforcing", *(sys.argv[1:] if argv is None else argv)]  # for reports
             debug = getattr(args, "debug", False)
             args.func(args)
         except SelfForcingError as e:

@@ -220,9 +220,14 @@ def test_checkpoint_with_wrong_keys_names_them(toy_dir, tmp_path, capsys):
     assert "proj_out.bias" in err and "blocks.0.surprise.weight" in err and not out.exists()
 
 
-def test_generate_from_diffusers_wan_directory(tmp_path):
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return write_tiny_diffusers_wan_pipeline(tmp_path_factory.mktemp("wan"))
+
+
+def test_generate_from_diffusers_wan_directory(wan_dir, tmp_path):
     """The full-size code path (UMT5 + Wan VAE with streaming decode + Wan DiT) on tiny random parts."""
-    root = write_tiny_diffusers_wan_pipeline(tmp_path / "wan")
+    root = wan_dir
     pipe = StreamingPipeline.from_pretrained(root)
     pipe.sampling = replace(pipe.sampling, height=32, width=32, kv_cache_frames=6)
     video = pipe.generate("a red fox", 1 + 4 * 8)  # 9 latent frames -> 33 video frames
@@ -234,6 +239,24 @@ def test_generate_from_diffusers_wan_directory(tmp_path):
                    "-o", out, "--quiet", "--text-encoder-device", "cpu") == 0
     assert read_mp4(out).shape == (9, 32, 32, 3)
     assert run_cli("generate", "a red fox", "--model", root, "-o", out, "--text-encoder-device", "tpu9") == 2
+
+
+@pytest.mark.parametrize("overlap_decode", [False, True])
+def test_early_first_frame_hands_over_the_first_video_frame_alone(wan_dir, overlap_decode):
+    """Behind the Wan VAE (4x in time) the first chunk of 3 latent frames is 9 video frames; with
+    ``early_first_frame`` its first frame comes first, alone, then the other 8: the same video."""
+    pipe = StreamingPipeline.from_pretrained(wan_dir)
+    pipe.sampling = replace(pipe.sampling, height=32, width=32, kv_cache_frames=6)
+    plain = list(pipe.stream("a red fox", 1 + 4 * 5, seed=4))
+    early = StreamingPipeline(pipe.model, pipe.text_encoder, pipe.vae, pipe.sampling,
+                              overlap_decode=overlap_decode, early_first_frame=True)
+    chunks = list(early.stream("a red fox", 1 + 4 * 5, seed=4))
+    assert [(c.index, c.start_frame, c.frames.shape[1], c.latents.shape[2]) for c in chunks] == [
+        (0, 0, 1, 1), (1, 1, 8, 2), (2, 9, 12, 3)]
+    assert [(c.start_frame, c.frames.shape[1]) for c in plain] == [(0, 9), (9, 12)]
+    assert torch.equal(torch.cat([c.frames for c in chunks], 1), torch.cat([c.frames for c in plain], 1))
+    assert torch.equal(torch.cat([c.latents for c in chunks], 2), torch.cat([c.latents for c in plain], 2))
+    assert early.stats.frames == 21
 
 
 def test_generate_uses_the_shipped_default_model(tmp_path, capsys):

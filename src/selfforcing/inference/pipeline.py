@@ -101,7 +101,7 @@ class StreamStats:
 
 @dataclass
 class VideoChunk:
-    index: int  # chunk number in the stream
+    index: int  # piece number in the stream: a chunk, or with early_first_frame the first chunk in two
     start_frame: int  # index of its first video frame
     frames: torch.Tensor  # (B, T, H, W, 3) uint8
     latents: torch.Tensor  # (B, C, n, h, w)
@@ -117,13 +117,19 @@ class StreamingPipeline:
 
     ``overlap_decode`` (CUDA) decodes each chunk on a side stream while the main stream goes
     on with the next chunk's cache fill and denoising, so the VAE and the DiT share the GPU
-    instead of taking turns; each chunk is then handed over once the next one is queued."""
+    instead of taking turns; each chunk is then handed over once the next one is queued.
+
+    ``early_first_frame`` hands over the video's first latent frame as a chunk of its own, as
+    soon as it is decoded, and the rest of the first chunk after it: the time to the first
+    frame then counts one latent frame's decode, not a chunk's. It costs nothing extra (the
+    Wan VAE decodes that frame apart anyway: its temporal upsamplers treat it alone) and the
+    video is the same; only the first chunk comes in two pieces."""
 
     def __init__(self, model: CausalWanModel, text_encoder: TextEncoder, vae: VideoVAE, sampling: SamplingConfig,
-                 engine: str = "fast", overlap_decode: bool = False):
+                 engine: str = "fast", overlap_decode: bool = False, early_first_frame: bool = False):
         if engine not in ENGINES:
             raise SelfForcingError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-        self.engine, self.overlap_decode = engine, overlap_decode
+        self.engine, self.overlap_decode, self.early_first_frame = engine, overlap_decode, early_first_frame
         if text_encoder.dim != model.config.text_dim:
             raise SelfForcingError(
                 f"text encoder width {text_encoder.dim} does not match the model's text_dim {model.config.text_dim}"
@@ -345,6 +351,8 @@ class StreamingPipeline:
         """(x0, uint8 frames) of every chunk, decoded in order. With ``overlap_decode`` a chunk
         is handed over after the next chunk's DiT work is queued (asking ``chunks`` for the next
         chunk queues it: the fast engine has no host syncs), its decode running beside it."""
+        if self.early_first_frame:
+            chunks = _first_frame_apart(chunks)
         if not self.overlap_decode:
             for x0 in chunks:
                 yield x0, to_uint8(decoder.decode_chunk(x0))
@@ -395,6 +403,16 @@ class StreamingPipeline:
         x0 = euler_sample_cfg(lambda x, t, cond: self.model(x, t, text if cond else negative), noise,
                               self.schedule, steps, guidance_scale)
         return to_uint8(self.vae.decode(x0))
+
+
+def _first_frame_apart(chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The chunks, the first split into its first latent frame and the rest (``early_first_frame``)."""
+    for index, x0 in enumerate(chunks):
+        if index == 0 and x0.shape[2] > 1:
+            yield x0[:, :, :1]
+            yield x0[:, :, 1:]
+        else:
+            yield x0
 
 
 def _decode_beside(decoder, x0: torch.Tensor, side: torch.cuda.Stream | None):

@@ -1,0 +1,52 @@
+"""`selfforcing bench` and the prepared GPU check, run on the CPU at the toy shape: the tables
+they print and write, and their refusals. (Figures are not asserted: speed belongs to docs.)"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfforcing.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of a markdown table's body rows (header and rule left out)."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows[2:]]
+
+
+def test_bench_compares_engines_and_appends_its_table(tmp_path, capsys):
+    out = tmp_path / "PERF.md"
+    out.write_text("# earlier figures\n")
+    assert main(["bench", "--preset", "toy", "--engines", "eager", "fast", "--frames-per-chunk", "3",
+                 "--latent-frames", "6", "--repeats", "1", "--append", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# earlier figures\n") and "Command: `selfforcing bench --preset toy" in text
+    rows = table_rows(text)
+    assert [row[:4] for row in rows] == [["toy", "eager", "3", "6"], ["toy", "fast", "3", "6"]]
+    assert rows[0][5] == "1.00x" and all(float(row[4]) > 0 and float(row[6]) > 0 for row in rows)
+    assert table_rows(capsys.readouterr().out) == rows
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "no benchmark preset 'huge'"),
+    (["--latent-frames", "7", "--frames-per-chunk", "3"], "not a multiple of frames per chunk 3"),
+])
+def test_bench_refuses_bad_arguments_by_name(args, message, capsys):
+    assert main(["bench", "--repeats", "1", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_check_dry_runs_on_the_cpu():
+    """The device check's one command must work when a device session starts: its CPU dry run
+    at the toy shape checks the engines against eager and prints a row per engine and chunk size."""
+    run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--preset", "toy",
+                          "--engines", "eager", "fast", "--latent-frames", "6", "--frames-per-chunk", "3", "1",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = table_rows(run.stdout)
+    assert [row[:2] for row in rows] == [["eager", "3"], ["fast", "3"], ["eager", "1"], ["fast", "1"]]
+    assert all(float(row[4]) > 0 and float(row[8]) < 1e-5 for row in rows)  # DiT FPS; latents vs eager
