@@ -9,6 +9,7 @@
    first-frame latency with the VAE decode in its fastest setting, decoding after the DiT
    and (a second row) beside it on a side stream (``overlap_decode``); the first frame is
    handed over alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does).
+3. While the time budget lasts, the VAE decode alone once more, its decoder compiled.
 
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
 weight values. Rows that would not finish inside the time budget are skipped and say so.
@@ -83,9 +84,13 @@ def wan_vae(device: torch.device, variant: str, frames_per_chunk: int):
     return vae
 
 
-def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int, variant: str) -> float:
-    """The Wan VAE alone, decoding random latents chunk by chunk as a stream does (video frames/s)."""
+def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int, variant: str,
+                   compiled: bool = False) -> float:
+    """The Wan VAE alone, decoding random latents chunk by chunk as a stream does (video frames/s);
+    ``compiled``: its decoder compiled by inductor (the first, untimed stream compiles)."""
     vae, size = wan_vae(device, variant, frames_per_chunk), SamplingConfig()
+    if compiled:
+        vae.compile_decoder()
     latents = torch.randn(1, vae.latent_channels, latent_frames, size.height // vae.spatial_ratio,
                           size.width // vae.spatial_ratio, device=device, dtype=torch.bfloat16)
     times = []
@@ -113,6 +118,24 @@ def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
     return best
 
 
+def compiled_decode(device: torch.device, args, start: float, best: dict[int, str]) -> None:
+    """Last, while the budget lasts: the VAE alone in its fastest variant with the decoder
+    compiled (one graph per call shape and cache state; minutes of compiling on first use)."""
+    print("\nWan VAE decode alone, decoder compiled (video frames/s):\n\n| frames/chunk | variant | "
+          "compiled | row time (s) |\n|---|---|---|---|", flush=True)
+    for n in args.frames_per_chunk:
+        if time.perf_counter() - start > args.budget_s:
+            print(f"| {n} | {best[n]} | skipped: over the {args.budget_s:.0f} s budget | |", flush=True)
+            continue
+        row_start = time.perf_counter()
+        try:
+            fps = f"{vae_decode_fps(device, args.latent_frames, n, best[n], compiled=True):.1f}"
+        except Exception as error:  # a compile failure must not lose the rows measured before it
+            fps = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        torch._dynamo.reset()
+        print(f"| {n} | {best[n]} | {fps} | {time.perf_counter() - row_start:.0f} |", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=420, help="skip rows once this much time has passed")
@@ -127,6 +150,8 @@ def main() -> int:
                         help="the FPS-with-VAE-decode columns for no engine, the last one of each chunk size, or all; "
                              "the decode runs in the fastest variant of the VAE-alone table, after the DiT and, in "
                              "a second row, beside it (overlap_decode)")
+    parser.add_argument("--no-vae-compile", dest="vae_compile", action="store_false",
+                        help="skip the last table: the VAE decode alone with its decoder compiled")
     args = parser.parse_args()
     device, start = torch.device(args.device), time.perf_counter()
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -188,6 +213,8 @@ def main() -> int:
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if with_vae and args.vae_compile:
+        compiled_decode(device, args, start, decode_variant)
     print(f"\n{time.perf_counter() - start:.0f} s in all")
     for failure in failures:
         print(f"MISMATCH: {failure}", file=sys.stderr)

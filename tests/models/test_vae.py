@@ -175,6 +175,30 @@ def test_wan22_style_stream_decode_equals_one_shot(latents):
         assert (stream(WanVAE(model, frames_per_call=3), latents, sizes) - one_shot).abs().max() <= 1e-5
 
 
+def test_compiled_wan_decoder_streams_the_same_video_and_stops_compiling(wan_dir):
+    """One graph per call shape and cache state (chunks of 3: the first frame, the first chunk's
+    other 2, then two more states before the caches settle), none after; the same frames.
+    ``aot_eager`` traces and checks what inductor would compile, without its code generation."""
+    from torch._dynamo.utils import counters
+
+    vae = WanVAE(WanVAE.from_pretrained(wan_dir).model, frames_per_call=3)
+    latents = torch.randn(1, 4, 15, 2, 2, generator=torch.Generator().manual_seed(2))
+    expected = vae.decode(latents)
+    torch._dynamo.reset()
+    counters.clear()
+    vae.compile_decoder(backend="aot_eager", fullgraph=True)
+    graphs = []
+    for _ in range(2):
+        decoder, frames = vae.stream_decoder(), []
+        for chunk in latents.split(3, dim=2):
+            frames.append(decoder.decode_chunk(chunk))
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert (torch.cat(frames, dim=2) - expected).abs().max() <= 1e-5
+    assert graphs == [2, 3, 4, 4, 4] + [4] * 5  # the second stream reuses them all
+    assert set(vae.state_dict()) == set(WanVAE.from_pretrained(wan_dir).state_dict())
+    torch._dynamo.reset()
+
+
 def test_wan_stream_decoders_do_not_interfere(wan, latents):
     first, second = wan.stream_decoder(), wan.stream_decoder()
     other = torch.randn_like(latents)

@@ -221,6 +221,13 @@ class WanVAE(nn.Module):
             raise SelfForcingError(f"could not load the Wan VAE from {path}: {error}") from error
         return cls(model).to(device=device)
 
+    def compile_decoder(self, **options: Any) -> None:
+        """Compile the decoder in place (``torch.compile``: fuses the norms, activations and
+        cache joins around its convolutions; ``options`` go to it). A stream compiles one graph
+        per call shape and feature-cache state, four for chunks of three latent frames, and no
+        more as it goes on; the state dict keeps its keys."""
+        self.model.decoder.compile(dynamic=False, **options)
+
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> model-space latents."""
         return (z - self.latents_mean) / self.latents_std
