@@ -112,9 +112,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.height or args.width:
         pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
                                 width=args.width or pipe.sampling.width)
-    num_frames = args.frames or pipe.video_frames(21)
-    pipe.latent_frames(num_frames)  # validate before creating any output
     initial = None if video is None else pipe.encode_video(torch.from_numpy(video)[None])
+    prefix = 0 if initial is None else initial.shape[2]
+    num_frames = args.frames or pipe.video_frames(21, prefix)
+    pipe.latent_frames(num_frames, prefix)  # validate before creating any output
     frames = []
     with mp4_writer(args.output, pipe.sampling.fps) as writer, tqdm(
         total=num_frames, unit="frame", desc="generating", disable=args.quiet
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     g.add_argument("--strip", type=Path, default=None, metavar="PNG",
                    help="also write every frame side by side into this image (the whole clip at a glance)")
-    g.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: 21 latent frames)")
+    g.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: 21 latent frames; with --extend, the new frames)")
     g.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     g.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
     g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")

@@ -11,6 +11,7 @@ from factories import write_tiny_diffusers_wan_pipeline
 from selfforcing.cli import main
 from selfforcing.errors import SelfForcingError
 from selfforcing.inference import SamplingConfig, StreamingPipeline
+from selfforcing.inference.pipeline import to_uint8
 from selfforcing.inference.video import read_mp4
 from selfforcing.models import CausalWanModel, WanConfig, preset
 from selfforcing.models.text_encoders import HashTextEncoder
@@ -257,6 +258,25 @@ def test_early_first_frame_hands_over_the_first_video_frame_alone(wan_dir, overl
     assert torch.equal(torch.cat([c.frames for c in chunks], 1), torch.cat([c.frames for c in plain], 1))
     assert torch.equal(torch.cat([c.latents for c in chunks], 2), torch.cat([c.latents for c in plain], 2))
     assert early.stats.frames == 21
+
+
+def test_extension_decodes_as_the_rest_of_one_video(wan_dir):
+    """Behind the Wan VAE a continuation's latent frames decode with the video they continue
+    in the decoder's causal caches: 4 video frames each, the tail of one decode of the whole."""
+    pipe = StreamingPipeline.from_pretrained(wan_dir)
+    pipe.sampling = replace(pipe.sampling, height=32, width=32, kv_cache_frames=6)
+    prefix = torch.cat([c.latents for c in pipe.stream("a red fox", 1 + 4 * 2, seed=5)], dim=2)
+    chunks = list(pipe.stream("a red fox", 4 * 3, seed=6, initial_latents=prefix))
+    assert [(c.start_frame, c.frames.shape[1]) for c in chunks] == [(0, 12)]
+    whole = pipe.vae.decode(torch.cat([prefix, chunks[0].latents], dim=2))
+    assert whole.shape[2] == 1 + 4 * 2 + 12
+    assert torch.equal(chunks[0].frames, to_uint8(whole[:, :, -12:]))
+    assert pipe.video_frames(3, prefix=3) == 12 and pipe.latent_frames(12, prefix=3) == 3
+    with pytest.raises(SelfForcingError, match="continues a video 4 frames per latent frame; 13 is not"):
+        pipe.latent_frames(13, prefix=3)
+    early = StreamingPipeline(pipe.model, pipe.text_encoder, pipe.vae, pipe.sampling, early_first_frame=True)
+    again = list(early.stream("a red fox", 4 * 3, seed=6, initial_latents=prefix))
+    assert len(again) == 1 and torch.equal(again[0].frames, chunks[0].frames)  # no first frame to hand early
 
 
 def test_generate_uses_the_shipped_default_model(tmp_path, capsys):

@@ -225,11 +225,14 @@ class StreamingPipeline:
         if not isinstance(num_frames, int) or num_frames <= 0:
             raise SelfForcingError(f"number of frames must be a positive integer, got {num_frames!r}")
         r, n = self.vae.temporal_ratio, self.sampling.frames_per_chunk
-        if r > 1 and (num_frames - 1) % r:
+        if r > 1 and prefix and num_frames % r:
+            raise SelfForcingError(f"this VAE continues a video {r} frames per latent frame; {num_frames} is not "
+                                   f"a multiple of {r}")
+        if r > 1 and not prefix and (num_frames - 1) % r:
             raise SelfForcingError(f"this VAE makes 1 + {r}k video frames; {num_frames} is not of that form")
-        latent = num_frames if r == 1 else (num_frames - 1) // r + 1
+        latent = num_frames if r == 1 else num_frames // r if prefix else (num_frames - 1) // r + 1
         if latent % n:
-            valid = [self.video_frames(k * n) for k in (max(1, latent // n), latent // n + 1)]
+            valid = [self.video_frames(k * n, prefix) for k in (max(1, latent // n), latent // n + 1)]
             raise SelfForcingError(
                 f"{num_frames} frames is {latent} latent frames, not a multiple of the chunk size "
                 f"({n} latent frames); try {' or '.join(map(str, sorted(set(valid))))}"
@@ -238,15 +241,18 @@ class StreamingPipeline:
         if self.sampling.rope_positions == "absolute" and prefix + latent > limit:
             raise SelfForcingError(
                 f"{num_frames} frames{' after the video to extend' if prefix else ''} is past this model's limit of "
-                f"{self.video_frames(max(limit - prefix, 0) // n * n)} (its RoPE table holds {limit} latent frames); to "
+                f"{self.video_frames(max(limit - prefix, 0) // n * n, prefix)} (its RoPE table holds {limit} latent frames); to "
                 "go further set \"rope_positions\": \"relative\" in the sampling section of its selfforcing.json: "
                 "the rolling KV cache then renumbers positions, so a stream can run for ever"
             )
         return latent
 
-    def video_frames(self, latent_frames: int) -> int:
+    def video_frames(self, latent_frames: int, prefix: int = 0) -> int:
+        """Video frames of ``latent_frames`` latent frames: a causal VAE decodes a video's first
+        latent frame to one frame and every later one (a continuation's first too, after its
+        ``prefix`` latent frames) to ``temporal_ratio``."""
         r = self.vae.temporal_ratio
-        return latent_frames if r == 1 else 1 + r * (latent_frames - 1)
+        return r * latent_frames if prefix else 1 + r * (latent_frames - 1)
 
     @contextmanager
     def _stream_cache(self, chunk_shape: tuple[int, ...]) -> Iterator[KVCache]:
@@ -307,7 +313,9 @@ class StreamingPipeline:
         """Generate and yield video chunk by chunk; ``num_frames=None`` streams until the caller stops.
 
         ``initial_latents`` (B, C, F0, h, w) continues a given video (extension): those frames
-        only fill the KV cache (see ``encode_video`` to get them from pixels). Pass a
+        fill the KV cache and the decoder's causal caches, and are not yielded; the new frames
+        decode as the rest of one video (``temporal_ratio`` video frames per latent frame; see
+        ``encode_video`` to get the latents from pixels). Pass a
         ``Conditioning`` (from ``encode_prompts``) instead of prompts to switch prompts while
         the stream runs. ``seed`` may be a generator to go on drawing from (one stream's noise
         spread over several calls).
@@ -333,13 +341,17 @@ class StreamingPipeline:
         generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device).manual_seed(seed)
         timesteps = self.schedule.few_step_timesteps(s.denoising_steps).to(device)
         decoder = self.vae.stream_decoder()
+        if initial_latents is not None:
+            # The continuation decodes as the rest of one video: the decoder's causal caches
+            # must hold the video to extend (its frames are not yielded again).
+            decoder.decode_chunk(initial_latents.to(device))
         with self._stream_cache(chunk_shape) as cache:
             chunks = rollout(
                 self.model, conditioning, cache, self.schedule, timesteps, chunk_shape, num_chunks,
                 generator=generator, context_t=s.context_noise,
                 prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
             )
-            for index, (x0, frames) in enumerate(self._decoded(chunks, decoder)):
+            for index, (x0, frames) in enumerate(self._decoded(chunks, decoder, video_start=not prefix_frames)):
                 now = time.perf_counter()
                 if stats.first_frame_s is None:
                     stats.first_frame_s = now - start
@@ -347,11 +359,13 @@ class StreamingPipeline:
                 stats.frames += frames.shape[1]
                 stats.elapsed_s = time.perf_counter() - start
 
-    def _decoded(self, chunks: Iterator[torch.Tensor], decoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x0, uint8 frames) of every chunk, decoded in order. With ``overlap_decode`` a chunk
-        is handed over after the next chunk's DiT work is queued (asking ``chunks`` for the next
-        chunk queues it: the fast engine has no host syncs), its decode running beside it."""
-        if self.early_first_frame:
+    def _decoded(self, chunks: Iterator[torch.Tensor], decoder,
+                 video_start: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x0, uint8 frames) of every chunk, decoded in order (``video_start``: the chunks begin
+        the video, no continuation). With ``overlap_decode`` a chunk is handed over after the
+        next chunk's DiT work is queued (asking ``chunks`` for the next chunk queues it: the
+        fast engine has no host syncs), its decode running beside it."""
+        if self.early_first_frame and video_start:
             chunks = _first_frame_apart(chunks)
         if not self.overlap_decode:
             for x0 in chunks:
