@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     g.add_argument("--strip", type=Path, default=None, metavar="PNG",
                    help="also write every frame side by side into this image (the whole clip at a glance)")
-    g.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: 21 latent frames; with --extend, the new frames)")
+    g.add_argument("--frames", type=_positive_int, default=None,
+                   help="video frames (default: 21 latent frames); with --extend, the frames added")
     g.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     g.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
     g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")

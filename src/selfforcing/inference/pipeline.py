@@ -225,12 +225,17 @@ class StreamingPipeline:
         if not isinstance(num_frames, int) or num_frames <= 0:
             raise SelfForcingError(f"number of frames must be a positive integer, got {num_frames!r}")
         r, n = self.vae.temporal_ratio, self.sampling.frames_per_chunk
-        if r > 1 and prefix and num_frames % r:
-            raise SelfForcingError(f"this VAE continues a video {r} frames per latent frame; {num_frames} is not "
-                                   f"a multiple of {r}")
-        if r > 1 and not prefix and (num_frames - 1) % r:
-            raise SelfForcingError(f"this VAE makes 1 + {r}k video frames; {num_frames} is not of that form")
-        latent = num_frames if r == 1 else num_frames // r if prefix else (num_frames - 1) // r + 1
+        if r == 1:
+            latent = num_frames
+        elif prefix:  # a continuation: r video frames from each latent frame (see video_frames)
+            if num_frames % r:
+                raise SelfForcingError(f"this VAE continues a video {r} frames per latent frame; {num_frames} is "
+                                       f"not a multiple of {r}")
+            latent = num_frames // r
+        else:
+            if (num_frames - 1) % r:
+                raise SelfForcingError(f"this VAE makes 1 + {r}k video frames; {num_frames} is not of that form")
+            latent = (num_frames - 1) // r + 1
         if latent % n:
             valid = [self.video_frames(k * n, prefix) for k in (max(1, latent // n), latent // n + 1)]
             raise SelfForcingError(
