@@ -3,7 +3,9 @@
 # weights, bf16. Asserts the fast engine, compiled and as CUDA graphs, matches the eager loop,
 # then prints the speed table for docs/PERFORMANCE.md. Needs only the machine's torch and
 # this repository (no install, nothing downloaded); a diffusers wheel carried in .whl/ adds
-# the VAE-decode column.
+# the VAE-decode column (fetch it beforehand where PyPI is reachable, e.g.
+# `pip download --no-deps -d .whl "diffusers==$(pip show diffusers | sed -n 's/^Version: //p')"`;
+# git ignores .whl/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
