@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import threading
 import time
 import urllib.request
@@ -338,6 +339,20 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
     assert "--max-streams" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_hands_the_first_frame_over_early(monkeypatch):
+    """The live page shows the first frame as soon as it is decoded, not after its whole chunk."""
+    from selfforcing.cli import main
+    from selfforcing.inference import server
+
+    served = []
+    monkeypatch.setattr(server, "serve", lambda pipe, sock, options: served.append(pipe))
+    with socket.socket() as probe:  # a port free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["serve", "--port", str(port)]) == 0
+    assert served[0].early_first_frame
 
 
 def test_a_stream_whose_event_loop_is_gone_stops_quietly():
