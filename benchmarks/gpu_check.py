@@ -11,6 +11,9 @@
    handed over alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does).
 3. While the time budget lasts, the VAE decode alone once more, its decoder compiled.
 
+Between the VAE table and the engines, each SDPA backend (flash, memory-efficient, cuDNN)
+alone times the stream's largest self-attention, chunk-wise and frame-wise.
+
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
 weight values. Rows that would not finish inside the time budget are skipped and say so.
 """
@@ -118,6 +121,53 @@ def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
     return best
 
 
+def attention_backends(device: torch.device, args) -> None:
+    """Each SDPA backend alone at the stream's largest self-attention, the last chunk's (its
+    queries over the whole cache and itself), chunk-wise and frame-wise: which exact kernel is
+    fastest here (attention is most of a frame-wise forward's work)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pipe = random_pipeline(args.preset, 1, device, "eager", dit_only=True)
+    c, s = pipe.model.config, pipe.sampling
+    ratio = pipe.vae.spatial_ratio * c.patch_size[1]
+    tokens = (s.height // ratio) * (s.width // ratio)
+    dtype = pipe.model.proj_out.weight.dtype
+    del pipe
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cuDNN": SDPBackend.CUDNN_ATTENTION}
+    print(f"SDPA backends alone, the last chunk's self-attention ({c.num_attention_heads} heads of "
+          f"{c.attention_head_dim}; ms, TFLOP/s):\n\n| frames/chunk | queries x keys | " + " | ".join(backends)
+          + " |\n|---|---|" + "---|" * len(backends), flush=True)
+    for n in args.frames_per_chunk:
+        queries, keys = n * tokens, min(s.kv_cache_frames + n, args.latent_frames) * tokens
+        q = torch.randn(1, c.num_attention_heads, queries, c.attention_head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(1, c.num_attention_heads, keys, c.attention_head_dim, device=device, dtype=dtype)
+                for _ in range(2))
+        flops = 4 * queries * keys * c.num_attention_heads * c.attention_head_dim
+        cells = []
+        for backend in backends.values():
+            try:
+                with sdpa_kernel(backend):
+                    seconds = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
+                cells.append(f"{seconds * 1e3:.2f} ({flops / seconds / 1e12:.3g})")
+            except RuntimeError:  # a backend this device, dtype or shape does not have
+                cells.append("n/a")
+        print(f"| {n} | {queries} x {keys} | " + " | ".join(cells) + " |", flush=True)
+    print(flush=True)
+
+
+def _seconds(fn, device: torch.device, repeats: int = 10) -> float:
+    """Mean wall time of ``fn`` after a warm-up call, waiting for the device."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
 def compiled_decode(device: torch.device, args, start: float, best: dict[int, str]) -> None:
     """Last, while the budget lasts: the VAE alone in its fastest variant with the decoder
     compiled (one graph per call shape and cache state; minutes of compiling on first use)."""
@@ -169,6 +219,7 @@ def main() -> int:
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
           f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
     decode_variant = fastest_decode(device, args, start) if with_vae else {}
+    attention_backends(device, args)
     if engines:
         print(HEADER, flush=True)
     failures = []

@@ -12,10 +12,17 @@ from selfforcing.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def table_rows(text: str) -> list[list[str]]:
-    """The cells of a markdown table's body rows (header and rule left out)."""
-    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in row] for row in rows[2:]]
+def tables(text: str) -> list[list[list[str]]]:
+    """The cells of the body rows (header and rule left out) of every markdown table in ``text``."""
+    found, lines = [], text.splitlines() + [""]
+    start = None
+    for i, line in enumerate(lines):
+        if line.startswith("|") and start is None:
+            start = i
+        elif not line.startswith("|") and start is not None:
+            found.append([[cell.strip() for cell in row.strip("|").split("|")] for row in lines[start + 2:i]])
+            start = None
+    return found
 
 
 def test_bench_compares_engines_and_appends_its_table(tmp_path, capsys):
@@ -25,10 +32,10 @@ def test_bench_compares_engines_and_appends_its_table(tmp_path, capsys):
                  "--latent-frames", "6", "--repeats", "1", "--append", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# earlier figures\n") and "Command: `selfforcing bench --preset toy" in text
-    rows = table_rows(text)
+    [rows] = tables(text)
     assert [row[:4] for row in rows] == [["toy", "eager", "3", "6"], ["toy", "fast", "3", "6"]]
     assert rows[0][5] == "1.00x" and all(float(row[4]) > 0 and float(row[6]) > 0 for row in rows)
-    assert table_rows(capsys.readouterr().out) == rows
+    assert tables(capsys.readouterr().out) == [rows]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -47,6 +54,8 @@ def test_gpu_check_dry_runs_on_the_cpu():
                           "--engines", "eager", "fast", "--latent-frames", "6", "--frames-per-chunk", "3", "1",
                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    rows = table_rows(run.stdout)
-    assert [row[:2] for row in rows] == [["eager", "3"], ["fast", "3"], ["eager", "1"], ["fast", "1"]]
-    assert all(float(row[4]) > 0 and float(row[8]) < 1e-5 for row in rows)  # DiT FPS; latents vs eager
+    attention, engines = tables(run.stdout)
+    assert [row[:2] for row in attention] == [["3", "192 x 384"], ["1", "64 x 384"]]  # 64 tokens a frame
+    assert all(float(row[2].split()[0]) > 0 for row in attention)  # the CPU has the flash backend
+    assert [row[:2] for row in engines] == [["eager", "3"], ["fast", "3"], ["eager", "1"], ["fast", "1"]]
+    assert all(float(row[4]) > 0 and float(row[8]) < 1e-5 for row in engines)  # DiT FPS; latents vs eager
