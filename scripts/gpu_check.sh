@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one H100/H200, under 8 minutes): Wan2.1-T2V-1.3B shape, random
+# The prepared GPU check (one H100/H200; no row starts after --budget-s, 420 s by default, so
+# it ends a row's length after that): Wan2.1-T2V-1.3B shape, random
 # weights, bf16. Asserts the fast engine, compiled and as CUDA graphs, matches the eager loop,
 # then prints the speed table for docs/PERFORMANCE.md. Needs only the machine's torch and
 # this repository (no install, nothing downloaded); a diffusers wheel carried in .whl/ adds
