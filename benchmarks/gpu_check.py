@@ -2,17 +2,17 @@
 
 1. Equivalence: the fast engine, compiled and captured as CUDA graphs, must give the eager
    reference loop's latents within bf16 tolerance (chunk-wise and frame-wise).
-2. Speed: first the Wan VAE decode alone in each setting (``VAE_VARIANTS``, when diffusers
-   is installed), then a markdown table per engine (eager, fast, fast compiled, fast + CUDA
-   graphs) and chunk size, printed row by row as they finish: DiT-only FPS, first-frame
-   latency, DiT model-FLOPs utilisation, peak memory and, for the last engine, FPS and
-   first-frame latency with the VAE decode in its fastest setting, decoding after the DiT
-   and (a second row) beside it on a side stream (``overlap_decode``); the first frame is
-   handed over alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does).
-3. While the time budget lasts, the VAE decode alone once more, its decoder compiled.
-
-Between the VAE table and the engines, each SDPA backend (flash, memory-efficient, cuDNN)
-alone times the stream's largest self-attention, chunk-wise and frame-wise.
+2. Speed, in this order:
+   - the Wan VAE decode alone in each setting (``VAE_VARIANTS``, when diffusers is installed);
+   - each SDPA backend (flash, memory-efficient, cuDNN) alone at the stream's largest
+     self-attention, chunk-wise and frame-wise;
+   - a markdown table per engine (eager, fast, fast compiled, fast + CUDA graphs) and chunk
+     size, printed row by row as they finish: DiT-only FPS, first-frame latency, DiT
+     model-FLOPs utilisation, peak memory and, for the last engine, FPS and first-frame
+     latency with the VAE decode in its fastest setting, decoding after the DiT and (a second
+     row) beside it on a side stream (``overlap_decode``); the first frame is handed over
+     alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does);
+   - while the time budget lasts, the VAE decode alone once more, its decoder compiled.
 
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
 weight values. Rows that would not finish inside the time budget are skipped and say so.
