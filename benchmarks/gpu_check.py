@@ -127,12 +127,13 @@ def attention_backends(device: torch.device, args) -> None:
     fastest here (attention is most of a frame-wise forward's work)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    pipe = random_pipeline(args.preset, 1, device, "eager", dit_only=True)
+    meta = torch.device("meta")
+    with meta:  # only the preset's shapes: no weights drawn, nothing moved to the device
+        pipe = random_pipeline(args.preset, 1, meta, "eager", dit_only=True)
     c, s = pipe.model.config, pipe.sampling
     ratio = pipe.vae.spatial_ratio * c.patch_size[1]
     tokens = (s.height // ratio) * (s.width // ratio)
-    dtype = pipe.model.proj_out.weight.dtype
-    del pipe
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as random_pipeline builds the model
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cuDNN": SDPBackend.CUDNN_ATTENTION}
     print(f"SDPA backends alone, the last chunk's self-attention ({c.num_attention_heads} heads of "
