@@ -5,22 +5,25 @@
 2. Speed, in this order:
    - the Wan VAE decode alone in each setting (``VAE_VARIANTS``, when diffusers is installed);
    - each SDPA backend (flash, memory-efficient, cuDNN) alone at the stream's largest
-     self-attention, chunk-wise and frame-wise;
+     self-attention, chunk-wise and frame-wise, on contiguous tensors and in the engine's layout;
    - a markdown table per engine (eager, fast, fast compiled, fast + CUDA graphs) and chunk
      size, printed row by row as they finish: DiT-only FPS, first-frame latency, DiT
      model-FLOPs utilisation, peak memory and, for the last engine, FPS and first-frame
      latency with the VAE decode in its fastest setting, decoding after the DiT and (a second
      row) beside it on a side stream (``overlap_decode``); the first frame is handed over
-     alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does);
+     alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does); with
+     ``--attention-backend`` the fast engines put that SDPA kernel first (eager keeps torch's order);
    - while the time budget lasts, the VAE decode alone once more, its decoder compiled.
 
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
-weight values. Rows that would not finish inside the time budget are skipped and say so.
+weight values. Rows that would not finish inside the time budget are skipped and say so; one
+still running 30 s past it gets every thread's stack printed (stderr), to show where it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import shlex
 import sys
 import time
@@ -31,6 +34,7 @@ import torch
 from selfforcing.bench import bench_one, random_pipeline, random_wan_vae
 from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import num_video_frames
+from selfforcing.models.wan import ATTENTION_BACKENDS
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 ENGINES = {"eager": "eager", "fast": "fast", "fast compiled": "fast+compile", "fast + CUDA graphs": "fast+graphs"}
@@ -108,7 +112,10 @@ def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: i
 
 
 def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
-    """Time the VAE alone in every variant, print the table; the fastest variant per chunk size."""
+    """Time the VAE alone in every variant, print the table; the fastest variant per chunk size
+    (or ``--vae-variant`` for every chunk size, untimed)."""
+    if args.vae_variant is not None:
+        return dict.fromkeys(args.frames_per_chunk, args.vae_variant)
     print("Wan VAE decode alone (video frames/s):\n\n| frames/chunk | " + " | ".join(VAE_VARIANTS)
           + " |\n|---|" + "---|" * len(VAE_VARIANTS), flush=True)
     best = {}
@@ -123,8 +130,9 @@ def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
 
 def attention_backends(device: torch.device, args) -> None:
     """Each SDPA backend alone at the stream's largest self-attention, the last chunk's (its
-    queries over the whole cache and itself), chunk-wise and frame-wise: which exact kernel is
-    fastest here (attention is most of a frame-wise forward's work)."""
+    queries over the whole cache and itself), chunk-wise and frame-wise, on contiguous tensors
+    and in the engine's own layout: which exact kernel is fastest here (attention is most of a
+    frame-wise forward's work), and whether it needs its inputs laid out otherwise."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     meta = torch.device("meta")
@@ -137,23 +145,33 @@ def attention_backends(device: torch.device, args) -> None:
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cuDNN": SDPBackend.CUDNN_ATTENTION}
     print(f"SDPA backends alone, the last chunk's self-attention ({c.num_attention_heads} heads of "
-          f"{c.attention_head_dim}; ms, TFLOP/s):\n\n| frames/chunk | queries x keys | " + " | ".join(backends)
-          + " |\n|---|---|" + "---|" * len(backends), flush=True)
+          f"{c.attention_head_dim}; ms, TFLOP/s), on contiguous (B, heads, tokens, dim) tensors and as the fast "
+          "engine lays them out (views of (B, tokens, heads, dim) buffers; K/V the prefix of the cache's):\n\n"
+          "| frames/chunk | queries x keys | layout | " + " | ".join(backends)
+          + " |\n|---|---|---|" + "---|" * len(backends), flush=True)
+    heads, head_dim = c.num_attention_heads, c.attention_head_dim
     for n in args.frames_per_chunk:
         queries, keys = n * tokens, min(s.kv_cache_frames + n, args.latent_frames) * tokens
-        q = torch.randn(1, c.num_attention_heads, queries, c.attention_head_dim, device=device, dtype=dtype)
-        k, v = (torch.randn(1, c.num_attention_heads, keys, c.attention_head_dim, device=device, dtype=dtype)
-                for _ in range(2))
-        flops = 4 * queries * keys * c.num_attention_heads * c.attention_head_dim
-        cells = []
-        for backend in backends.values():
-            try:
-                with sdpa_kernel(backend):
-                    seconds = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
-                cells.append(f"{seconds * 1e3:.2f} ({flops / seconds / 1e12:.3g})")
-            except RuntimeError:  # a backend this device, dtype or shape does not have
-                cells.append("n/a")
-        print(f"| {n} | {queries} x {keys} | " + " | ".join(cells) + " |", flush=True)
+        slots = (s.kv_cache_frames + n + 1) * tokens  # StaticKVCache: ring, scratch chunk, one spare frame
+
+        def engine_layout(rows: int, buffer_rows: int) -> torch.Tensor:
+            return torch.randn(1, buffer_rows, heads, head_dim, device=device, dtype=dtype)[:, :rows].transpose(1, 2)
+
+        layouts = {"contiguous": [torch.randn(1, heads, rows, head_dim, device=device, dtype=dtype)
+                                  for rows in (queries, keys, keys)],
+                   "engine's": [engine_layout(queries, queries), engine_layout(keys, slots),
+                                engine_layout(keys, slots)]}
+        flops = 4 * queries * keys * heads * head_dim
+        for layout, (q, k, v) in layouts.items():
+            cells = []
+            for backend in backends.values():
+                try:
+                    with sdpa_kernel(backend):
+                        seconds = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
+                    cells.append(f"{seconds * 1e3:.2f} ({flops / seconds / 1e12:.3g})")
+                except RuntimeError:  # a backend this device, dtype or shape does not have
+                    cells.append("n/a")
+            print(f"| {n} | {queries} x {keys} | {layout} | " + " | ".join(cells) + " |", flush=True)
     print(flush=True)
 
 
@@ -201,10 +219,18 @@ def main() -> int:
                         help="the FPS-with-VAE-decode columns for no engine, the last one of each chunk size, or all; "
                              "the decode runs in the fastest variant of the VAE-alone table, after the DiT and, in "
                              "a second row, beside it (overlap_decode)")
+    parser.add_argument("--vae-variant", choices=VAE_VARIANTS, default=None,
+                        help="decode in this setting and skip timing the VAE alone in each")
+    parser.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default=None,
+                        help="the SDPA kernel the fast engines put first (default: torch's order); the eager "
+                             "reference keeps torch's order")
     parser.add_argument("--no-vae-compile", dest="vae_compile", action="store_false",
                         help="skip the last table: the VAE decode alone with its decoder compiled")
     args = parser.parse_args()
     device, start = torch.device(args.device), time.perf_counter()
+    # A row still running well past the budget may be stuck: every thread's stack goes to stderr
+    # then (and again each such interval), so a call cut off at its time limit shows where it was.
+    faulthandler.dump_traceback_later(args.budget_s + 30, repeat=True)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
         return 1
@@ -237,12 +263,15 @@ def main() -> int:
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            pipe = random_pipeline(args.preset, n, device, ENGINES[label], dit_only=True)
+            backend = None if label == "eager" else args.attention_backend
+            pipe = random_pipeline(args.preset, n, device, ENGINES[label], dit_only=True, attention_backend=backend)
             fps, first, _, _, latents = bench_one(pipe, args.latent_frames, args.repeats)
             seconds = pipe.video_frames(args.latent_frames) / fps
             mfu = dit_flops(pipe, args.latent_frames) / seconds / peak
-            if reference is None:
+            if label == "eager":
                 reference, error = latents, 0.0
+            elif reference is None:
+                error = float("nan")  # no eager row to compare with
             else:
                 error = ((latents - reference).norm() / reference.norm()).item()
                 if not error < 2e-2:
@@ -261,13 +290,15 @@ def main() -> int:
                     del vae_pipe
             for suffix, vae in with_decode.items():
                 print(f"| {label}{suffix} | {n} {vae} {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | "
-                      f"{error:.2e} | {time.perf_counter() - row_start:.0f} |", flush=True)
+                      f"{'n/a' if error != error else f'{error:.2e}'} | {time.perf_counter() - row_start:.0f} |",
+                      flush=True)
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if with_vae and args.vae_compile:
         compiled_decode(device, args, start, decode_variant)
     print(f"\n{time.perf_counter() - start:.0f} s in all")
+    faulthandler.cancel_dump_traceback_later()
     for failure in failures:
         print(f"MISMATCH: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -55,7 +55,8 @@ def test_gpu_check_dry_runs_on_the_cpu():
                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     attention, engines = tables(run.stdout)
-    assert [row[:2] for row in attention] == [["3", "192 x 384"], ["1", "64 x 384"]]  # 64 tokens a frame
-    assert all(float(row[2].split()[0]) > 0 for row in attention)  # the CPU has the flash backend
+    assert [row[:3] for row in attention] == [["3", "192 x 384", "contiguous"], ["3", "192 x 384", "engine's"],
+                                              ["1", "64 x 384", "contiguous"], ["1", "64 x 384", "engine's"]]
+    assert all(float(row[3].split()[0]) > 0 for row in attention)  # the CPU has the flash backend
     assert [row[:2] for row in engines] == [["eager", "3"], ["fast", "3"], ["eager", "1"], ["fast", "1"]]
     assert all(float(row[4]) > 0 and float(row[8]) < 1e-5 for row in engines)  # DiT FPS; latents vs eager

@@ -184,6 +184,8 @@ CASES = {
     "generate-unknown-flag": (G + ["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     "generate-graphs-uncompiled": (G + ["--cuda-graphs"], "--cuda-graphs replays the compiled step: pass --compile"),
     "generate-graphs-on-cpu": (G + ["--compile", "--cuda-graphs"], "CUDA graphs need a CUDA device"),
+    "generate-attention-backend-unknown": (G + ["--attention-backend", "sage"],
+                                           "argument --attention-backend: invalid choice: 'sage'"),
     "generate-empty-prompt": (["generate", " ", "-o", "{out}/out.mp4"], "prompt 0 is empty"),
     # generate: output
     "generate-output-avi": (["generate", PROMPT, "-o", "{out}/out.avi"], "output must be an .mp4 file"),

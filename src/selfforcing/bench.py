@@ -73,7 +73,8 @@ def random_wan_vae(device: torch.device) -> WanVAE:
 
 
 def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",
-                    dit_only: bool = False, compile_mode: str | None = "default-for-device") -> StreamingPipeline:
+                    dit_only: bool = False, compile_mode: str | None = "default-for-device",
+                    attention_backend: str | None = None) -> StreamingPipeline:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if name == "toy":
@@ -96,6 +97,7 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
     # The first frame as the live server hands it over: alone, as soon as it is decoded.
     pipe = StreamingPipeline(model.to(device, dtype), text, vae, sampling, engine=engine.split("+")[0],
                              early_first_frame=True)
+    pipe.model.set_attention_backend(attention_backend)
     if engine in ("fast+compile", "fast+graphs"):
         pipe.compile(compile_mode, cuda_graphs=engine == "fast+graphs")
     return pipe
@@ -142,7 +144,8 @@ def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> Stre
 
 def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], latent_frames: int,
               repeats: int, output: Path | None, engines: list[str] = ("fast",),
-              command: Sequence[str] = ("selfforcing", "bench")) -> list[BenchResult]:
+              command: Sequence[str] = ("selfforcing", "bench"),
+              attention_backend: str | None = None) -> list[BenchResult]:
     """Stream every engine at every chunk size; print the table and append it to ``output``,
     headed by ``command`` (the command line that measured it) and the machine."""
     results = []
@@ -150,7 +153,7 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
         if latent_frames % n:
             raise SelfForcingError(f"--latent-frames {latent_frames} is not a multiple of frames per chunk {n}")
         for engine in engines:
-            pipe = random_pipeline(preset, n, device, engine)
+            pipe = random_pipeline(preset, n, device, engine, attention_backend=attention_backend)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timing = bench_one(pipe, latent_frames, repeats)

@@ -3,6 +3,8 @@ eager reference loop, and its compiled step: one graph, never recompiled."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -82,6 +84,44 @@ def test_fast_engine_equals_the_eager_loop_when_extending_a_video():
     assert_same(latents(pipes["eager"], 12, prefix=prefix, batch=1), latents(pipes["fast"], 12, prefix=prefix, batch=1))
 
 
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_a_preferred_attention_kernel_is_first_whenever_attention_runs(engine, monkeypatch):
+    """``set_attention_backend`` puts its kernel first in torch's SDPA priority order (torch's
+    own order puts flash first and cuDNN after math) for every attention of a stream, and
+    only there; the stream is the one torch's order gives (here on the CPU, which has one
+    fused kernel)."""
+    import selfforcing.models.wan as wan
+    from torch.nn.attention import SDPBackend
+
+    pipe = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")[engine]
+    default_order = torch._C._get_sdp_priority_order()
+    expected = latents(pipe, 12)
+    first_kernels, sdpa = [], wan.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        first_kernels.append(torch._C._get_sdp_priority_order()[0])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(wan.F, "scaled_dot_product_attention", spy)
+    pipe.model.set_attention_backend("cudnn")
+    assert_same(expected, latents(pipe, 12))
+    assert first_kernels and set(first_kernels) == {int(SDPBackend.CUDNN_ATTENTION)}
+    assert torch._C._get_sdp_priority_order() == default_order
+
+
+def test_the_attention_backend_is_named_and_set_before_compiling():
+    from selfforcing.cli import ATTENTION_BACKEND_NAMES
+    from selfforcing.models.wan import ATTENTION_BACKENDS
+
+    assert ATTENTION_BACKEND_NAMES == tuple(ATTENTION_BACKENDS)
+    pipe = pipelines(tiny_model())["fast"]
+    with pytest.raises(SelfForcingError, match="attention backend must be one of flash, efficient, cudnn, math"):
+        pipe.model.set_attention_backend("sage")
+    pipe.compile()
+    with pytest.raises(SelfForcingError, match="before compile_step"):
+        pipe.model.set_attention_backend("cudnn")
+
+
 def test_generate_and_serve_stream_with_the_fast_engine():
     from selfforcing.cli import DEFAULT_MODEL
 
@@ -153,12 +193,15 @@ def test_cuda_graphs_need_a_cuda_device():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_match_the_eager_loop_in_bf16():
+@pytest.mark.parametrize("attention_backend", [None, "cudnn"])
+def test_cuda_graphs_match_the_eager_loop_in_bf16(attention_backend):
     model = tiny_model().to("cuda", torch.bfloat16)
-    pipes = pipelines(model, sink_frames=1, rope_positions="relative")
-    pipes["fast"].compile(cuda_graphs=True)
-    eager, fast = latents(pipes["eager"], 24).float(), latents(pipes["fast"], 24).float()
-    assert (fast - eager).norm() / eager.norm() < 2e-2
+    eager = pipelines(model, sink_frames=1, rope_positions="relative")["eager"]  # torch's kernel order
+    fast = pipelines(copy.deepcopy(model), sink_frames=1, rope_positions="relative")["fast"]
+    fast.model.set_attention_backend(attention_backend)
+    fast.compile(cuda_graphs=True)
+    reference, out = latents(eager, 24).float(), latents(fast, 24).float()
+    assert (out - reference).norm() / reference.norm() < 2e-2
 
 
 def test_a_finished_or_dropped_stream_leaves_its_cache_to_the_next_one():

@@ -341,8 +341,9 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_serve_hands_the_first_frame_over_early(monkeypatch):
-    """The live page shows the first frame as soon as it is decoded, not after its whole chunk."""
+def test_serve_hands_the_first_frame_over_early_with_the_kernel_asked_for(monkeypatch):
+    """The live page shows the first frame as soon as it is decoded, not after its whole chunk;
+    --attention-backend reaches the model."""
     from selfforcing.cli import main
     from selfforcing.inference import server
 
@@ -351,8 +352,8 @@ def test_serve_hands_the_first_frame_over_early(monkeypatch):
     with socket.socket() as probe:  # a port free a moment ago
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    assert main(["serve", "--port", str(port)]) == 0
-    assert served[0].early_first_frame
+    assert main(["serve", "--port", str(port), "--attention-backend", "cudnn"]) == 0
+    assert served[0].early_first_frame and served[0].model.attention_backend == "cudnn"
 
 
 def test_a_stream_whose_event_loop_is_gone_stops_quietly():

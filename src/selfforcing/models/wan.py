@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from selfforcing.errors import SelfForcingError
@@ -344,6 +346,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+# Exact SDPA kernels a model can put first (``CausalWanModel.set_attention_backend``).
+ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                      "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention on (B, N, H, D) tensors; ``mask`` (Nq, Nk) bool, True = attend."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -519,6 +526,28 @@ class CausalWanModel(nn.Module):
         self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
+        self.attention_backend: str | None = None
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        """Put one exact SDPA kernel first in torch's priority order for this model's forwards
+        (``None``: torch's own order, flash first on an H100). The others stay behind it as
+        fallbacks, for masks, shapes or devices the chosen kernel does not take. On an H100 the
+        cuDNN kernel ran the stream's attention 1.7x faster than flash (docs/PERFORMANCE.md).
+        Set it before ``compile_step``: a compiled step keeps the kernel it was traced with."""
+        if backend is not None and backend not in ATTENTION_BACKENDS:
+            raise SelfForcingError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)} or None, "
+                                   f"got {backend!r}")
+        if getattr(self, "_compiled_steps", None) is not None:
+            raise SelfForcingError("set the attention backend before compile_step(): the compiled step keeps "
+                                   "the kernel it was traced with")
+        self.attention_backend = backend
+
+    def _attention_kernels(self):
+        """The context every forward runs its step in: the chosen SDPA kernel first."""
+        if self.attention_backend is None:
+            return nullcontext()
+        first = ATTENTION_BACKENDS[self.attention_backend]
+        return sdpa_kernel([first, *(b for b in ATTENTION_BACKENDS.values() if b != first)], set_priority=True)
 
     # ---- text ------------------------------------------------------------
     def encode_text(self, context: torch.Tensor) -> TextContext:
@@ -569,7 +598,8 @@ class CausalWanModel(nn.Module):
 
         # Positions and the self-attention mode, then the blocks; the cache records the chunk last.
         sa = self._self_attn_inputs(f, h, w, attention, kv_cache, update_cache)
-        out = self._step(x, self._per_frame(t, B, f, x.device), text, sa)
+        with self._attention_kernels():
+            out = self._step(x, self._per_frame(t, B, f, x.device), text, sa)
         if sa.cache_slots is not None:
             kv_cache.commit(sa.cache_slots)
         return out
@@ -651,7 +681,9 @@ class CausalWanModel(nn.Module):
             step = compiled[1]
             for view in sa.keys + sa.values:
                 torch._dynamo.mark_dynamic(view, 1)  # the prefix grows while the cache fills
-        out = step(x, t, cache.load_text(text, self.blocks), sa)[:, :, :num_frames]
+        text = cache.load_text(text, self.blocks)
+        with self._attention_kernels():
+            out = step(x, t, text, sa)[:, :, :num_frames]
         if update_cache:
             evicted = cache.commit_chunk(slots)
             if evicted and cache.rope_positions == "relative":
