@@ -85,8 +85,7 @@ def wan_vae(device: torch.device, variant: str, frames_per_chunk: int):
     vae = random_wan_vae(device)
     _, channels_last, chunk_per_call = VAE_VARIANTS[variant]
     if channels_last:
-        for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        vae.tune_convs()  # channels-last weights (and cudnn.benchmark while decoding, as the variant has anyway)
     vae.frames_per_call = frames_per_chunk if chunk_per_call else 1
     return vae
 

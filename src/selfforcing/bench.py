@@ -89,6 +89,8 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
         model = CausalWanModel(preset(name))
         text = FixedTextEncoder(model.config.text_dim, 512)
         vae = LatentsOnly(model.config.in_channels, temporal_ratio=4) if dit_only else random_wan_vae(device)
+        if isinstance(vae, WanVAE) and device.type == "cuda":
+            vae.tune_convs()  # as vae_from_config loads it there
         sampling = SamplingConfig(frames_per_chunk=frames_per_chunk)
     else:
         raise SelfForcingError(f"no benchmark preset {name!r}; choose toy, mid or wan2.1-1.3b")

@@ -142,6 +142,24 @@ def test_wan_stream_decode_equals_one_shot(wan, latents, sizes, frames_per_call)
     assert (streamed - one_shot).abs().max() <= 1e-5
 
 
+def test_tuned_wan_convs_stream_the_same_video_with_channels_last_weights(wan_dir, latents):
+    """``tune_convs``: every conv3d weight channels-last, cuDNN's algorithm timing on while
+    (and only while) decoding, the same frames."""
+    vae = WanVAE.from_pretrained(wan_dir)
+    expected = stream(vae, latents, [1, 3, 3])
+    vae.tune_convs()
+    convs = [m for m in vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
+    flags, decoder = [], vae.model.decoder
+    hook = decoder.register_forward_pre_hook(lambda *_: flags.append(torch.backends.cudnn.benchmark))
+    try:
+        assert (stream(vae, latents, [1, 3, 3]) - expected).abs().max() <= 1e-5
+    finally:
+        hook.remove()
+    assert flags and all(flags) and torch.backends.cudnn.benchmark is False
+    assert vae_from_config({"type": "wan"}, wan_dir, device="cpu").tuned_convs is False  # CUDA only
+
+
 @pytest.mark.parametrize("frames_per_call", [0, 1.5])
 def test_wan_rejects_a_bad_frames_per_call(wan, frames_per_call):
     with pytest.raises(SelfForcingError, match="frames_per_call must be a positive integer"):
