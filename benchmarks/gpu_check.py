@@ -13,6 +13,8 @@
      row) beside it on a side stream (``overlap_decode``); the first frame is handed over
      alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does); with
      ``--attention-backend`` the fast engines put that SDPA kernel first (eager keeps torch's order);
+     ``--compile-scope step blocks`` gives each compiled engine a row per scope (the whole step
+     compiled, or one block for all), whose row times show the compile times;
    - while the time budget lasts, the VAE decode alone once more, its decoder compiled.
 
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
@@ -32,7 +34,7 @@ from contextlib import contextmanager
 import torch
 
 from selfforcing.bench import bench_one, random_pipeline, random_wan_vae
-from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
+from selfforcing.inference.pipeline import COMPILE_SCOPES, SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import num_video_frames
 from selfforcing.models.wan import ATTENTION_BACKENDS
 
@@ -223,6 +225,8 @@ def main() -> int:
     parser.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default=None,
                         help="the SDPA kernel the fast engines put first (default: torch's order); the eager "
                              "reference keeps torch's order")
+    parser.add_argument("--compile-scope", nargs="+", choices=COMPILE_SCOPES, default=["step"],
+                        help="what the compiled engines compile, a row each: the whole chunk step, one block for all")
     parser.add_argument("--no-vae-compile", dest="vae_compile", action="store_false",
                         help="skip the last table: the VAE decode alone with its decoder compiled")
     args = parser.parse_args()
@@ -240,7 +244,10 @@ def main() -> int:
         with_vae = args.preset == "wan2.1-1.3b" and device.type == "cuda" and args.vae != "none"
     except ImportError:
         with_vae = False
-    engines = [label for label in ENGINES if label in args.engines]
+    # (row label, engine, compile scope): each compiled engine once per --compile-scope.
+    engines = [(label if scope == "step" else f"{label}, {scope} compiled", ENGINES[label], scope)
+               for label in ENGINES if label in args.engines
+               for scope in (args.compile_scope if ENGINES[label] in ("fast+compile", "fast+graphs") else ["step"])]
     print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
           f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
@@ -251,23 +258,24 @@ def main() -> int:
     failures = []
     for n in args.frames_per_chunk:
         reference = None
-        for label in engines:
+        for label, engine, scope in engines:
             if time.perf_counter() - start > args.budget_s:
                 print(f"| {label} | {n} | skipped: over the {args.budget_s:.0f} s budget |", flush=True)
                 continue
-            if ENGINES[label] == "fast+graphs" and device.type != "cuda":
+            if engine == "fast+graphs" and device.type != "cuda":
                 print(f"| {label} | {n} | n/a: CUDA only |", flush=True)
                 continue
             row_start = time.perf_counter()
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            backend = None if label == "eager" else args.attention_backend
-            pipe = random_pipeline(args.preset, n, device, ENGINES[label], dit_only=True, attention_backend=backend)
+            backend = None if engine == "eager" else args.attention_backend
+            pipe = random_pipeline(args.preset, n, device, engine, dit_only=True, attention_backend=backend,
+                                   compile_scope=scope)
             fps, first, _, _, latents = bench_one(pipe, args.latent_frames, args.repeats)
             seconds = pipe.video_frames(args.latent_frames) / fps
             mfu = dit_flops(pipe, args.latent_frames) / seconds / peak
-            if label == "eager":
+            if engine == "eager":
                 reference, error = latents, 0.0
             elif reference is None:
                 error = float("nan")  # no eager row to compare with
@@ -277,7 +285,7 @@ def main() -> int:
                     failures.append(f"{label}, {n} frames/chunk: relative L2 {error:.3g} vs eager")
             gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             with_decode = {"": "| | |"}
-            if with_vae and (args.vae == "all" or label == engines[-1]):
+            if with_vae and (args.vae == "all" or label == engines[-1][0]):
                 # The same (compiled) transformer, with the VAE decoding each chunk after it, then beside it.
                 decoder_vae = wan_vae(device, decode_variant[n], n)
                 for overlap, suffix in ((False, ""), (True, ", decode beside")):

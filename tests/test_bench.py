@@ -51,12 +51,17 @@ def test_gpu_check_dry_runs_on_the_cpu():
     """The device check's one command must work when a device session starts: its CPU dry run
     at the toy shape checks the engines against eager and prints a row per engine and chunk size."""
     run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--preset", "toy",
-                          "--engines", "eager", "fast", "--latent-frames", "6", "--frames-per-chunk", "3", "1",
-                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--engines", "eager", "fast", "fast + CUDA graphs", "--compile-scope", "step", "blocks",
+                          "--latent-frames", "6", "--frames-per-chunk", "3", "1", "--repeats", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     attention, engines = tables(run.stdout)
     assert [row[:3] for row in attention] == [["3", "192 x 384", "contiguous"], ["3", "192 x 384", "engine's"],
                                               ["1", "64 x 384", "contiguous"], ["1", "64 x 384", "engine's"]]
     assert all(float(row[3].split()[0]) > 0 for row in attention)  # the CPU has the flash backend
-    assert [row[:2] for row in engines] == [["eager", "3"], ["fast", "3"], ["eager", "1"], ["fast", "1"]]
-    assert all(float(row[4]) > 0 and float(row[8]) < 1e-5 for row in engines)  # DiT FPS; latents vs eager
+    graphs = [["fast + CUDA graphs", "n/a: CUDA only"], ["fast + CUDA graphs, blocks compiled", "n/a: CUDA only"]]
+    assert [row[:2] for row in engines] == [["eager", "3"], ["fast", "3"], *[[g[0], "3"] for g in graphs],
+                                            ["eager", "1"], ["fast", "1"], *[[g[0], "1"] for g in graphs]]
+    assert [[row[0], row[2]] for row in engines if len(row) == 3] == graphs * 2  # a row per compile scope
+    measured = [row for row in engines if len(row) > 3]
+    assert all(float(row[4]) > 0 and float(row[8]) < 1e-5 for row in measured)  # DiT FPS; latents vs eager

@@ -184,6 +184,7 @@ CASES = {
     "generate-unknown-flag": (G + ["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     "generate-graphs-uncompiled": (G + ["--cuda-graphs"], "--cuda-graphs replays the compiled step: pass --compile"),
     "generate-graphs-on-cpu": (G + ["--compile", "--cuda-graphs"], "CUDA graphs need a CUDA device"),
+    "generate-scope-uncompiled": (G + ["--compile-scope", "blocks"], "--compile-scope says what --compile compiles"),
     "generate-attention-backend-unknown": (G + ["--attention-backend", "sage"],
                                            "argument --attention-backend: invalid choice: 'sage'"),
     "generate-empty-prompt": (["generate", " ", "-o", "{out}/out.mp4"], "prompt 0 is empty"),

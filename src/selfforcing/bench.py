@@ -74,7 +74,7 @@ def random_wan_vae(device: torch.device) -> WanVAE:
 
 def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",
                     dit_only: bool = False, compile_mode: str | None = "default-for-device",
-                    attention_backend: str | None = None) -> StreamingPipeline:
+                    attention_backend: str | None = None, compile_scope: str = "step") -> StreamingPipeline:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if name == "toy":
@@ -101,7 +101,7 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
                              early_first_frame=True)
     pipe.model.set_attention_backend(attention_backend)
     if engine in ("fast+compile", "fast+graphs"):
-        pipe.compile(compile_mode, cuda_graphs=engine == "fast+graphs")
+        pipe.compile(compile_mode, cuda_graphs=engine == "fast+graphs", scope=compile_scope)
     return pipe
 
 
@@ -147,7 +147,7 @@ def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> Stre
 def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], latent_frames: int,
               repeats: int, output: Path | None, engines: list[str] = ("fast",),
               command: Sequence[str] = ("selfforcing", "bench"),
-              attention_backend: str | None = None) -> list[BenchResult]:
+              attention_backend: str | None = None, compile_scope: str = "step") -> list[BenchResult]:
     """Stream every engine at every chunk size; print the table and append it to ``output``,
     headed by ``command`` (the command line that measured it) and the machine."""
     results = []
@@ -155,7 +155,8 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
         if latent_frames % n:
             raise SelfForcingError(f"--latent-frames {latent_frames} is not a multiple of frames per chunk {n}")
         for engine in engines:
-            pipe = random_pipeline(preset, n, device, engine, attention_backend=attention_backend)
+            pipe = random_pipeline(preset, n, device, engine, attention_backend=attention_backend,
+                                   compile_scope=compile_scope)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timing = bench_one(pipe, latent_frames, repeats)

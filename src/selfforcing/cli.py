@@ -78,6 +78,13 @@ def _add_lora_arguments(parser: argparse.ArgumentParser, unfused: bool = True) -
 
 # models.wan.ATTENTION_BACKENDS, named here so that building the parser imports no torch (a test keeps them equal).
 ATTENTION_BACKEND_NAMES = ("flash", "efficient", "cudnn", "math")
+COMPILE_SCOPE_NAMES = ("step", "blocks")  # inference.pipeline.COMPILE_SCOPES, likewise
+
+
+def _add_compile_scope_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile-scope", choices=COMPILE_SCOPE_NAMES, default=None,
+                        help="what compiling compiles: the whole chunk step (default), or one transformer block "
+                             "for all of them (far less compile time, no fusion across blocks)")
 
 
 def _add_attention_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -97,8 +104,10 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
     pipe.model.set_attention_backend(args.attention_backend)  # before compile(): a compiled step keeps its kernel
     if args.cuda_graphs and not args.compile:
         raise SelfForcingError("--cuda-graphs replays the compiled step: pass --compile too")
+    if args.compile_scope is not None and not args.compile:
+        raise SelfForcingError("--compile-scope says what --compile compiles: pass --compile too")
     if args.compile:
-        pipe.compile(cuda_graphs=args.cuda_graphs)
+        pipe.compile(cuda_graphs=args.cuda_graphs, scope=args.compile_scope or "step")
     return pipe
 
 
@@ -182,7 +191,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return
     run_bench(preset=args.preset, device=_device(args.device), frames_per_chunk=args.frames_per_chunk,
               latent_frames=args.latent_frames, repeats=args.repeats, output=args.append, engines=args.engines,
-              command=args.command_line, attention_backend=args.attention_backend)
+              command=args.command_line, attention_backend=args.attention_backend,
+              compile_scope=args.compile_scope or "step")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -380,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="compile the chunk step; the first chunk pays the compile time")
     g.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: replay the step as CUDA graphs")
+    _add_compile_scope_argument(g)
     _add_attention_backend_argument(g)
     _add_lora_arguments(g)
     g.set_defaults(func=cmd_generate)
@@ -399,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--compile", action="store_true",
                    help="compile the chunk step; the first stream pays the compile time")
     v.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: replay the step as CUDA graphs")
+    _add_compile_scope_argument(v)
     _add_attention_backend_argument(v)
     _add_lora_arguments(v)
     v.set_defaults(func=cmd_serve)
@@ -410,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streaming engines to compare in one run (eager: the reference loop; fast+graphs: CUDA only)")
     b.add_argument("--device", default="cpu")
     _add_attention_backend_argument(b)
+    _add_compile_scope_argument(b)
     b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1])
     b.add_argument("--latent-frames", type=_positive_int, default=21)
     b.add_argument("--repeats", type=_positive_int, default=3)

@@ -4,6 +4,7 @@ eager reference loop, and its compiled step: one graph, never recompiled."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
 from selfforcing.models import CausalWanModel, WanConfig, preset
 from selfforcing.models.graphs import CapturedStep
 from selfforcing.models.kv_cache import StaticKVCache
+from selfforcing.models.wan import _first_chunk_block, _one_block
 from selfforcing.models.vae import PixelCodec
 
 
@@ -109,14 +111,17 @@ def test_a_preferred_attention_kernel_is_first_whenever_attention_runs(engine, m
     assert torch._C._get_sdp_priority_order() == default_order
 
 
-def test_the_attention_backend_is_named_and_set_before_compiling():
-    from selfforcing.cli import ATTENTION_BACKEND_NAMES
+def test_the_attention_backend_and_compile_scope_are_named_and_checked():
+    from selfforcing.cli import ATTENTION_BACKEND_NAMES, COMPILE_SCOPE_NAMES
+    from selfforcing.inference.pipeline import COMPILE_SCOPES
     from selfforcing.models.wan import ATTENTION_BACKENDS
 
-    assert ATTENTION_BACKEND_NAMES == tuple(ATTENTION_BACKENDS)
+    assert ATTENTION_BACKEND_NAMES == tuple(ATTENTION_BACKENDS) and COMPILE_SCOPE_NAMES == COMPILE_SCOPES
     pipe = pipelines(tiny_model())["fast"]
     with pytest.raises(SelfForcingError, match="attention backend must be one of flash, efficient, cudnn, math"):
         pipe.model.set_attention_backend("sage")
+    with pytest.raises(SelfForcingError, match="compile scope must be one of step, blocks, got 'layer'"):
+        pipe.compile(scope="layer")
     pipe.compile()
     with pytest.raises(SelfForcingError, match="before compile_step"):
         pipe.model.set_attention_backend("cudnn")
@@ -130,18 +135,20 @@ def test_generate_and_serve_stream_with_the_fast_engine():
 
 
 @pytest.mark.slow
-def test_the_compiled_step_compiles_once_and_never_recompiles():
+@pytest.mark.parametrize("scope", ["step", "blocks"])
+def test_the_compiled_step_compiles_once_and_never_recompiles(scope):
     """A stream four times the cache length, with sinks and relative positions (every chunk
     after the third evicts and shifts the window), a re-cache switch, a blend switch and a
     partial prefix piece, then a second stream: two graphs (a chunk with an empty cache, every
-    other chunk), each compiled at its first forward and never again."""
+    other chunk), each compiled at its first forward and never again; compiling one block for
+    all (``scope="blocks"``), the same two graphs serve both blocks."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
     fast = pipes["fast"]
-    fast.compile()
+    fast.compile(scope=scope)
     prefix = torch.randn(2, 12, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     out = latents(fast, 24, switch=lambda c, text: c.switch(text, "recache"), prefix=prefix)
     graphs = counters["stats"]["unique_graphs"]
@@ -163,13 +170,17 @@ class ReplayedStep(CapturedStep):
         return lambda: out.copy_(run()), out
 
 
-def test_captured_steps_read_every_input_through_their_static_buffers():
+@pytest.mark.parametrize("scope", ["step", "blocks"])
+def test_captured_steps_read_every_input_through_their_static_buffers(scope):
     """Rolling with sinks and relative positions, a prefix piece, a re-cache and a blend
     switch. A later stream of the same shape reuses the cache buffers, so it replays the
-    captures of the earlier ones (one per attended-prefix length) and captures nothing new."""
+    captures of the earlier ones (one per attended-prefix length) and captures nothing new.
+    ``blocks``: the step as a regional compile runs it, each block on its own layer's inputs."""
     pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
     model = pipes["fast"].model
-    model._compiled_steps = steps = (ReplayedStep(model._first_chunk_step), ReplayedStep(model._step))
+    steps = (model._first_chunk_step, model._step) if scope == "step" else (
+        partial(model._step, run_block=_first_chunk_block), partial(model._step, run_block=_one_block))
+    model._compiled_steps = steps = tuple(ReplayedStep(step) for step in steps)
     prefix = torch.randn(2, 12, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     recache, blend = (lambda c, text: c.switch(text, "recache"),  # noqa: E731
                       lambda c, text: c.switch(text, "blend", blend_chunks=3))

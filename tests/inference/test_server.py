@@ -343,7 +343,7 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
 
 def test_serve_hands_the_first_frame_over_early_with_the_kernel_asked_for(monkeypatch):
     """The live page shows the first frame as soon as it is decoded, not after its whole chunk;
-    --attention-backend reaches the model."""
+    --attention-backend and --compile-scope reach the model."""
     from selfforcing.cli import main
     from selfforcing.inference import server
 
@@ -352,8 +352,10 @@ def test_serve_hands_the_first_frame_over_early_with_the_kernel_asked_for(monkey
     with socket.socket() as probe:  # a port free a moment ago
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    assert main(["serve", "--port", str(port), "--attention-backend", "cudnn"]) == 0
+    assert main(["serve", "--port", str(port), "--attention-backend", "cudnn", "--compile", "--compile-scope",
+                 "blocks"]) == 0
     assert served[0].early_first_frame and served[0].model.attention_backend == "cudnn"
+    assert all("run_block" in step.keywords for step in served[0].model._compiled_steps)  # one block compiled for all
 
 
 def test_a_stream_whose_event_loop_is_gone_stops_quietly():

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -423,6 +423,10 @@ class TextContext:
         for layer, block in enumerate(blocks):
             self.layer_kv(layer, block.attn2)
 
+    def only_layer(self, layer: int) -> "TextContext":
+        """This layer's filled K/V alone, as layer 0 (a block compiled once for all reads it)."""
+        return TextContext(self.text, [self.kv[layer]])
+
 
 @dataclass
 class SelfAttnInputs:
@@ -470,6 +474,10 @@ class StaticAttnInputs:
         values.narrow(1, start, v.shape[1]).copy_(v)
         return attention(q, keys, values, self.mask)
 
+    def only_layer(self, layer: int) -> "StaticAttnInputs":
+        """This layer's cache buffers alone, as layer 0 (a block compiled once for all reads them)."""
+        return replace(self, keys=[self.keys[layer]], values=[self.values[layer]])
+
 
 class WanBlock(nn.Module):
     def __init__(self, cfg: WanConfig):
@@ -510,6 +518,17 @@ def _recompute_guarded(block, tokens, mod, text, sa, layer):
         raise SelfForcingError("the KV cache overwrote frames a checkpointed forward attended before its backward "
                                "ran: train with a cache that holds the whole video (no rolling eviction)")
     return block(tokens, mod, text, sa, layer)
+
+
+def _one_block(block: WanBlock, tokens, mod, text: TextContext, sa: StaticAttnInputs) -> torch.Tensor:
+    """A block on its own layer's inputs (``only_layer``): what a regional compile compiles,
+    one graph for every block (its weights are inputs, not constants)."""
+    return block(tokens, mod, text, sa, 0)
+
+
+def _first_chunk_block(block: WanBlock, tokens, mod, text: TextContext, sa: StaticAttnInputs) -> torch.Tensor:
+    """The same for a chunk with nothing cached, compiled apart (see ``_first_chunk_step``)."""
+    return _one_block(block, tokens, mod, text, sa)
 
 
 # --------------------------------------------------------------------------- the model
@@ -604,9 +623,10 @@ class CausalWanModel(nn.Module):
             kv_cache.commit(sa.cache_slots)
         return out
 
-    def _step(self, x: torch.Tensor, t: torch.Tensor, text: TextContext, sa) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, t: torch.Tensor, text: TextContext, sa, run_block=None) -> torch.Tensor:
         """The part of a forward that only touches tensors (what ``compile_step`` compiles);
-        ``t`` is per frame (B, f)."""
+        ``t`` is per frame (B, f). ``run_block(block, tokens, mod, text, sa)``, when given,
+        runs each block on its own layer's inputs (``compile_step(regional=True)``)."""
         B, _, num_frames, height, width = x.shape
         pt, ph, pw = self.config.patch_size
         f, h, w = num_frames // pt, height // ph, width // pw
@@ -621,6 +641,8 @@ class CausalWanModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(_recompute_guarded, block, tokens, mod, text, sa, layer, use_reentrant=False)
+            elif run_block is not None:
+                tokens = run_block(block, tokens, mod, text.only_layer(layer), sa.only_layer(layer))
             else:
                 tokens = block(tokens, mod, text, sa, layer)
 
@@ -631,15 +653,26 @@ class CausalWanModel(nn.Module):
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, num_frames, height, width)
 
     # ---- the fast engine -------------------------------------------------
-    def compile_step(self, mode: str | None = None, options: dict | None = None, cuda_graphs: bool = False) -> None:
+    def compile_step(self, mode: str | None = None, options: dict | None = None, cuda_graphs: bool = False,
+                     regional: bool = False) -> None:
         """Compile the chunk step of ``StaticKVCache`` forwards: one graph for a chunk with an
         empty cache, one for every other (the attended prefix is its one dynamic size), each
         compiled once (fullgraph) and never again as the cache fills, rolls, switches prompt
         or re-caches. ``options`` go to inductor (they exclude ``mode``). ``cuda_graphs``
         replays the compiled steps as CUDA graphs captured by ``CapturedStep`` (inductor's own
-        ``reduce-overhead`` skips them: the step writes the cache in place)."""
+        ``reduce-overhead`` skips them: the step writes the cache in place).
+
+        ``regional`` compiles one transformer block instead of the whole step: the blocks are
+        alike, so that one graph (two: empty cache, and the rest) serves all of them, each
+        block called with its own weights and its own layer's inputs; the patch embedding,
+        time embedding and head run eagerly. Compiling costs about one block's tracing
+        instead of ``num_layers``, for a little less fusion (none across blocks)."""
         compiled = partial(torch.compile, fullgraph=True, dynamic=False, mode=mode, options=options)
-        steps = (compiled(self._first_chunk_step), compiled(self._step))
+        if regional:
+            steps = (partial(self._step, run_block=compiled(_first_chunk_block)),
+                     partial(self._step, run_block=compiled(_one_block)))
+        else:
+            steps = (compiled(self._first_chunk_step), compiled(self._step))
         self._compiled_steps = tuple(CapturedStep(step) for step in steps) if cuda_graphs else steps
 
     def _first_chunk_step(self, x, t, text, sa) -> torch.Tensor:
