@@ -38,6 +38,15 @@ def test_bench_compares_engines_and_appends_its_table(tmp_path, capsys):
     assert tables(capsys.readouterr().out) == [rows]
 
 
+@pytest.mark.slow
+def test_bench_compiles_once_per_scope_and_labels_the_rows(capsys):
+    assert main(["bench", "--preset", "toy", "--engines", "fast", "fast+compile", "--compile-scope", "step", "blocks",
+                 "--frames-per-chunk", "3", "--latent-frames", "6", "--repeats", "1"]) == 0
+    [rows] = tables(capsys.readouterr().out)
+    assert [row[1] for row in rows] == ["fast", "fast+compile", "fast+compile (blocks)"]
+    assert all(float(row[4]) > 0 for row in rows)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "huge"], "no benchmark preset 'huge'"),
     (["--latent-frames", "7", "--frames-per-chunk", "3"], "not a multiple of frames per chunk 3"),

@@ -147,20 +147,23 @@ def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> Stre
 def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], latent_frames: int,
               repeats: int, output: Path | None, engines: list[str] = ("fast",),
               command: Sequence[str] = ("selfforcing", "bench"),
-              attention_backend: str | None = None, compile_scope: str = "step") -> list[BenchResult]:
-    """Stream every engine at every chunk size; print the table and append it to ``output``,
-    headed by ``command`` (the command line that measured it) and the machine."""
+              attention_backend: str | None = None, compile_scopes: Sequence[str] = ("step",)) -> list[BenchResult]:
+    """Stream every engine at every chunk size (a compiled engine once per compile scope,
+    labelled with it unless it is the whole step); print the table and append it to
+    ``output``, headed by ``command`` (the command line that measured it) and the machine."""
+    runs = [(engine, scope) for engine in engines
+            for scope in (compile_scopes if engine in ("fast+compile", "fast+graphs") else ("step",))]
     results = []
     for n in frames_per_chunk:
         if latent_frames % n:
             raise SelfForcingError(f"--latent-frames {latent_frames} is not a multiple of frames per chunk {n}")
-        for engine in engines:
-            pipe = random_pipeline(preset, n, device, engine, attention_backend=attention_backend,
-                                   compile_scope=compile_scope)
+        for engine, scope in runs:
+            pipe = random_pipeline(preset, n, device, engine, attention_backend=attention_backend, compile_scope=scope)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timing = bench_one(pipe, latent_frames, repeats)
-            results.append(BenchResult(preset, engine, n, timing.video_frames, timing.fps, timing.first_frame_s,
+            label = engine if scope == "step" else f"{engine} ({scope})"
+            results.append(BenchResult(preset, label, n, timing.video_frames, timing.fps, timing.first_frame_s,
                                        timing.warm_up_s, _peak_memory_gib(device)))
             torch._dynamo.reset()  # each compiled engine starts from scratch
     _report(_markdown(results, device, command, dit_only=preset == "mid"), output)

@@ -192,7 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(preset=args.preset, device=_device(args.device), frames_per_chunk=args.frames_per_chunk,
               latent_frames=args.latent_frames, repeats=args.repeats, output=args.append, engines=args.engines,
               command=args.command_line, attention_backend=args.attention_backend,
-              compile_scope=args.compile_scope or "step")
+              compile_scopes=args.compile_scope)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streaming engines to compare in one run (eager: the reference loop; fast+graphs: CUDA only)")
     b.add_argument("--device", default="cpu")
     _add_attention_backend_argument(b)
-    _add_compile_scope_argument(b)
+    b.add_argument("--compile-scope", nargs="+", choices=COMPILE_SCOPE_NAMES, default=["step"],
+                   help="what the compiled engines compile, a row each: the whole chunk step, one block for all")
     b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1])
     b.add_argument("--latent-frames", type=_positive_int, default=21)
     b.add_argument("--repeats", type=_positive_int, default=3)
