@@ -74,7 +74,7 @@ def random_wan_vae(device: torch.device) -> WanVAE:
 
 def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",
                     dit_only: bool = False, compile_mode: str | None = "default-for-device",
-                    attention_backend: str | None = None, compile_scope: str = "step") -> StreamingPipeline:
+                    attention_backend: str | None = None, compile_scope: str = "default-for-device") -> StreamingPipeline:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if name == "toy":
@@ -147,12 +147,13 @@ def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> Stre
 def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], latent_frames: int,
               repeats: int, output: Path | None, engines: list[str] = ("fast",),
               command: Sequence[str] = ("selfforcing", "bench"),
-              attention_backend: str | None = None, compile_scopes: Sequence[str] = ("step",)) -> list[BenchResult]:
+              attention_backend: str | None = None,
+              compile_scopes: Sequence[str] = ("default-for-device",)) -> list[BenchResult]:
     """Stream every engine at every chunk size (a compiled engine once per compile scope,
     labelled with it unless it is the whole step); print the table and append it to
     ``output``, headed by ``command`` (the command line that measured it) and the machine."""
     runs = [(engine, scope) for engine in engines
-            for scope in (compile_scopes if engine in ("fast+compile", "fast+graphs") else ("step",))]
+            for scope in (compile_scopes if engine in ("fast+compile", "fast+graphs") else ("default-for-device",))]
     results = []
     for n in frames_per_chunk:
         if latent_frames % n:
@@ -162,7 +163,7 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timing = bench_one(pipe, latent_frames, repeats)
-            label = engine if scope == "step" else f"{engine} ({scope})"
+            label = engine if pipe.compile_scope in (None, "step") else f"{engine} ({pipe.compile_scope})"
             results.append(BenchResult(preset, label, n, timing.video_frames, timing.fps, timing.first_frame_s,
                                        timing.warm_up_s, _peak_memory_gib(device)))
             torch._dynamo.reset()  # each compiled engine starts from scratch

@@ -123,6 +123,7 @@ def test_the_attention_backend_and_compile_scope_are_named_and_checked():
     with pytest.raises(SelfForcingError, match="compile scope must be one of step, blocks, got 'layer'"):
         pipe.compile(scope="layer")
     pipe.compile()
+    assert pipe.compile_scope == "blocks"  # the CPU's default: as fast as the whole step, far less compiling
     with pytest.raises(SelfForcingError, match="before compile_step"):
         pipe.model.set_attention_backend("cudnn")
 
@@ -205,12 +206,13 @@ def test_cuda_graphs_need_a_cuda_device():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("attention_backend", [None, "cudnn"])
-def test_cuda_graphs_match_the_eager_loop_in_bf16(attention_backend):
+@pytest.mark.parametrize("scope", ["step", "blocks"])
+def test_cuda_graphs_match_the_eager_loop_in_bf16(attention_backend, scope):
     model = tiny_model().to("cuda", torch.bfloat16)
     eager = pipelines(model, sink_frames=1, rope_positions="relative")["eager"]  # torch's kernel order
     fast = pipelines(copy.deepcopy(model), sink_frames=1, rope_positions="relative")["fast"]
     fast.model.set_attention_backend(attention_backend)
-    fast.compile(cuda_graphs=True)
+    fast.compile(cuda_graphs=True, scope=scope)
     reference, out = latents(eager, 24).float(), latents(fast, 24).float()
     assert (out - reference).norm() / reference.norm() < 2e-2
 

@@ -145,6 +145,7 @@ class StreamingPipeline:
         self.sampling = sampling
         self.schedule = FlowMatchSchedule(shift=sampling.timestep_shift)
         self.stats = StreamStats()
+        self.compile_scope: str | None = None  # what compile() compiled: "step", "blocks" (None: not compiled)
         # Caches of finished streams, by stream shape: a later stream reuses their buffers, and
         # so the CUDA graphs captured on them (``compile(cuda_graphs=True)``).
         self._idle_caches: dict[tuple, list[KVCache]] = {}
@@ -283,7 +284,8 @@ class StreamingPipeline:
                                  chunk_frames=s.frames_per_chunk)
         return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions)
 
-    def compile(self, mode: str | None = "default-for-device", cuda_graphs: bool = False, scope: str = "step") -> None:
+    def compile(self, mode: str | None = "default-for-device", cuda_graphs: bool = False,
+                scope: str = "default-for-device") -> None:
         """Compile the fast engine's chunk step (once per chunk size, batch and resolution; the
         first two chunks pay for it). The default for the device: on CUDA, inductor's default
         mode; on the CPU, with the weights frozen into the graph (inductor's ``freezing``:
@@ -291,14 +293,18 @@ class StreamingPipeline:
         weights first. ``cuda_graphs`` (CUDA only) replays the compiled step as captured CUDA
         graphs, one per attended-prefix length. ``scope="blocks"`` compiles one transformer
         block for all of them instead of the whole step (``CausalWanModel.compile_step``,
-        ``regional``): much less compile time, the same graphs count, no fusion across blocks."""
+        ``regional``): the same two graphs, no fusion across blocks, far less compile time;
+        the default on the CPU, where it streamed as fast with 5-10x less compiling
+        (docs/PERFORMANCE.md). On CUDA the default stays the whole step until measured there."""
         if self.engine != "fast":
             raise SelfForcingError("compile() needs the fast engine (engine='fast')")
         if cuda_graphs and self.device.type != "cuda":
             raise SelfForcingError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
+        if scope == "default-for-device":
+            scope = "step" if self.device.type == "cuda" else "blocks"
         if scope not in COMPILE_SCOPES:
             raise SelfForcingError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
-        regional = scope == "blocks"
+        self.compile_scope, regional = scope, scope == "blocks"
         if mode != "default-for-device":
             self.model.compile_step(mode, cuda_graphs=cuda_graphs, regional=regional)
         elif self.device.type == "cuda":
