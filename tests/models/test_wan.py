@@ -252,3 +252,26 @@ def test_hidden_cache_frames_equal_the_restricted_mask(tiny_model):
         tiny_model(x[:, :, c:c + 3], t[:, c:c + 3], text, kv_cache=cache, update_cache=True)
     restricted = tiny_model(x, t, ctx, attention=BlockCausal(3, hide_first_chunk_from_last=True))
     assert (restricted - torch.cat(outs, 2)).abs().max() <= 1e-4
+
+
+def test_the_chosen_attention_kernel_is_first_in_checkpointed_recomputation_too(monkeypatch):
+    """Gradient checkpointing recomputes each block in the backward, outside the forward's
+    context: the recomputation must put the same SDPA kernel first (same numerics)."""
+    import selfforcing.models.wan as wan
+    from torch.nn.attention import SDPBackend
+
+    torch.manual_seed(0)
+    model = randomize_(CausalWanModel(preset("tiny")), std=0.1)
+    model.gradient_checkpointing = True
+    model.set_attention_backend("cudnn")
+    x, context, _ = inputs(batch=1)
+    first_kernels, sdpa = [], wan.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        first_kernels.append(torch._C._get_sdp_priority_order()[0])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(wan.F, "scaled_dot_product_attention", spy)
+    model(x, torch.tensor([500.0]), context).square().mean().backward()
+    # Self- and cross-attention per block, in the forward and again in the backward.
+    assert first_kernels == [int(SDPBackend.CUDNN_ATTENTION)] * 4 * len(model.blocks)

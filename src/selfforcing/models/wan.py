@@ -551,8 +551,9 @@ class CausalWanModel(nn.Module):
         """Put one exact SDPA kernel first in torch's priority order for this model's forwards
         (``None``: torch's own order, flash first on an H100). The others stay behind it as
         fallbacks, for masks, shapes or devices the chosen kernel does not take. On an H100 the
-        cuDNN kernel ran the stream's attention 1.7x faster than flash (docs/PERFORMANCE.md).
-        Set it before ``compile_step``: a compiled step keeps the kernel it was traced with."""
+        cuDNN kernel ran the stream's largest self-attention, timed alone, 1.7x faster than
+        flash (docs/PERFORMANCE.md). Set it before ``compile_step``: a compiled step keeps the
+        kernel it was traced with."""
         if backend is not None and backend not in ATTENTION_BACKENDS:
             raise SelfForcingError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)} or None, "
                                    f"got {backend!r}")
@@ -640,7 +641,8 @@ class CausalWanModel(nn.Module):
         # 3. Transformer blocks (optionally recomputed in backward to save activation memory).
         for layer, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(_recompute_guarded, block, tokens, mod, text, sa, layer, use_reentrant=False)
+                tokens = checkpoint(_recompute_guarded, block, tokens, mod, text, sa, layer, use_reentrant=False,
+                                    context_fn=lambda: (self._attention_kernels(), self._attention_kernels()))
             elif run_block is not None:
                 tokens = run_block(block, tokens, mod, text.only_layer(layer), sa.only_layer(layer))
             else:
