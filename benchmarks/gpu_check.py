@@ -69,7 +69,8 @@ def dit_flops(pipe, latent_frames: int) -> float:
 # name -> (cudnn.benchmark, channels-last conv3d weights, a chunk per decoder call)
 VAE_VARIANTS = {"as loaded": (False, False, False), "cudnn.benchmark": (True, False, False),
                 "cudnn.benchmark + channels_last_3d": (True, True, False),
-                "cudnn.benchmark + a chunk per call": (True, False, True)}
+                "cudnn.benchmark + a chunk per call": (True, False, True),
+                "cudnn.benchmark + channels_last_3d + a chunk per call": (True, True, True)}
 
 
 @contextmanager
