@@ -14,7 +14,8 @@
      alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does); with
      ``--attention-backend`` the fast engines put that SDPA kernel first (eager keeps torch's order);
      ``--compile-scope step blocks`` gives each compiled engine a row per scope (the whole step
-     compiled, or one block for all), whose row times show the compile times;
+     compiled, or one block for all), whose row times show the compile times; ``--profile``
+     adds a table of where each row's time goes (attention, matmuls, convs, the rest);
    - while the time budget lasts, the VAE decode alone once more, its decoder compiled.
 
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import re
 import shlex
 import sys
 import time
@@ -177,6 +179,31 @@ def attention_backends(device: torch.device, args) -> None:
     print(flush=True)
 
 
+# Kernel (GPU) or op (CPU) names by what they compute, for the profile table; first match wins.
+KERNEL_KINDS = {"attention": re.compile(r"flash|fmha|attention|sdpa|softmax", re.I),
+                "matmul": re.compile(r"gemm|cutlass|xmma|nvjet|matmul|addmm|\bmm\b|linear|mkldnn", re.I),
+                "conv": re.compile(r"conv", re.I)}
+
+
+def profile_stream(pipe, latent_frames: int, device: torch.device) -> tuple[dict[str, float], list[str]]:
+    """One more (warm) stream under torch.profiler: each kind's share of the device time (CPU:
+    self CPU time) and the three costliest kernels, to see where the DiT's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in pipe.stream(["profile"], pipe.video_frames(latent_frames)):
+            if cuda:
+                torch.cuda.synchronize(device)
+    timed = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()]
+    timed = sorted(((k, t) for k, t in timed if t > 0), key=lambda kt: -kt[1])
+    total = sum(t for _, t in timed) or 1.0
+    shares = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for key, t in timed:
+        shares[next((kind for kind, pattern in KERNEL_KINDS.items() if pattern.search(key)), "other")] += t / total
+    return shares, [f"{key[:50]} ({100 * t / total:.0f} %)" for key, t in timed[:3]]
+
+
 def _seconds(fn, device: torch.device, repeats: int = 10) -> float:
     """Mean wall time of ``fn`` after a warm-up call, waiting for the device."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
@@ -228,6 +255,8 @@ def main() -> int:
                              "reference keeps torch's order")
     parser.add_argument("--compile-scope", nargs="+", choices=COMPILE_SCOPES, default=["step"],
                         help="what the compiled engines compile, a row each: the whole chunk step, one block for all")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more stream per engine row: attention / matmul / conv / other shares")
     parser.add_argument("--no-vae-compile", dest="vae_compile", action="store_false",
                         help="skip the last table: the VAE decode alone with its decoder compiled")
     args = parser.parse_args()
@@ -256,7 +285,7 @@ def main() -> int:
     attention_backends(device, args)
     if engines:
         print(HEADER, flush=True)
-    failures = []
+    failures, profiles = [], []
     for n in args.frames_per_chunk:
         reference = None
         for label, engine, scope in engines:
@@ -300,9 +329,18 @@ def main() -> int:
                 print(f"| {label}{suffix} | {n} {vae} {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | "
                       f"{'n/a' if error != error else f'{error:.2e}'} | {time.perf_counter() - row_start:.0f} |",
                       flush=True)
+            if args.profile:
+                profiles.append((label, n, *profile_stream(pipe, args.latent_frames, device)))
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if profiles:
+        print(f"\nWhere the DiT's time goes: one more stream per row, profiled (share of the "
+              f"{'GPU kernel' if device.type == 'cuda' else 'self CPU'} time):\n\n| engine | frames/chunk | "
+              + " | ".join(KERNEL_KINDS) + " | other | costliest |\n|---|---|" + "---|" * (len(KERNEL_KINDS) + 2))
+        for label, n, shares, top in profiles:
+            print(f"| {label} | {n} | " + " | ".join(f"{100 * v:.0f} %" for v in shares.values())
+                  + f" | {'; '.join(top)} |", flush=True)
     if with_vae and args.vae_compile:
         compiled_decode(device, args, start, decode_variant)
     print(f"\n{time.perf_counter() - start:.0f} s in all")

@@ -61,10 +61,10 @@ def test_gpu_check_dry_runs_on_the_cpu():
     at the toy shape checks the engines against eager and prints a row per engine and chunk size."""
     run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--preset", "toy",
                           "--engines", "eager", "fast", "fast + CUDA graphs", "--compile-scope", "step", "blocks",
-                          "--latent-frames", "6", "--frames-per-chunk", "3", "1", "--repeats", "1"],
+                          "--latent-frames", "6", "--frames-per-chunk", "3", "1", "--repeats", "1", "--profile"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    attention, engines = tables(run.stdout)
+    attention, engines, profiles = tables(run.stdout)
     assert [row[:3] for row in attention] == [["3", "192 x 384", "contiguous"], ["3", "192 x 384", "engine's"],
                                               ["1", "64 x 384", "contiguous"], ["1", "64 x 384", "engine's"]]
     assert all(float(row[3].split()[0]) > 0 for row in attention)  # the CPU has the flash backend
@@ -74,3 +74,7 @@ def test_gpu_check_dry_runs_on_the_cpu():
     assert [[row[0], row[2]] for row in engines if len(row) == 3] == graphs * 2  # a row per compile scope
     measured = [row for row in engines if len(row) > 3]
     assert all(float(row[4]) > 0 and float(row[8]) < 1e-5 for row in measured)  # DiT FPS; latents vs eager
+    # --profile: each measured row's time split into attention / matmul / conv / other, summing to 100 %.
+    assert [row[:2] for row in profiles] == [row[:2] for row in measured]
+    assert all(abs(sum(float(cell.rstrip(" %")) for cell in row[2:6]) - 100) <= 2 for row in profiles)
+    assert all(float(row[2].rstrip(" %")) > 0 and "attention" in row[6] for row in profiles)
