@@ -288,14 +288,16 @@ class StreamingPipeline:
                 scope: str = "default-for-device") -> None:
         """Compile the fast engine's chunk step (once per chunk size, batch and resolution; the
         first two chunks pay for it). The default for the device: on CUDA, inductor's default
-        mode; on the CPU, with the weights frozen into the graph (inductor's ``freezing``:
-        prepacked matmul weights, q/k/v projections joined into one matmul), so load or fuse
-        weights first. ``cuda_graphs`` (CUDA only) replays the compiled step as captured CUDA
-        graphs, one per attended-prefix length. ``scope="blocks"`` compiles one transformer
-        block for all of them instead of the whole step (``CausalWanModel.compile_step``,
-        ``regional``): the same two graphs, no fusion across blocks, far less compile time;
-        the default on the CPU, where it streamed as fast with 5-10x less compiling
-        (docs/PERFORMANCE.md). On CUDA the default stays the whole step until measured there."""
+        mode; on the CPU, inductor's ``freezing`` (the weights a compiled graph holds become
+        constants: prepacked matmul weights, q/k/v projections joined into one matmul), so load
+        or fuse weights first. ``cuda_graphs`` (CUDA only) replays the compiled step as
+        captured CUDA graphs, one per attended-prefix length. ``scope="blocks"`` compiles one
+        transformer block for all of them instead of the whole step
+        (``CausalWanModel.compile_step``, ``regional``): the same two graphs, no fusion across
+        blocks, far less compile time, and the block weights stay inputs of the graph (so
+        nothing is frozen). It is the default on the CPU, where it streamed as fast with 5-10x
+        less compiling (docs/PERFORMANCE.md); on CUDA the default stays the whole step until
+        it is measured there."""
         if self.engine != "fast":
             raise SelfForcingError("compile() needs the fast engine (engine='fast')")
         if cuda_graphs and self.device.type != "cuda":
