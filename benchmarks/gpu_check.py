@@ -275,7 +275,7 @@ def main() -> int:
     except ImportError:
         with_vae = False
     # (row label, engine, compile scope): each compiled engine once per --compile-scope.
-    engines = [(label if scope == "step" else f"{label}, {scope} compiled", ENGINES[label], scope)
+    engines = [(label if scope == "step" else f"{label} ({scope})", ENGINES[label], scope)
                for label in ENGINES if label in args.engines
                for scope in (args.compile_scope if ENGINES[label] in ("fast+compile", "fast+graphs") else ["step"])]
     print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "

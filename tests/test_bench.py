@@ -68,7 +68,7 @@ def test_gpu_check_dry_runs_on_the_cpu():
     assert [row[:3] for row in attention] == [["3", "192 x 384", "contiguous"], ["3", "192 x 384", "engine's"],
                                               ["1", "64 x 384", "contiguous"], ["1", "64 x 384", "engine's"]]
     assert all(float(row[3].split()[0]) > 0 for row in attention)  # the CPU has the flash backend
-    graphs = [["fast + CUDA graphs", "n/a: CUDA only"], ["fast + CUDA graphs, blocks compiled", "n/a: CUDA only"]]
+    graphs = [["fast + CUDA graphs", "n/a: CUDA only"], ["fast + CUDA graphs (blocks)", "n/a: CUDA only"]]
     assert [row[:2] for row in engines] == [["eager", "3"], ["fast", "3"], *[[g[0], "3"] for g in graphs],
                                             ["eager", "1"], ["fast", "1"], *[[g[0], "1"] for g in graphs]]
     assert [[row[0], row[2]] for row in engines if len(row) == 3] == graphs * 2  # a row per compile scope
