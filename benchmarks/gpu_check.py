@@ -31,13 +31,12 @@ import re
 import shlex
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
-from selfforcing.bench import bench_one, random_pipeline, random_wan_vae
+from selfforcing.bench import COMPILED_ENGINES, bench_one, random_pipeline, random_wan_vae
 from selfforcing.inference.pipeline import COMPILE_SCOPES, SamplingConfig, StreamingPipeline
-from selfforcing.models.vae import num_video_frames
+from selfforcing.models.vae import cudnn_benchmark, num_video_frames
 from selfforcing.models.wan import ATTENTION_BACKENDS
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
@@ -75,18 +74,9 @@ VAE_VARIANTS = {"as loaded": (False, False, False), "cudnn.benchmark": (True, Fa
                 "cudnn.benchmark + channels_last_3d + a chunk per call": (True, True, True)}
 
 
-@contextmanager
-def cudnn_benchmark(variant: str):
-    """cuDNN's algorithm timing as ``variant`` says, for the block only (it is global)."""
-    was, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, VAE_VARIANTS[variant][0]
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = was
-
-
 def wan_vae(device: torch.device, variant: str, frames_per_chunk: int):
-    """The random-weight Wan VAE with the weights and calls ``variant`` says (see cudnn_benchmark)."""
+    """The random-weight Wan VAE with the weights and calls ``variant`` says (its decode runs
+    under ``cudnn_benchmark(VAE_VARIANTS[variant][0])``)."""
     vae = random_wan_vae(device)
     _, channels_last, chunk_per_call = VAE_VARIANTS[variant]
     if channels_last:
@@ -105,7 +95,7 @@ def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: i
     latents = torch.randn(1, vae.latent_channels, latent_frames, size.height // vae.spatial_ratio,
                           size.width // vae.spatial_ratio, device=device, dtype=torch.bfloat16)
     times = []
-    with cudnn_benchmark(variant):
+    with cudnn_benchmark(VAE_VARIANTS[variant][0]):
         for _ in range(3):
             decoder, start = vae.stream_decoder(), time.perf_counter()
             for chunk in latents.split(frames_per_chunk, dim=2):
@@ -277,7 +267,7 @@ def main() -> int:
     # (row label, engine, compile scope): each compiled engine once per --compile-scope.
     engines = [(label if scope == "step" else f"{label} ({scope})", ENGINES[label], scope)
                for label in ENGINES if label in args.engines
-               for scope in (args.compile_scope if ENGINES[label] in ("fast+compile", "fast+graphs") else ["step"])]
+               for scope in (args.compile_scope if ENGINES[label] in COMPILED_ENGINES else ["step"])]
     print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
           f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
@@ -321,7 +311,7 @@ def main() -> int:
                 for overlap, suffix in ((False, ""), (True, ", decode beside")):
                     vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, decoder_vae, pipe.sampling,
                                                  engine=pipe.engine, overlap_decode=overlap, early_first_frame=True)
-                    with cudnn_benchmark(decode_variant[n]):
+                    with cudnn_benchmark(VAE_VARIANTS[decode_variant[n]][0]):
                         timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
                     with_decode[suffix] = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
                     del vae_pipe

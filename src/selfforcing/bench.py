@@ -63,6 +63,7 @@ class LatentsOnly:
 MID = WanConfig(num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=512,
                 freq_dim=256, ffn_dim=1536, num_layers=6)
 ENGINES = ("eager", "fast", "fast+compile", "fast+graphs")  # fast+graphs: compiled, replayed as CUDA graphs
+COMPILED_ENGINES = ("fast+compile", "fast+graphs")
 
 
 def random_wan_vae(device: torch.device) -> WanVAE:
@@ -100,7 +101,7 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
     pipe = StreamingPipeline(model.to(device, dtype), text, vae, sampling, engine=engine.split("+")[0],
                              early_first_frame=True)
     pipe.model.set_attention_backend(attention_backend)
-    if engine in ("fast+compile", "fast+graphs"):
+    if engine in COMPILED_ENGINES:
         pipe.compile(compile_mode, cuda_graphs=engine == "fast+graphs", scope=compile_scope)
     return pipe
 
@@ -153,7 +154,7 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
     labelled with it unless it is the whole step); print the table and append it to
     ``output``, headed by ``command`` (the command line that measured it) and the machine."""
     runs = [(engine, scope) for engine in engines
-            for scope in (compile_scopes if engine in ("fast+compile", "fast+graphs") else ("default-for-device",))]
+            for scope in (compile_scopes if engine in COMPILED_ENGINES else ("default-for-device",))]
     results = []
     for n in frames_per_chunk:
         if latent_frames % n:

@@ -308,7 +308,7 @@ class WanStreamDecoder:
         x = model.post_quant_conv(z)  # 1x1x1 conv: no temporal context, safe per chunk
         first, rest = (x[:, :, :1], x[:, :, 1:]) if first_chunk else (x[:, :, :0], x)
         calls = [part for part in (first, *rest.split(self._vae.frames_per_call, dim=2)) if part.shape[2]]
-        with _cudnn_benchmark(self._vae.tuned_convs):
+        with cudnn_benchmark(self._vae.tuned_convs):
             frames = [
                 model.decoder(
                     part,
@@ -335,7 +335,7 @@ class WanStreamDecoder:
 
 
 @contextmanager
-def _cudnn_benchmark(on: bool):
+def cudnn_benchmark(on: bool):
     """cuDNN's algorithm timing for the block only, when ``on`` (the flag is process-wide)."""
     was = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = was or on
