@@ -3,14 +3,16 @@
 1. Equivalence: the fast engine, compiled and captured as CUDA graphs, must give the eager
    reference loop's latents within bf16 tolerance (chunk-wise and frame-wise).
 2. Speed, in this order:
-   - the Wan VAE decode alone in each setting (``VAE_VARIANTS``, when diffusers is installed);
+   - the Wan VAE decode alone in each setting (``VAE_VARIANTS``, when diffusers is installed),
+     and the TAEHV tiny VAE's (``taew2_1``'s shape; the released demo's ``--use_taehv``);
    - each SDPA backend (flash, memory-efficient, cuDNN) alone at the stream's largest
      self-attention, chunk-wise and frame-wise, on contiguous tensors and in the engine's layout;
    - a markdown table per engine (eager, fast, fast compiled, fast + CUDA graphs) and chunk
      size, printed row by row as they finish: DiT-only FPS, first-frame latency, DiT
      model-FLOPs utilisation, peak memory and, for the last engine, FPS and first-frame
      latency with the VAE decode in its fastest setting, decoding after the DiT and (a second
-     row) beside it on a side stream (``overlap_decode``); the first frame is handed over
+     row) beside it on a side stream (``overlap_decode``), then the same two with the TAEHV
+     decoder (rows ", TAEHV"; ``--decoders`` picks); the first frame is handed over
      alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does); with
      ``--attention-backend`` the fast engines put that SDPA kernel first (eager keeps torch's order);
      ``--compile-scope step blocks`` gives each compiled engine a row per scope (the whole step
@@ -34,7 +36,7 @@ import time
 
 import torch
 
-from selfforcing.bench import COMPILED_ENGINES, bench_one, random_pipeline, random_wan_vae
+from selfforcing.bench import COMPILED_ENGINES, bench_one, random_pipeline, random_tiny_vae, random_wan_vae
 from selfforcing.inference.pipeline import COMPILE_SCOPES, SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import cudnn_benchmark, num_video_frames
 from selfforcing.models.wan import ATTENTION_BACKENDS
@@ -85,24 +87,47 @@ def wan_vae(device: torch.device, variant: str, frames_per_chunk: int):
     return vae
 
 
-def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int, variant: str,
-                   compiled: bool = False) -> float:
-    """The Wan VAE alone, decoding random latents chunk by chunk as a stream does (video frames/s);
-    ``compiled``: its decoder compiled by inductor (the first, untimed stream compiles)."""
-    vae, size = wan_vae(device, variant, frames_per_chunk), SamplingConfig()
-    if compiled:
-        vae.compile_decoder()
+def decode_fps(vae, device: torch.device, latent_frames: int, frames_per_chunk: int, size: SamplingConfig,
+               benchmark: bool = False) -> float:
+    """A VAE alone, decoding random latents of a ``size`` video chunk by chunk as a stream does
+    (video frames/s, the faster of two streams after a first, untimed one)."""
+    cuda = device.type == "cuda"
     latents = torch.randn(1, vae.latent_channels, latent_frames, size.height // vae.spatial_ratio,
-                          size.width // vae.spatial_ratio, device=device, dtype=torch.bfloat16)
+                          size.width // vae.spatial_ratio, device=device,
+                          dtype=torch.bfloat16 if cuda else torch.float32)
     times = []
-    with cudnn_benchmark(VAE_VARIANTS[variant][0]):
+    with cudnn_benchmark(benchmark):
         for _ in range(3):
             decoder, start = vae.stream_decoder(), time.perf_counter()
             for chunk in latents.split(frames_per_chunk, dim=2):
                 decoder.decode_chunk(chunk)
-            torch.cuda.synchronize(device)
+            if cuda:
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
     return num_video_frames(vae, latent_frames) / min(times[1:])
+
+
+def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int, variant: str,
+                   compiled: bool = False) -> float:
+    """The Wan VAE alone at 832x480 in ``variant``; ``compiled``: its decoder compiled by
+    inductor (the first, untimed stream compiles)."""
+    vae = wan_vae(device, variant, frames_per_chunk)
+    if compiled:
+        vae.compile_decoder()
+    return decode_fps(vae, device, latent_frames, frames_per_chunk, SamplingConfig(), VAE_VARIANTS[variant][0])
+
+
+def tiny_decode(device: torch.device, args, start: float) -> None:
+    """The TAEHV tiny VAE alone (``taew2_1``'s shape, random weights) at the preset's video size."""
+    size = preset_shape(args).sampling
+    vae = random_tiny_vae(device)
+    print(f"TAEHV tiny VAE decode alone ({size.width}x{size.height}, video frames/s):\n\n"
+          "| frames/chunk | TAEHV |\n|---|---|", flush=True)
+    for n in args.frames_per_chunk:
+        fps = (f"{decode_fps(vae, device, args.latent_frames, n, size):.1f}"
+               if time.perf_counter() - start < args.budget_s else "skipped")
+        print(f"| {n} | {fps} |", flush=True)
+    print(flush=True)
 
 
 def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
@@ -122,6 +147,13 @@ def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
     return best
 
 
+def preset_shape(args) -> StreamingPipeline:
+    """The preset's pipeline on the meta device: only its shapes, no weights drawn or moved."""
+    meta = torch.device("meta")
+    with meta:
+        return random_pipeline(args.preset, 1, meta, "eager", dit_only=True)
+
+
 def attention_backends(device: torch.device, args) -> None:
     """Each SDPA backend alone at the stream's largest self-attention, the last chunk's (its
     queries over the whole cache and itself), chunk-wise and frame-wise, on contiguous tensors
@@ -129,9 +161,7 @@ def attention_backends(device: torch.device, args) -> None:
     frame-wise forward's work), and whether it needs its inputs laid out otherwise."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    meta = torch.device("meta")
-    with meta:  # only the preset's shapes: no weights drawn, nothing moved to the device
-        pipe = random_pipeline(args.preset, 1, meta, "eager", dit_only=True)
+    pipe = preset_shape(args)
     c, s = pipe.model.config, pipe.sampling
     ratio = pipe.vae.spatial_ratio * c.patch_size[1]
     tokens = (s.height // ratio) * (s.width // ratio)
@@ -238,6 +268,9 @@ def main() -> int:
                         help="the FPS-with-VAE-decode columns for no engine, the last one of each chunk size, or all; "
                              "the decode runs in the fastest variant of the VAE-alone table, after the DiT and, in "
                              "a second row, beside it (overlap_decode)")
+    parser.add_argument("--decoders", nargs="*", choices=["wan", "taehv"], default=["wan", "taehv"],
+                        help="decoders to time (alone, and with the DiT where --vae says): the Wan VAE, "
+                             "the TAEHV tiny VAE (taew2_1's shape)")
     parser.add_argument("--vae-variant", choices=VAE_VARIANTS, default=None,
                         help="decode in this setting and skip timing the VAE alone in each")
     parser.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default=None,
@@ -259,11 +292,13 @@ def main() -> int:
         return 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
+    decode_rows = args.preset == "wan2.1-1.3b" and device.type == "cuda" and args.vae != "none"
     try:
         import diffusers  # noqa: F401  (the Wan VAE)
-        with_vae = args.preset == "wan2.1-1.3b" and device.type == "cuda" and args.vae != "none"
+        with_vae = decode_rows and "wan" in args.decoders
     except ImportError:
         with_vae = False
+    with_tiny = decode_rows and "taehv" in args.decoders
     # (row label, engine, compile scope): each compiled engine once per --compile-scope.
     engines = [(label if scope == "step" else f"{label} ({scope})", ENGINES[label], scope)
                for label in ENGINES if label in args.engines
@@ -272,6 +307,8 @@ def main() -> int:
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
           f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
     decode_variant = fastest_decode(device, args, start) if with_vae else {}
+    if "taehv" in args.decoders:
+        tiny_decode(device, args, start)
     attention_backends(device, args)
     if engines:
         print(HEADER, flush=True)
@@ -305,16 +342,19 @@ def main() -> int:
                     failures.append(f"{label}, {n} frames/chunk: relative L2 {error:.3g} vs eager")
             gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             with_decode = {"": "| | |"}
-            if with_vae and (args.vae == "all" or label == engines[-1][0]):
-                # The same (compiled) transformer, with the VAE decoding each chunk after it, then beside it.
-                decoder_vae = wan_vae(device, decode_variant[n], n)
-                for overlap, suffix in ((False, ""), (True, ", decode beside")):
-                    vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, decoder_vae, pipe.sampling,
-                                                 engine=pipe.engine, overlap_decode=overlap, early_first_frame=True)
-                    with cudnn_benchmark(VAE_VARIANTS[decode_variant[n]][0]):
-                        timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
-                    with_decode[suffix] = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
-                    del vae_pipe
+            if args.vae == "all" or label == engines[-1][0]:
+                # The same (compiled) transformer, with a VAE decoding each chunk after it, then beside it.
+                decoders = ([("", wan_vae(device, decode_variant[n], n), VAE_VARIANTS[decode_variant[n]][0])]
+                            if with_vae else []) + ([(", TAEHV", random_tiny_vae(device), False)] if with_tiny else [])
+                for name, decoder_vae, benchmark in decoders:
+                    for overlap, suffix in ((False, name), (True, f"{name or ','} decode beside")):
+                        vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, decoder_vae, pipe.sampling,
+                                                     engine=pipe.engine, overlap_decode=overlap,
+                                                     early_first_frame=True)
+                        with cudnn_benchmark(benchmark):
+                            timing = bench_one(vae_pipe, args.latent_frames, args.repeats)
+                        with_decode[suffix] = f"| {timing.fps:.1f} | {timing.first_frame_s:.3f} |"
+                        del vae_pipe
             for suffix, vae in with_decode.items():
                 print(f"| {label}{suffix} | {n} {vae} {fps:.2f} | {first:.3f} | {100 * mfu:.1f} % | {gib:.1f} | "
                       f"{'n/a' if error != error else f'{error:.2e}'} | {time.perf_counter() - row_start:.0f} |",

@@ -64,7 +64,8 @@ def test_gpu_check_dry_runs_on_the_cpu():
                           "--latent-frames", "6", "--frames-per-chunk", "3", "1", "--repeats", "1", "--profile"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    attention, engines, profiles = tables(run.stdout)
+    tiny, attention, engines, profiles = tables(run.stdout)
+    assert [row[0] for row in tiny] == ["3", "1"] and all(float(row[1]) > 0 for row in tiny)  # TAEHV alone
     assert [row[:3] for row in attention] == [["3", "192 x 384", "contiguous"], ["3", "192 x 384", "engine's"],
                                               ["1", "64 x 384", "contiguous"], ["1", "64 x 384", "engine's"]]
     assert all(float(row[3].split()[0]) > 0 for row in attention)  # the CPU has the flash backend

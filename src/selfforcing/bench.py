@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -24,6 +24,9 @@ from selfforcing.errors import SelfForcingError
 from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import PixelCodec, WanVAE
 from selfforcing.models.wan import CausalWanModel, WanConfig, preset
+
+if TYPE_CHECKING:
+    from selfforcing.models.tiny_vae import TinyVAE
 
 
 class FixedTextEncoder:
@@ -71,6 +74,14 @@ def random_wan_vae(device: torch.device) -> WanVAE:
     from diffusers import AutoencoderKLWan
 
     return WanVAE(AutoencoderKLWan()).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def random_tiny_vae(device: torch.device) -> "TinyVAE":
+    """A TAEHV tiny VAE of ``taew2_1``'s shape (Wan 2.1 latents) with random weights, bf16 on CUDA."""
+    from selfforcing.models.tiny_vae import TinyVAE
+
+    torch.manual_seed(0)
+    return TinyVAE().to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",

@@ -67,6 +67,12 @@ def _lora(text: str) -> tuple[Path, float]:
     return Path(path), weight
 
 
+def _existing_path(text: str) -> Path:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return Path(text)
+
+
 def _add_lora_arguments(parser: argparse.ArgumentParser, unfused: bool = True) -> None:
     parser.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
                         help="apply a Wan LoRA (diffusers, original Wan / ComfyUI or musubi layout), weighted by "
@@ -95,13 +101,30 @@ def _add_attention_backend_argument(parser: argparse.ArgumentParser) -> None:
                              "than flash")
 
 
+def _add_model_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``_load_pipeline`` reads besides the model: device, precision, decoder."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="weights' precision; auto: bfloat16 on CUDA (as the paper's inference), float32 elsewhere")
+    parser.add_argument("--text-encoder-device", default=None,
+                        help="run the text encoder here, e.g. cpu to save GPU memory")
+    parser.add_argument("--tiny-vae", type=_existing_path, default=None, metavar="FILE",
+                        help="decode with this TAEHV tiny autoencoder (e.g. taew2_1.pth for Wan 2.1; the released "
+                             "demo's --use_taehv) instead of the model's VAE: much faster, somewhat coarser")
+
+
 def _load_pipeline(args: argparse.Namespace, model: Path):
-    """The pipeline of ``generate`` and ``serve``: --device, --checkpoint, --text-encoder-device."""
+    """The pipeline of ``generate`` and ``serve`` (``_add_model_loading_arguments``, --checkpoint)."""
     from selfforcing.inference.pipeline import StreamingPipeline
 
+    import torch
+
+    device = _device(args.device)
     text_device = None if args.text_encoder_device is None else _device(args.text_encoder_device)
-    pipe = StreamingPipeline.from_pretrained(model, device=_device(args.device), checkpoint=args.checkpoint,
-                                             text_encoder_device=text_device)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    pipe = StreamingPipeline.from_pretrained(model, device=device, dtype=getattr(torch, dtype),
+                                             checkpoint=args.checkpoint, text_encoder_device=text_device,
+                                             tiny_vae=args.tiny_vae)
     pipe.load_loras(args.lora, fuse=not args.lora_unfused)  # before compile(): it may freeze the weights
     pipe.model.set_attention_backend(args.attention_backend)  # before compile(): a compiled step keeps its kernel
     if args.cuda_graphs and not args.compile:
@@ -386,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=_positive_int, default=None, help="video width in pixels (default: the model's)")
     g.add_argument("--extend", type=Path, default=None, help="continue this mp4 (its frames fill the KV cache)")
     g.add_argument("--seed", type=_seed, default=0)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
+    _add_model_loading_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--compile", action="store_true",
                    help="compile the chunk step; the first chunk pays the compile time")
@@ -407,8 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection that streams nothing for this long, freeing its slot (default 60)")
     v.add_argument("--min-fps", type=_positive_float, default=1.0,
                    help="slowest frame rate a client may ask for (a slower stream would hold its slot for ever)")
-    v.add_argument("--device", default="cpu")
-    v.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu to save GPU memory")
+    _add_model_loading_arguments(v)
     v.add_argument("--compile", action="store_true",
                    help="compile the chunk step; the first stream pays the compile time")
     v.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: replay the step as CUDA graphs")

@@ -249,6 +249,51 @@ def test_generate_from_diffusers_wan_directory(wan_dir, tmp_path):
     assert run_cli("generate", "a red fox", "--model", root, "-o", out, "--text-encoder-device", "tpu9") == 2
 
 
+def test_tiny_vae_decodes_the_same_latents_instead_of_the_wan_vae(wan_dir, tmp_path, capsys):
+    """``tiny_vae`` / ``--tiny-vae``: a TAEHV file decodes the stream; the DiT's latents do not change."""
+    from safetensors.torch import save_file
+
+    from factories import Z_DIM
+    from selfforcing.models.tiny_vae import TinyVAE
+
+    torch.manual_seed(0)
+    save_file(randomize_(TinyVAE(latent_channels=Z_DIM), std=0.05).state_dict(), tmp_path / "taew.safetensors")
+    wan = StreamingPipeline.from_pretrained(wan_dir)
+    tiny = StreamingPipeline.from_pretrained(wan_dir, tiny_vae=tmp_path / "taew.safetensors")
+    assert isinstance(tiny.vae, TinyVAE)
+    for pipe in (wan, tiny):
+        pipe.sampling = replace(pipe.sampling, height=32, width=32, kv_cache_frames=6)
+    chunks = {name: list(pipe.stream("a red fox", 1 + 4 * 5, seed=3)) for name, pipe in (("wan", wan), ("tiny", tiny))}
+    latents = torch.cat([c.latents for c in chunks["tiny"]], dim=2)
+    assert torch.equal(latents, torch.cat([c.latents for c in chunks["wan"]], dim=2))
+    frames = torch.cat([c.frames for c in chunks["tiny"]], dim=1)
+    assert frames.shape == (1, 21, 32, 32, 3) and [c.frames.shape[1] for c in chunks["tiny"]] == [9, 12]
+    assert torch.equal(frames, to_uint8(tiny.vae.decode(latents)))
+    out = tmp_path / "tiny.mp4"
+    assert run_cli("generate", "a red fox", "--model", wan_dir, "--height", 32, "--width", 32, "--frames", 9,
+                   "--tiny-vae", tmp_path / "taew.safetensors", "-o", out, "--quiet") == 0
+    assert read_mp4(out).shape == (9, 32, 32, 3)
+    assert run_cli("generate", "a red fox", "--model", wan_dir, "--tiny-vae", tmp_path / "none.pth", "-o", out) == 2
+    assert "none.pth does not exist" in capsys.readouterr().err
+    save_file(randomize_(TinyVAE(), std=0.05).state_dict(), tmp_path / "taew2_1.safetensors")
+    with pytest.raises(SelfForcingError, match="VAE latent channels 16 do not match the model's in_channels 4"):
+        StreamingPipeline.from_pretrained(wan_dir, tiny_vae=tmp_path / "taew2_1.safetensors")
+
+
+def test_bfloat16_loads_the_dit_and_the_vae_in_bfloat16(wan_dir, tmp_path):
+    """``dtype`` (``--dtype``; auto: bf16 on CUDA) is the DiT's and the VAE's; a text encoder on the CPU stays float32."""
+    pipe = StreamingPipeline.from_pretrained(wan_dir, dtype=torch.bfloat16)
+    assert pipe.model.proj_out.weight.dtype == torch.bfloat16 == pipe.vae.model.dtype
+    assert next(pipe.text_encoder.model.parameters()).dtype == torch.float32
+    pipe.sampling = replace(pipe.sampling, height=32, width=32, kv_cache_frames=6)
+    chunks = list(pipe.stream("a red fox", 9, seed=3))
+    assert chunks[0].frames.shape == (1, 9, 32, 32, 3) and torch.isfinite(chunks[0].latents).all()
+    out = tmp_path / "bf16.mp4"
+    assert run_cli("generate", "a red fox", "--model", wan_dir, "--height", 32, "--width", 32, "--frames", 9,
+                   "--dtype", "bfloat16", "-o", out, "--quiet") == 0
+    assert read_mp4(out).shape == (9, 32, 32, 3)
+
+
 @pytest.mark.parametrize("overlap_decode", [False, True])
 def test_early_first_frame_hands_over_the_first_video_frame_alone(wan_dir, overlap_decode):
     """Behind the Wan VAE (4x in time) the first chunk of 3 latent frames is 9 video frames; with

@@ -164,11 +164,17 @@ class StreamingPipeline:
         checkpoint: str | Path | None = None,
         text_encoder_device: str | torch.device | None = None,
         engine: str = "fast",
+        tiny_vae: str | Path | None = None,
     ) -> "StreamingPipeline":
         """Load a model directory; ``checkpoint`` overrides the transformer weights
         (e.g. a Self-Forcing ``.pt`` holding ``generator_ema``). ``text_encoder_device="cpu"``
         keeps the text encoder (UMT5-XXL: about 11 GB in bf16) off the GPU: it runs once per
-        prompt, and only its (1, 512, 4096) output moves to the model's device."""
+        prompt, and only its (1, 512, 4096) output moves to the model's device.
+
+        ``dtype`` is the transformer's and the VAE's, and the text encoder's weights' on CUDA
+        (bf16 there is the released code's inference; on the CPU the encoder stays float32).
+        ``tiny_vae``, a TAEHV weight file (e.g. ``taew2_1.pth``), decodes instead of the
+        model's VAE: the Self-Forcing demo's ``--use_taehv``, faster and coarser."""
         path = Path(path)
         if not path.is_dir():
             raise SelfForcingError(f"model directory {path} does not exist" if not path.exists() else
@@ -192,8 +198,14 @@ class StreamingPipeline:
         if checkpoint is not None:
             model.load_weights(load_state_dict_file(checkpoint))
         model.to(device=device, dtype=dtype)
-        text_encoder = text_encoder_from_config(text_cfg, path, device=text_encoder_device or device)
-        vae = vae_from_config(vae_cfg, path / "vae", device=device)
+        text_device = torch.device(text_encoder_device or device)
+        text_encoder = text_encoder_from_config(text_cfg, path, device=text_device,
+                                                dtype=dtype if text_device.type == "cuda" else torch.float32)
+        if tiny_vae is not None:
+            vae_cfg, vae_path = {"type": "taehv"}, Path(tiny_vae)
+        else:
+            vae_path = path / "vae"
+        vae = vae_from_config(vae_cfg, vae_path, device=device, dtype=dtype)
         return cls(model, text_encoder, vae, sampling, engine)
 
     def load_loras(self, loras: list[tuple[str | Path, float]], fuse: bool = True) -> None:

@@ -185,8 +185,9 @@ def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return stripped
 
 
-def _read_file(path: Path) -> object:
-    """Load the raw object in a checkpoint file, turning failures into user errors."""
+def read_checkpoint_file(path: Path) -> object:
+    """Load the raw object in a ``.safetensors`` or torch checkpoint file (``weights_only``),
+    turning failures into user errors."""
     if not path.is_file():
         raise SelfForcingError(f"checkpoint file not found: {path}")
     suffix = path.suffix.lower()
@@ -237,7 +238,7 @@ def load_state_dict_file(path: str | Path, prefer: str = "generator_ema") -> dic
     if prefer not in _GENERATOR_KEYS:
         raise SelfForcingError(f"prefer must be one of {', '.join(_GENERATOR_KEYS)}, got {prefer!r}")
     path = Path(path)
-    loaded = _read_file(path)
+    loaded = read_checkpoint_file(path)
     if isinstance(loaded, Mapping) and any(name in loaded for name in _GENERATOR_KEYS):
         loaded = _pick_generator(loaded, prefer, path)
     if not isinstance(loaded, Mapping) or not all(

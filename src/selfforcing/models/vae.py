@@ -6,7 +6,7 @@ viewer wants pixels as soon as each chunk is ready, so every VAE offers a
 *stream decoder*: feeding it consecutive latent chunks must give exactly the
 frames that a one-shot decode of the whole latent video would give.
 
-Two implementations:
+Three implementations:
 
 * :class:`PixelCodec` - the toy world's lossless space-to-depth codec. Frames
   are independent, so streaming is trivial.
@@ -14,6 +14,9 @@ Two implementations:
   Its decoder is a stack of causal 3D convolutions whose temporal context lives
   in a feature cache; diffusers clears that cache on every ``decode`` call, so
   :class:`WanStreamDecoder` keeps its own cache across chunks.
+* :class:`~selfforcing.models.tiny_vae.TinyVAE` - a TAEHV-format tiny autoencoder
+  (``taew2_1`` for Wan 2.1 latents): per-frame 2D convs with one frame of memory, much
+  cheaper to decode than the Wan VAE, at some cost in quality.
 """
 
 from __future__ import annotations
@@ -352,9 +355,11 @@ def vae_from_config(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> VideoVAE:
-    """Build the VAE a config describes: ``{"type": "pixel", "patch": 2}`` or ``{"type": "wan"}``.
+    """Build the VAE a config describes: ``{"type": "pixel", "patch": 2}``, ``{"type": "wan"}``
+    or ``{"type": "taehv"}``.
 
-    Wan weights come from ``path``, a local ``AutoencoderKLWan`` directory.
+    Wan weights come from ``path``, a local ``AutoencoderKLWan`` directory; TAEHV weights from
+    ``path``, a weight file or a directory holding one (``models.tiny_vae``).
     """
     if not isinstance(cfg, dict):
         raise SelfForcingError(f"VAE config must be a mapping, got {type(cfg).__name__}")
@@ -369,4 +374,8 @@ def vae_from_config(
         if torch.device(device or "cpu").type == "cuda":
             vae.tune_convs()  # measured faster there (tune_convs)
         return vae
-    raise SelfForcingError(f"unknown VAE type {kind!r}; expected 'pixel' or 'wan'")
+    if kind == "taehv":
+        from selfforcing.models.tiny_vae import tiny_vae_from_config
+
+        return tiny_vae_from_config(cfg, path, device=device, dtype=dtype)
+    raise SelfForcingError(f"unknown VAE type {kind!r}; expected 'pixel', 'wan' or 'taehv'")
