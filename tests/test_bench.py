@@ -65,7 +65,7 @@ def test_gpu_check_dry_runs_on_the_cpu():
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     tiny, attention, engines, profiles = tables(run.stdout)
-    assert [row[0] for row in tiny] == ["3", "1"] and all(float(row[1]) > 0 for row in tiny)  # TAEHV alone
+    assert [row[0] for row in tiny] == ["3", "1"] and all(float(v) > 0 for row in tiny for v in row[1:3])  # TAEHV
     assert [row[:3] for row in attention] == [["3", "192 x 384", "contiguous"], ["3", "192 x 384", "engine's"],
                                               ["1", "64 x 384", "contiguous"], ["1", "64 x 384", "engine's"]]
     assert all(float(row[3].split()[0]) > 0 for row in attention)  # the CPU has the flash backend

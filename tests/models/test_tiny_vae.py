@@ -82,6 +82,19 @@ def test_stream_decode_equals_one_shot(vae, sizes):
     torch.testing.assert_close(torch.cat(pieces, dim=2), vae.decode(z), rtol=1e-5, atol=1e-5)
 
 
+def test_tuned_convs_decode_the_same_frames_with_channels_last_weights(vae):
+    """The same frames to rounding (float64: this random net's activations grow large, so float32
+    rounding of other conv algorithms shows at 1e-3 in its output)."""
+    plain, tuned = TinyVAE().double(), TinyVAE().double()
+    plain.load_state_dict(vae.state_dict())
+    tuned.load_state_dict(vae.state_dict())
+    tuned.tune_convs()
+    assert tuned.tuned_convs and tuned.decoder[3].conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    z = latents(frames=4).double()
+    torch.testing.assert_close(tuned.decode(z), plain.decode(z), rtol=1e-9, atol=1e-9)
+    assert not torch.backends.cudnn.benchmark  # only while decoding
+
+
 def test_stream_rejects_a_chunk_from_another_video(vae):
     decoder = vae.stream_decoder()
     decoder.decode_chunk(latents(frames=1))

@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.models.vae import _check_config_keys, _check_latents, _check_video
+from selfforcing.models.vae import _check_config_keys, _check_latents, _check_video, cudnn_benchmark
 
 ENCODER_WIDTH = 64
 DECODER_WIDTHS = (256, 128, 64, 64)  # per upsampling stage, then the output projection's input
@@ -125,6 +125,7 @@ class TinyVAE(nn.Module):
             raise SelfForcingError(f"the encoder packs {math.prod(encoder_time_downscale)} frames per latent frame "
                                    f"but the decoder makes {math.prod(decoder_time_upscale)}")
         self.latent_channels, self.patch_size = latent_channels, patch_size
+        self.tuned_convs = False  # see tune_convs()
         self.spatial_ratio = patch_size * 2**STAGES
         self.temporal_ratio = math.prod(decoder_time_upscale)
         self.encoder_time_downscale = tuple(encoder_time_downscale)
@@ -185,6 +186,14 @@ class TinyVAE(nn.Module):
             raise SelfForcingError(f"{path} is not a TAEHV checkpoint this VAE can load: {error}") from None
         return vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
+    def tune_convs(self) -> None:
+        """Channels-last conv weights (the layout of cuDNN's NHWC kernels) and cuDNN timing its
+        algorithms while this VAE decodes (a stream's conv shapes are fixed); the same frames to
+        float rounding. As ``WanVAE.tune_convs``, which paid on an H100; not applied by default
+        until measured here (the GPU check times the decoder both ways)."""
+        self.tuned_convs = True
+        self.to(memory_format=torch.channels_last)
+
     @property
     def _weight(self) -> torch.Tensor:
         return self.decoder[1].weight
@@ -232,7 +241,8 @@ class TinyStreamDecoder:
                                    f"{self._frame_shape}; use a new stream decoder for a new video")
         first_chunk, self._frame_shape = self._frame_shape is None, shape
         x = rearrange(latents.to(vae._weight), "b c f h w -> b f c h w")
-        frames = run_frames(vae.decoder, x, self._memory)
+        with cudnn_benchmark(vae.tuned_convs):
+            frames = run_frames(vae.decoder, x, self._memory)
         if vae.patch_size > 1:
             frames = F.pixel_shuffle(frames, vae.patch_size)
         if first_chunk:  # the video's first latent frame stands for one frame: the last of its t
