@@ -115,9 +115,9 @@ def _add_model_loading_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_pipeline(args: argparse.Namespace, model: Path):
     """The pipeline of ``generate`` and ``serve`` (``_add_model_loading_arguments``, --checkpoint)."""
-    from selfforcing.inference.pipeline import StreamingPipeline
-
     import torch
+
+    from selfforcing.inference.pipeline import StreamingPipeline
 
     device = _device(args.device)
     text_device = None if args.text_encoder_device is None else _device(args.text_encoder_device)
