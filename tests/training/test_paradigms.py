@@ -39,7 +39,7 @@ def test_gradient_flows_only_through_the_exit_step_of_each_chunk():
     video = rollout(model)
     exit_index = int(torch.randint(0, 4, (1,), generator=torch.Generator().manual_seed(0)))
     per_chunk = [(False, False)] * exit_index + [(True, False)] + [(False, True)]  # denoise..., exit, cache fill
-    assert calls == per_chunk * 3
+    assert calls == per_chunk * 2 + per_chunk[:-1]  # no cache fill after the last chunk
     assert video.shape == (2, 12, 9, 8, 8) and video.requires_grad
     video.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -56,6 +56,7 @@ def test_exit_step_per_chunk_differs_between_chunks():
         if fill:
             counts.append(n - 1)
             n = 0
+    counts.append(n)  # the last chunk: no cache fill after it
     assert len(counts) == 3 and len(set(counts)) > 1  # different exit steps -> different step counts
 
 

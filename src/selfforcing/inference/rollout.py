@@ -7,7 +7,10 @@ For each chunk (paper Algorithm 1 for training, Algorithm 2 for inference):
    of earlier *generated* chunks (never ground truth: that is the point of Self Forcing);
 2. hand the clean chunk ``x0`` to the caller (the generator ``yield``\\ s it at once);
 3. run one more forward on the detached clean chunk (timestep ``context_t``, 0 by default,
-   optionally noised) to write its K/V into the cache, evicting the oldest frames when full.
+   optionally noised) to write its K/V into the cache, evicting the oldest frames when full;
+   not after the last of ``num_chunks`` chunks, whose K/V nothing would read (the released
+   code runs that forward too; skipping it changes no output, only saves one forward and,
+   with a noisy context, the noise it would have drawn).
 
 Training passes ``exit_index``/``grad`` so that only the exit step builds a graph
 (stochastic gradient truncation, §3.3); the cache-fill pass never does.
@@ -91,12 +94,14 @@ def rollout(
         exit_at = exit_index[chunk] if isinstance(exit_index, list) else exit_index
         x0 = few_step_denoise(flow, noise, timesteps, schedule, exit_index=exit_at, grad=grad, generator=generator)
         yield x0
+        chunk += 1
+        if chunk == num_chunks:
+            break  # no later chunk would read the last one's K/V: its cache fill would be wasted work
         context = x0.detach()
         if context_from == "final" and exit_at is not None:
             context = _finish(flow, context, timesteps[exit_at + 1:], schedule, generator)
         fill_cache(text, context)
         remember(context)
-        chunk += 1
 
 
 def _recache(text: TextContext, cache: KVCache, held: dict[int, torch.Tensor], frames_per_chunk: int, fill_cache) -> None:
