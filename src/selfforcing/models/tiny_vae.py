@@ -128,8 +128,6 @@ class TinyVAE(nn.Module):
         self.tuned_convs = False  # see tune_convs()
         self.spatial_ratio = patch_size * 2**STAGES
         self.temporal_ratio = math.prod(decoder_time_upscale)
-        self.encoder_time_downscale = tuple(encoder_time_downscale)
-        self.decoder_time_upscale = tuple(decoder_time_upscale)
         pixels, w = IMAGE_CHANNELS * patch_size**2, ENCODER_WIDTH
         encoder: list[nn.Module] = [_conv(pixels, w), nn.ReLU()]
         for stride in encoder_time_downscale:
