@@ -81,6 +81,27 @@ def test_decode_beside_the_dit_on_a_side_cuda_stream_gives_the_same_frames(early
         assert torch.equal(ours, theirs), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_vae_tuned_decodes_beside_the_dit_as_after_it():
+    """The TAEHV decoder on CUDA, channels-last and cuDNN-timed, on the side stream with the first
+    frame handed over alone: the same video as decoding after the DiT."""
+    from selfforcing.models.tiny_vae import TinyVAE
+
+    base = toy_pipeline()
+    torch.manual_seed(0)
+    vae = randomize_(TinyVAE(latent_channels=12), std=0.02).to("cuda")  # not so chaotic that TF32 rounding shows
+    vae.tune_convs()
+    after = StreamingPipeline(base.model.to("cuda"), base.text_encoder, vae, base.sampling)
+    beside = StreamingPipeline(after.model, after.text_encoder, vae, after.sampling, overlap_decode=True,
+                               early_first_frame=True)
+    chunks = list(beside.stream("a red circle", num_frames=21, seed=3))
+    assert [c.frames.shape[1] for c in chunks] == [1, 8, 12]
+    ours = torch.cat([c.frames for c in chunks], 1).int()
+    theirs = torch.cat([c.frames for c in after.stream("a red circle", num_frames=21, seed=3)], 1).int()
+    assert (ours - theirs).abs().max() <= 1  # uint8 levels: the same decode, to rounding
+
+
 def test_seeds_batches_and_prompts(pipe):
     a = pipe.generate("a red circle", 6, seed=1)
     assert torch.equal(a, pipe.generate("a red circle", 6, seed=1))
