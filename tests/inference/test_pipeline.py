@@ -352,6 +352,21 @@ def test_extension_decodes_as_the_rest_of_one_video(wan_dir):
     assert len(again) == 1 and torch.equal(again[0].frames, chunks[0].frames)  # no first frame to hand early
 
 
+def test_generate_hands_the_first_frame_over_alone(toy_dir, tmp_path, monkeypatch):
+    """``generate`` streams as the GPU check measured the earliest first frame: the first latent
+    frame decoded alone, and on CUDA (only) the decode beside the DiT."""
+    seen, stream = [], StreamingPipeline.stream
+
+    def recording_stream(self, *args, **kwargs):
+        seen.append((self.early_first_frame, self.overlap_decode))
+        return stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingPipeline, "stream", recording_stream)
+    assert run_cli("generate", "a red circle", "--model", toy_dir, "-o", tmp_path / "a.mp4", "--frames", 6,
+                   "--quiet") == 0
+    assert seen == [(True, False)] and read_mp4(tmp_path / "a.mp4").shape == (6, 16, 16, 3)
+
+
 def test_generate_uses_the_shipped_default_model(tmp_path, capsys):
     """No --model: the embedded Self Forcing toy model streams offline on the CPU."""
     from selfforcing.cli import DEFAULT_MODEL
