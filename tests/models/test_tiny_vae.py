@@ -44,7 +44,7 @@ def frame_by_frame(layers, frames):
 
 
 def test_state_dict_has_the_released_taew2_1_layout(vae):
-    """Names and shapes of the released ``taew2_1`` file (TAEHV's nn.Sequential indices), so it loads as is."""
+    """Names and shapes as the released code builds ``taew2_1`` (TAEHV's nn.Sequential indices), so its file loads as is."""
     shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     expected = {
         "encoder.0.weight": (64, 3, 3, 3), "encoder.2.conv.weight": (64, 128, 1, 1),
