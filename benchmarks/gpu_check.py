@@ -41,6 +41,7 @@ from selfforcing.bench import COMPILED_ENGINES, bench_one, random_pipeline, rand
 from selfforcing.inference.pipeline import COMPILE_SCOPES, SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import cudnn_benchmark, num_video_frames
 from selfforcing.models.wan import ATTENTION_BACKENDS
+from vae_decode import stream_seconds  # benchmarks/ is this script's directory, so on its path
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 ENGINES = {"eager": "eager", "fast": "fast", "fast compiled": "fast+compile", "fast + CUDA graphs": "fast+graphs"}
@@ -92,20 +93,13 @@ def decode_fps(vae, device: torch.device, latent_frames: int, frames_per_chunk: 
                benchmark: bool = False) -> float:
     """A VAE alone, decoding random latents of a ``size`` video chunk by chunk as a stream does
     (video frames/s, the faster of two streams after a first, untimed one)."""
-    cuda = device.type == "cuda"
     latents = torch.randn(1, vae.latent_channels, latent_frames, size.height // vae.spatial_ratio,
                           size.width // vae.spatial_ratio, device=device,
-                          dtype=torch.bfloat16 if cuda else torch.float32)
-    times = []
+                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     with cudnn_benchmark(benchmark):
-        for _ in range(3):
-            decoder, start = vae.stream_decoder(), time.perf_counter()
-            for chunk in latents.split(frames_per_chunk, dim=2):
-                decoder.decode_chunk(chunk)
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return num_video_frames(vae, latent_frames) / min(times[1:])
+        stream_seconds(vae, latents, frames_per_chunk)
+        seconds = min(stream_seconds(vae, latents, frames_per_chunk) for _ in range(2))
+    return num_video_frames(vae, latent_frames) / seconds
 
 
 def vae_decode_fps(device: torch.device, latent_frames: int, frames_per_chunk: int, variant: str,
@@ -128,38 +122,36 @@ def tiny_vae(device: torch.device, variant: str):
     return vae
 
 
+def variant_table(title: str, variants: list[str], fps_of, args, start: float) -> dict[int, str]:
+    """Print a decode-alone table, a column per variant (``fps_of(variant, frames_per_chunk)``:
+    video frames/s) while the time budget lasts; the fastest variant per chunk size."""
+    print(f"{title}:\n\n| frames/chunk | " + " | ".join(variants) + " |\n|---|" + "---|" * len(variants), flush=True)
+    best = {}
+    for n in args.frames_per_chunk:
+        fps = {variant: fps_of(variant, n) for variant in variants if time.perf_counter() - start < args.budget_s}
+        print(f"| {n} | {' | '.join(f'{fps[v]:.1f}' if v in fps else 'skipped' for v in variants)} |", flush=True)
+        best[n] = max(fps, key=fps.get) if fps else variants[0]
+    print(flush=True)
+    return best
+
+
 def tiny_decode(device: torch.device, args, start: float) -> dict[int, str]:
     """The TAEHV tiny VAE alone (``taew2_1``'s shape, random weights) at the preset's video size,
     in each of ``TINY_VARIANTS``; the fastest per chunk size."""
     size = preset_shape(args).sampling
-    print(f"TAEHV tiny VAE decode alone ({size.width}x{size.height}, video frames/s):\n\n| frames/chunk | "
-          + " | ".join(TINY_VARIANTS) + " |\n|---|" + "---|" * len(TINY_VARIANTS), flush=True)
-    best = {}
-    for n in args.frames_per_chunk:
-        fps = {variant: decode_fps(tiny_vae(device, variant), device, args.latent_frames, n, size)
-               for variant in TINY_VARIANTS if time.perf_counter() - start < args.budget_s}
-        print(f"| {n} | {' | '.join(f'{fps[v]:.1f}' if v in fps else 'skipped' for v in TINY_VARIANTS)} |",
-              flush=True)
-        best[n] = max(fps, key=fps.get) if fps else TINY_VARIANTS[0]
-    print(flush=True)
-    return best
+    return variant_table(f"TAEHV tiny VAE decode alone ({size.width}x{size.height}, video frames/s)",
+                         list(TINY_VARIANTS),
+                         lambda variant, n: decode_fps(tiny_vae(device, variant), device, args.latent_frames, n, size),
+                         args, start)
 
 
 def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
-    """Time the VAE alone in every variant, print the table; the fastest variant per chunk size
-    (or ``--vae-variant`` for every chunk size, untimed)."""
+    """Time the Wan VAE alone in every variant, print the table; the fastest variant per chunk
+    size (or ``--vae-variant`` for every chunk size, untimed)."""
     if args.vae_variant is not None:
         return dict.fromkeys(args.frames_per_chunk, args.vae_variant)
-    print("Wan VAE decode alone (video frames/s):\n\n| frames/chunk | " + " | ".join(VAE_VARIANTS)
-          + " |\n|---|" + "---|" * len(VAE_VARIANTS), flush=True)
-    best = {}
-    for n in args.frames_per_chunk:
-        fps = {variant: vae_decode_fps(device, args.latent_frames, n, variant)
-               for variant in VAE_VARIANTS if time.perf_counter() - start < args.budget_s}
-        print(f"| {n} | {' | '.join(f'{fps[v]:.1f}' if v in fps else 'skipped' for v in VAE_VARIANTS)} |", flush=True)
-        best[n] = max(fps, key=fps.get) if fps else "as loaded"
-    print(flush=True)
-    return best
+    return variant_table("Wan VAE decode alone (video frames/s)", list(VAE_VARIANTS),
+                         lambda variant, n: vae_decode_fps(device, args.latent_frames, n, variant), args, start)
 
 
 def preset_shape(args) -> StreamingPipeline:
@@ -358,8 +350,11 @@ def main() -> int:
             with_decode = {"": "| | |"}
             if args.vae == "all" or label == engines[-1][0]:
                 # The same (compiled) transformer, with a VAE decoding each chunk after it, then beside it.
-                decoders = ([("", wan_vae(device, decode_variant[n], n), VAE_VARIANTS[decode_variant[n]][0])]
-                            if with_vae else []) + ([(", TAEHV", tiny_vae(device, tiny_variant[n]), False)] if with_tiny else [])
+                decoders = []  # (row suffix, VAE, cudnn.benchmark while it decodes)
+                if with_vae:
+                    decoders.append(("", wan_vae(device, decode_variant[n], n), VAE_VARIANTS[decode_variant[n]][0]))
+                if with_tiny:  # a tuned TAEHV sets cudnn.benchmark itself (TinyVAE.tune_convs)
+                    decoders.append((", TAEHV", tiny_vae(device, tiny_variant[n]), False))
                 for name, decoder_vae, benchmark in decoders:
                     for overlap, suffix in ((False, name), (True, f"{name or ','} decode beside")):
                         vae_pipe = StreamingPipeline(pipe.model, pipe.text_encoder, decoder_vae, pipe.sampling,

@@ -20,6 +20,7 @@ from selfforcing.models.vae import cudnn_benchmark, num_video_frames
 
 
 def stream_seconds(vae, latents: torch.Tensor, frames_per_chunk: int) -> float:
+    """Wall time of one stream decoder over ``latents``, chunk by chunk, waiting for the device."""
     decoder, start = vae.stream_decoder(), time.perf_counter()
     for chunk in latents.split(frames_per_chunk, dim=2):
         decoder.decode_chunk(chunk)

@@ -33,7 +33,13 @@ from einops import rearrange
 from torch import nn
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.models.vae import _check_config_keys, _check_latents, _check_video, cudnn_benchmark
+from selfforcing.models.vae import (
+    _check_config_keys,
+    _check_latents,
+    _check_video,
+    _chunk_frame_shape,
+    cudnn_benchmark,
+)
 
 ENCODER_WIDTH = 64
 DECODER_WIDTHS = (256, 128, 64, 64)  # per upsampling stage, then the output projection's input
@@ -233,11 +239,8 @@ class TinyStreamDecoder:
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self._vae
         _check_latents(latents, vae.latent_channels)
-        shape = (latents.shape[0], *latents.shape[3:])
-        if self._frame_shape is not None and shape != self._frame_shape:
-            raise SelfForcingError(f"latent chunk has (batch, h, w) = {shape} but this stream started with "
-                                   f"{self._frame_shape}; use a new stream decoder for a new video")
-        first_chunk, self._frame_shape = self._frame_shape is None, shape
+        first_chunk = self._frame_shape is None
+        self._frame_shape = _chunk_frame_shape(self._frame_shape, latents)
         x = rearrange(latents.to(vae._weight), "b c f h w -> b f c h w")
         with cudnn_benchmark(vae.tuned_convs):
             frames = run_frames(vae.decoder, x, self._memory)

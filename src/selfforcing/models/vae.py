@@ -107,6 +107,17 @@ def _check_latents(latents: torch.Tensor, channels: int) -> None:
         raise SelfForcingError("cannot decode a latent chunk with no frames")
 
 
+def _chunk_frame_shape(started: tuple[int, ...] | None, latents: torch.Tensor) -> tuple[int, ...]:
+    """A stream chunk's (batch, h, w), refused unless it is the stream's first chunk's (``started``)."""
+    shape = (latents.shape[0], *latents.shape[3:])
+    if started is not None and shape != started:
+        raise SelfForcingError(
+            f"latent chunk has (batch, h, w) = {shape} but this stream started with {started}; "
+            "use a new stream decoder for a new video"
+        )
+    return shape
+
+
 def _check_config_keys(cfg: dict[str, Any], kind: str, allowed: set[str]) -> None:
     """Typos in a VAE config should fail loudly rather than fall back to defaults."""
     unknown = sorted(set(cfg) - allowed - {"type"})
@@ -302,9 +313,8 @@ class WanStreamDecoder:
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         _check_latents(latents, self._vae.latent_channels)
-        self._check_same_video(latents)
         first_chunk = self._frame_shape is None
-        self._frame_shape = (latents.shape[0], *latents.shape[3:])
+        self._frame_shape = _chunk_frame_shape(self._frame_shape, latents)
 
         model = self._vae.model
         z = self._vae.denormalize(latents.to(model.device)).to(model.dtype)
@@ -327,14 +337,6 @@ class WanStreamDecoder:
 
             video = unpatchify(video, patch_size=model.config.patch_size)
         return video.clamp(-1.0, 1.0)
-
-    def _check_same_video(self, latents: torch.Tensor) -> None:
-        shape = (latents.shape[0], *latents.shape[3:])
-        if self._frame_shape is not None and shape != self._frame_shape:
-            raise SelfForcingError(
-                f"latent chunk has (batch, h, w) = {shape} but this stream started with {self._frame_shape}; "
-                "use a new stream decoder for a new video"
-            )
 
 
 @contextmanager
