@@ -113,16 +113,22 @@ def _add_model_loading_arguments(parser: argparse.ArgumentParser) -> None:
                              "demo's --use_taehv) instead of the model's VAE: much faster, somewhat coarser")
 
 
-def _load_pipeline(args: argparse.Namespace, model: Path):
-    """The pipeline of ``generate`` and ``serve`` (``_add_model_loading_arguments``, --checkpoint)."""
+def _weights_dtype(name: str, device):
+    """``--dtype``: ``auto`` is bfloat16 on CUDA, as the released code infers, float32 elsewhere."""
     import torch
 
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def _load_pipeline(args: argparse.Namespace, model: Path):
+    """The pipeline of ``generate`` and ``serve`` (``_add_model_loading_arguments``, --checkpoint)."""
     from selfforcing.inference.pipeline import StreamingPipeline
 
     device = _device(args.device)
     text_device = None if args.text_encoder_device is None else _device(args.text_encoder_device)
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    pipe = StreamingPipeline.from_pretrained(model, device=device, dtype=getattr(torch, dtype),
+    pipe = StreamingPipeline.from_pretrained(model, device=device, dtype=_weights_dtype(args.dtype, device),
                                              checkpoint=args.checkpoint, text_encoder_device=text_device,
                                              tiny_vae=args.tiny_vae)
     pipe.load_loras(args.lora, fuse=not args.lora_unfused)  # before compile(): it may freeze the weights

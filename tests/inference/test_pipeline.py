@@ -301,6 +301,14 @@ def test_tiny_vae_decodes_the_same_latents_instead_of_the_wan_vae(wan_dir, tmp_p
         StreamingPipeline.from_pretrained(wan_dir, tiny_vae=tmp_path / "taew2_1.safetensors")
 
 
+def test_auto_dtype_is_bfloat16_on_cuda_as_the_released_inference():
+    from selfforcing.cli import _weights_dtype
+
+    assert _weights_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert _weights_dtype("auto", torch.device("cpu")) == torch.float32
+    assert _weights_dtype("float32", torch.device("cuda")) == torch.float32
+
+
 def test_bfloat16_loads_the_dit_and_the_vae_in_bfloat16(wan_dir, tmp_path):
     """``dtype`` (``--dtype``; auto: bf16 on CUDA) is the DiT's and the VAE's; a text encoder on the CPU stays float32."""
     pipe = StreamingPipeline.from_pretrained(wan_dir, dtype=torch.bfloat16)
