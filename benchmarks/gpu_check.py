@@ -176,13 +176,16 @@ def attention_backends(device: torch.device, args) -> None:
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cuDNN": SDPBackend.CUDNN_ATTENTION}
     print(f"SDPA backends alone, the last chunk's self-attention ({c.num_attention_heads} heads of "
-          f"{c.attention_head_dim}; ms, TFLOP/s), on contiguous (B, heads, tokens, dim) tensors and as the fast "
-          "engine lays them out (views of (B, tokens, heads, dim) buffers; K/V the prefix of the cache's):\n\n"
-          "| frames/chunk | queries x keys | layout | " + " | ".join(backends)
-          + " |\n|---|---|---|" + "---|" * len(backends), flush=True)
+          f"{c.attention_head_dim}; ms (TFLOP/s); then the first call's ms, which pays for choosing or building a "
+          "kernel at a new shape, once per attended length a stream has), on contiguous (B, heads, tokens, dim) "
+          "tensors and as the fast engine lays them out (views of (B, tokens, heads, dim) buffers; K/V the prefix "
+          "of the cache's):\n\n| frames/chunk | queries x keys | attended lengths a stream has | layout | "
+          + " | ".join(backends) + " |\n|---|---|---|---|" + "---|" * len(backends), flush=True)
     heads, head_dim = c.num_attention_heads, c.attention_head_dim
     for n in args.frames_per_chunk:
         queries, keys = n * tokens, min(s.kv_cache_frames + n, args.latent_frames) * tokens
+        # The frames a chunk attends: those held (at most the cache's) and itself, chunk by chunk.
+        lengths = len({min(held, s.kv_cache_frames) + n for held in range(0, args.latent_frames, n)})
         slots = (s.kv_cache_frames + n + 1) * tokens  # StaticKVCache: ring, scratch chunk, one spare frame
 
         def engine_layout(rows: int, buffer_rows: int) -> torch.Tensor:
@@ -198,11 +201,12 @@ def attention_backends(device: torch.device, args) -> None:
             for backend in backends.values():
                 try:
                     with sdpa_kernel(backend):
-                        seconds = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
-                    cells.append(f"{seconds * 1e3:.2f} ({flops / seconds / 1e12:.3g})")
+                        first, seconds = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                                  device)
+                    cells.append(f"{seconds * 1e3:.2f} ({flops / seconds / 1e12:.3g}); {first * 1e3:.3g}")
                 except RuntimeError:  # a backend this device, dtype or shape does not have
                     cells.append("n/a")
-            print(f"| {n} | {queries} x {keys} | {layout} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {n} | {queries} x {keys} | {lengths} | {layout} | " + " | ".join(cells) + " |", flush=True)
     print(flush=True)
 
 
@@ -231,16 +235,18 @@ def profile_stream(pipe, latent_frames: int, device: torch.device) -> tuple[dict
     return shares, [f"{key[:50]} ({100 * t / total:.0f} %)" for key, t in timed[:3]]
 
 
-def _seconds(fn, device: torch.device, repeats: int = 10) -> float:
-    """Mean wall time of ``fn`` after a warm-up call, waiting for the device."""
+def _seconds(fn, device: torch.device, repeats: int = 10) -> tuple[float, float]:
+    """Wall time of the first call of ``fn`` (which pays for any kernel selection or plan
+    building at a new shape) and the mean of ``repeats`` calls after it, waiting for the device."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    start = time.perf_counter()
     fn()
     sync(device)
-    start = time.perf_counter()
+    first, start = time.perf_counter() - start, time.perf_counter()
     for _ in range(repeats):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / repeats
+    return first, (time.perf_counter() - start) / repeats
 
 
 def compiled_decode(device: torch.device, args, start: float, best: dict[int, str]) -> None:

@@ -66,9 +66,11 @@ def test_gpu_check_dry_runs_on_the_cpu():
     assert run.returncode == 0, run.stderr
     tiny, attention, engines, profiles = tables(run.stdout)
     assert [row[0] for row in tiny] == ["3", "1"] and all(float(v) > 0 for row in tiny for v in row[1:3])  # TAEHV
-    assert [row[:3] for row in attention] == [["3", "192 x 384", "contiguous"], ["3", "192 x 384", "engine's"],
-                                              ["1", "64 x 384", "contiguous"], ["1", "64 x 384", "engine's"]]
-    assert all(float(row[3].split()[0]) > 0 for row in attention)  # the CPU has the flash backend
+    # Attended lengths in a 6-frame stream (the cache holds 21): chunk-wise 3 and 6, frame-wise 1 to 6.
+    assert [row[:4] for row in attention] == [["3", "192 x 384", "2", "contiguous"], ["3", "192 x 384", "2", "engine's"],
+                                              ["1", "64 x 384", "6", "contiguous"], ["1", "64 x 384", "6", "engine's"]]
+    flash = [row[4].replace(";", " ").split() for row in attention]  # the CPU has the flash backend
+    assert all(float(mean) > 0 and float(first) > 0 for mean, _, first in flash)
     graphs = [["fast + CUDA graphs", "n/a: CUDA only"], ["fast + CUDA graphs (blocks)", "n/a: CUDA only"]]
     assert [row[:2] for row in engines] == [["eager", "3"], ["fast", "3"], *[[g[0], "3"] for g in graphs],
                                             ["eager", "1"], ["fast", "1"], *[[g[0], "1"] for g in graphs]]

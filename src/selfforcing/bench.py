@@ -125,25 +125,24 @@ class BenchResult:
     video_frames: int
     fps: float
     first_frame_s: float
-    warm_up_s: float  # the first two, untimed chunks: include compilation
+    warm_up_s: float  # the untimed warm-up stream: includes compiling and captures
     peak_memory_gib: float
 
 
 class StreamTiming(NamedTuple):
     fps: float  # median over the timed streams
     first_frame_s: float  # median
-    warm_up_s: float  # the untimed first two chunks (compilation included)
+    warm_up_s: float  # the untimed warm-up stream (compiling and captures included)
     video_frames: int  # per stream
     latents: torch.Tensor  # of the seed-0 stream, to compare engines
 
 
 def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> StreamTiming:
     num_frames = pipe.video_frames(latent_frames)
-    start = time.perf_counter()
-    # Two chunks: the first (empty cache) and the next compile their own graphs.
-    for _ in pipe.stream(["warm-up"], pipe.video_frames(2 * pipe.sampling.frames_per_chunk)):
-        _sync(pipe.device)
-    warm_up = time.perf_counter() - start
+    # Every state the timed streams meet, untimed: compiling, and with CUDA graphs one capture
+    # per attended length (not only the first two chunks', which left the rest to the first
+    # timed stream, and with two repeats to half the median).
+    warm_up = pipe.warm_up(latent_frames)
     fps, first, latents = [], [], None
     for seed in range(repeats):
         chunks = []
@@ -219,7 +218,7 @@ def _markdown(results: list[BenchResult], device: torch.device, command: Sequenc
     lines = [
         *_heading(command, device, f"random weights, text encoding excluded, {decode}"),
         f"| preset | engine | frames/chunk | video frames | throughput (FPS) | vs eager | first frame (s) | "
-        f"warm-up, 2 chunks (s) | {memory} |",
+        f"warm-up stream (s) | {memory} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     eager = {r.frames_per_chunk: r.fps for r in results if r.engine == "eager"}

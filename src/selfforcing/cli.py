@@ -215,6 +215,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                   file=sys.stderr)
         pipe = _load_pipeline(args, args.model or DEFAULT_MODEL)
         pipe.early_first_frame = True  # a live viewer sees the first frame after one latent frame's decode
+        if args.compile:  # compile and capture now, not in the first viewer's stream
+            print("compiling the chunk step before serving...", file=sys.stderr, flush=True)
+            print(f"compiled and warmed up in {pipe.warm_up():.1f} s", file=sys.stderr, flush=True)
         serve(pipe, sock, options=options)
 
 
@@ -441,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slowest frame rate a client may ask for (a slower stream would hold its slot for ever)")
     _add_model_loading_arguments(v)
     v.add_argument("--compile", action="store_true",
-                   help="compile the chunk step; the first stream pays the compile time")
+                   help="compile the chunk step, before the server takes its first stream")
     v.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: replay the step as CUDA graphs")
     _add_compile_scope_argument(v)
     _add_attention_backend_argument(v)

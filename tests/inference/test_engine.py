@@ -171,6 +171,29 @@ class ReplayedStep(CapturedStep):
         return lambda: out.copy_(run()), out
 
 
+def test_a_captured_step_replays_only_on_the_buffers_it_was_captured_on():
+    """A graph reads and writes its cache buffers by address: a call on a cache that shares
+    only its first layer's buffers with a captured one (as a new cache may, taking freed
+    addresses) gets a graph of its own, whose replay writes into the caller's buffers."""
+    from types import SimpleNamespace
+
+    from selfforcing.models.wan import StaticAttnInputs
+
+    def step(x, t, text, sa):  # writes every cache buffer in place, as a chunk's K/V
+        for buffer in (*sa.keys, *sa.values):
+            buffer.fill_(x.sum())
+        return x + t
+
+    captured = ReplayedStep(step)
+    text = SimpleNamespace(kv=[(torch.zeros(2), torch.zeros(2))])
+    shared, first, second = torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 1, 1)
+    rope = (torch.ones(1), torch.zeros(1))
+    captured(torch.ones(3), torch.zeros(1), text, StaticAttnInputs(rope, [shared, first], [shared, first]))
+    captured(torch.full((3,), 2.0), torch.zeros(1), text, StaticAttnInputs(rope, [shared, second], [shared, second]))
+    assert len(captured._graphs) == 2
+    assert (first == 3).all() and (second == 6).all() and (shared == 6).all()
+
+
 @pytest.mark.parametrize("scope", ["step", "blocks"])
 def test_captured_steps_read_every_input_through_their_static_buffers(scope):
     """Rolling with sinks and relative positions, a prefix piece, a re-cache and a blend
@@ -196,6 +219,22 @@ def test_captured_steps_read_every_input_through_their_static_buffers(scope):
     # 3, 4 (the video prefix) and 6 (a full ring).
     assert [sorted(key[1] // 16 for key in step._graphs) for step in steps] == [[3], [4, 6, 7, 9]]
     assert captured == [1, 4] and [len(step._graphs) for step in steps] == captured
+
+
+def test_a_warm_up_stream_captures_every_graph_a_stream_replays():
+    """``warm_up`` meets every state of a stream (empty cache, each fill level, the full ring),
+    so the next streams of its batch, however long, capture nothing new and are unchanged."""
+    pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
+    model = pipes["fast"].model
+    model._compiled_steps = steps = tuple(ReplayedStep(step) for step in (model._first_chunk_step, model._step))
+    try:
+        assert pipes["fast"].warm_up(batch=2) > 0
+        # A 6-frame cache, 3-frame chunks: the first chunk, then 3 frames held, then the full ring.
+        assert [sorted(key[1] // 16 for key in step._graphs) for step in steps] == [[3], [6, 9]]
+        assert_same(latents(pipes["eager"], 24), latents(pipes["fast"], 24))
+        assert [len(step._graphs) for step in steps] == [1, 2]
+    finally:
+        del model._compiled_steps
 
 
 def test_cuda_graphs_need_a_cuda_device():

@@ -343,12 +343,14 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
 
 def test_serve_hands_the_first_frame_over_early_with_the_kernel_asked_for(monkeypatch):
     """The live page shows the first frame as soon as it is decoded, not after its whole chunk;
-    --attention-backend and --compile-scope reach the model."""
+    --attention-backend and --compile-scope reach the model, and --compile warms it up first."""
     from selfforcing.cli import main
     from selfforcing.inference import server
+    from selfforcing.inference.pipeline import StreamingPipeline
 
-    served = []
+    served, warmed = [], []
     monkeypatch.setattr(server, "serve", lambda pipe, sock, options: served.append(pipe))
+    monkeypatch.setattr(StreamingPipeline, "warm_up", lambda pipe: warmed.append(pipe.early_first_frame) or 0.0)
     with socket.socket() as probe:  # a port free a moment ago
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -356,6 +358,7 @@ def test_serve_hands_the_first_frame_over_early_with_the_kernel_asked_for(monkey
                  "blocks"]) == 0
     assert served[0].early_first_frame and served[0].model.attention_backend == "cudnn"
     assert all("run_block" in step.keywords for step in served[0].model._compiled_steps)  # one block compiled for all
+    assert warmed == [True]  # compiled (and captured) before the first viewer, as that viewer streams
 
 
 def test_a_stream_whose_event_loop_is_gone_stops_quietly():

@@ -327,6 +327,27 @@ class StreamingPipeline:
             self.model.compile_step(options={"freezing": True, "cpp.enable_concat_linear": True}, regional=regional)
 
     @torch.no_grad()
+    def warm_up(self, latent_frames: int | None = None, batch: int = 1) -> float:
+        """Stream once, unseen, through every state a stream's chunk step meets: a chunk with an
+        empty cache, one at each fill level, one attending the full cache. A compiled step
+        compiles there, CUDA graphs are captured (one per attended length, ``CapturedStep``:
+        later streams reuse the cache buffers, so they replay them) and cuDNN picks its
+        algorithms, so that the next stream of ``batch`` runs at full speed from its first
+        chunk. ``latent_frames`` stops at the states a stream that long meets (a benchmark's
+        own length). The text is zeros of a prompt's shape, so no prompt need be known to the
+        text encoder. Returns the seconds it took."""
+        s = self.sampling
+        every_state = (-(-s.kv_cache_frames // s.frames_per_chunk) + 1) * s.frames_per_chunk
+        frames = every_state if latent_frames is None else min(latent_frames, every_state)
+        zeros = torch.zeros(batch, self.text_encoder.max_length, self.text_encoder.dim, device=self.device)
+        start = time.perf_counter()
+        for _ in self.stream(Conditioning(self.model.encode_text(zeros)), self.video_frames(frames)):
+            pass
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str] | str) -> TextContext:
         """Prompts -> the projected text every block's cross-attention reads."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

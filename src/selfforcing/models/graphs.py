@@ -6,7 +6,8 @@ once per stream (``StaticKVCache``) and a chunk's attended prefix is a view that
 the buffer's start, and the prompt's cross-attention K/V sit in fixed buffers
 (``StaticKVCache.load_text``). What changes per call (the latents, the timesteps, the
 chunk's RoPE) is copied into static buffers before a replay. One graph per attended-prefix
-length (the cache filling, then full) and per cache/text buffer set (a new stream shape).
+length (the cache filling, then full) and per cache/text buffer set (a new stream shape, a
+new cache).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ class CapturedStep:
         self._graphs: dict[tuple, tuple[Callable[[], None], tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text, sa) -> torch.Tensor:
-        key = (tuple(x.shape), sa.keys[0].shape[1], sa.keys[0].data_ptr(), text.kv[0][0].data_ptr())
+        # Every buffer a replay reads or writes in place, by address: a graph whose buffers
+        # were freed may only replay where new ones took all of its addresses again.
+        buffers = (*sa.keys, *sa.values, *(tensor for kv in text.kv for tensor in kv))
+        key = (tuple(x.shape), sa.keys[0].shape[1], *(buffer.data_ptr() for buffer in buffers))
         if key not in self._graphs:
             static = (x.clone(), t.clone(), *(r.clone() for r in sa.rope))
             static_sa = replace(sa, rope=static[2:])
