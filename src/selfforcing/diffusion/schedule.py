@@ -123,12 +123,6 @@ class FlowMatchSchedule:
     def x0_from_flow(self, xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (xt - self._expand(t, xt) * v).type_as(xt)
 
-    def noise_from_flow(self, xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (xt + (1 - self._expand(t, xt)) * v).type_as(xt)
-
-    def flow_from_x0(self, xt: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return ((xt - x0) / self._expand(t, xt).clamp_min(1e-6)).type_as(xt)
-
     @staticmethod
     def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Regression target of the flow-matching loss."""
