@@ -24,6 +24,8 @@
 Needs only torch and this repository (``scripts/gpu_check.sh``). Speed does not depend on
 weight values. Rows that would not finish inside the time budget are skipped and say so; one
 still running 30 s past it gets every thread's stack printed (stderr), to show where it is.
+``--save-compile-cache`` / ``--load-compile-cache`` carry the compiled code from one
+machine to a fresh one of the same kind, so a later call need not compile again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import re
 import shlex
 import sys
 import time
+import zlib
+from pathlib import Path
 
 import torch
 
@@ -267,6 +271,30 @@ def compiled_decode(device: torch.device, args, start: float, best: dict[int, st
         print(f"| {n} | {best[n]} | {fps} | {time.perf_counter() - row_start:.0f} |", flush=True)
 
 
+def load_compile_cache(path: Path) -> None:
+    """Compiled code from an earlier run of this check (``torch.compiler.load_cache_artifacts``):
+    where the graphs, torch and the device match, inductor and Triton skip generating and
+    compiling the kernels, most of the minutes a compiled row spends before it streams."""
+    if not path.is_file():
+        print(f"no compile cache at {path}: compiling from scratch\n", flush=True)
+        return
+    info = torch.compiler.load_cache_artifacts(zlib.decompress(path.read_bytes()))
+    count = sum(len(keys) for keys in info.artifacts.values()) if info else 0
+    print(f"compile cache: {count} artifacts from {path}\n", flush=True)
+
+
+def save_compile_cache(path: Path) -> None:
+    """What this run compiled or found cached, compressed, for ``--load-compile-cache`` on another
+    machine of the same kind (written whole or not at all: a temporary file, then renamed)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(zlib.compress(saved[0]))
+    partial.replace(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=420, help="skip rows once this much time has passed")
@@ -295,6 +323,10 @@ def main() -> int:
                         help="profile one more stream per engine row: attention / matmul / conv / other shares")
     parser.add_argument("--no-vae-compile", dest="vae_compile", action="store_false",
                         help="skip the last table: the VAE decode alone with its decoder compiled")
+    parser.add_argument("--load-compile-cache", type=Path, default=None, metavar="FILE",
+                        help="start from the compiled code an earlier run saved (same torch and device kind)")
+    parser.add_argument("--save-compile-cache", type=Path, default=None, metavar="FILE",
+                        help="save the compiled code after each row, for --load-compile-cache on a fresh machine")
     args = parser.parse_args()
     device, start = torch.device(args.device), time.perf_counter()
     # A row still running well past the budget may be stuck: every thread's stack goes to stderr
@@ -319,6 +351,8 @@ def main() -> int:
     print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
           f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
+    if args.load_compile_cache is not None:
+        load_compile_cache(args.load_compile_cache)
     decode_variant = fastest_decode(device, args, start) if with_vae else {}
     tiny_variant = tiny_decode(device, args, start) if "taehv" in args.decoders else {}
     attention_backends(device, args)
@@ -376,6 +410,8 @@ def main() -> int:
                       flush=True)
             if args.profile:
                 profiles.append((label, n, *profile_stream(pipe, args.latent_frames, device)))
+            if args.save_compile_cache is not None:  # after each row: a call cut off keeps what it compiled
+                save_compile_cache(args.save_compile_cache)
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -388,6 +424,8 @@ def main() -> int:
                   + f" | {'; '.join(top)} |", flush=True)
     if with_vae and args.vae_compile:
         compiled_decode(device, args, start, decode_variant)
+        if args.save_compile_cache is not None:
+            save_compile_cache(args.save_compile_cache)
     print(f"\n{time.perf_counter() - start:.0f} s in all")
     faulthandler.cancel_dump_traceback_later()
     for failure in failures:

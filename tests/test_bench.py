@@ -81,3 +81,23 @@ def test_gpu_check_dry_runs_on_the_cpu():
     assert [row[:2] for row in profiles] == [row[:2] for row in measured]
     assert all(abs(sum(float(cell.rstrip(" %")) for cell in row[2:6]) - 100) <= 2 for row in profiles)
     assert all(float(row[2].rstrip(" %")) > 0 and "attention" in row[6] for row in profiles)
+
+
+def test_gpu_check_saves_compiled_code_for_a_fresh_machine(tmp_path, capsys):
+    """--save-compile-cache writes what this process compiled (whole, compressed) and
+    --load-compile-cache reads it back; a missing file means compiling from scratch."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    torch.compile(lambda x: (x.sin() + 1).relu(), fullgraph=True)(torch.randn(8))
+    saved = tmp_path / "cache" / "compiled.bin"
+    gpu_check.save_compile_cache(saved)
+    assert saved.is_file() and list(saved.parent.iterdir()) == [saved]
+    gpu_check.load_compile_cache(saved)
+    gpu_check.load_compile_cache(tmp_path / "missing.bin")
+    out = capsys.readouterr().out
+    assert int(out.split("compile cache: ")[1].split()[0]) >= 1 and "no compile cache at" in out
