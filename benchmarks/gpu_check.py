@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import os
 import re
 import shlex
 import sys
@@ -348,9 +349,11 @@ def main() -> int:
     engines = [(label if scope == "step" else f"{label} ({scope})", ENGINES[label], scope)
                for label in ENGINES if label in args.engines
                for scope in (args.compile_scope if ENGINES[label] in COMPILED_ENGINES else ["step"])]
+    # Environment that changes what is measured (cuDNN attention plans) goes into the record.
+    settings = " ".join(f"{k}={os.environ[k]}" for k in ("TORCH_CUDNN_SDPA_AVOID_RECOMPILE",) if k in os.environ)
     print(f"GPU check: {name}, torch {torch.__version__}; {args.preset} shape, random weights, "
           f"{args.latent_frames} latent frames, 4 steps, {time.strftime('%Y-%m-%d')}; "
-          f"`bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
+          f"`{settings + ' ' if settings else ''}bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
     if args.load_compile_cache is not None:
         load_compile_cache(args.load_compile_cache)
     decode_variant = fastest_decode(device, args, start) if with_vae else {}

@@ -553,7 +553,11 @@ class CausalWanModel(nn.Module):
         fallbacks, for masks, shapes or devices the chosen kernel does not take. On an H100 the
         cuDNN kernel ran the stream's largest self-attention, timed alone, 1.7x faster than
         flash (docs/PERFORMANCE.md). Set it before ``compile_step``: a compiled step keeps the
-        kernel it was traced with."""
+        kernel it was traced with. cuDNN builds an execution plan for each new attention shape,
+        so once per attended length of a stream (and per thread); torch's opt-in
+        ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``, set before the first cuDNN call, lets a plan
+        serve many lengths where q, k and v are laid out (B, tokens, heads, dim), as the fast
+        engine lays them out at batch 1 (eager)."""
         if backend is not None and backend not in ATTENTION_BACKENDS:
             raise SelfForcingError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)} or None, "
                                    f"got {backend!r}")
