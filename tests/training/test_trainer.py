@@ -285,3 +285,25 @@ def test_train_on_an_encoded_video_folder(tmp_path, capsys):
     trainer = make(tmp_path, paradigm={"name": "diffusion_forcing"}, loss={"name": "denoising"},
                    data={"source": "latents", "path": str(tmp_path / "cache")})
     assert len(trainer.train()) == 2
+
+
+@pytest.mark.parametrize("loss", ["dmd", "sid", "gan"])
+def test_an_update_waits_for_the_device_once(tmp_path, teacher_dir, monkeypatch, loss):
+    """The losses log tensors and the trainer brings the loss, the gradient norm and those logs
+    to the host in one copy after the backward passes are queued (the non-finite guard needs
+    them): no ``.item()`` or ``float()`` before a backward stalls the device's queue."""
+    import traceback
+
+    trainer = make(tmp_path, teacher_dir, paradigm={"name": "self_forcing"}, loss={"name": loss})
+    reads = []
+    for name in ("item", "tolist", "__float__"):
+        def read(self, *args, _method=getattr(torch.Tensor, name), _name=name, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if "selfforcing/training" in caller.filename.replace("\\", "/"):
+                reads.append((_name, caller.filename.rsplit("/", 1)[-1]))
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    generator_logs, critic_logs = trainer.generator_step(), trainer.critic_step()
+    monkeypatch.undo()
+    assert reads == [("tolist", "trainer.py")] * 2
+    assert all(type(v) is float for v in {**generator_logs, **critic_logs}.values())

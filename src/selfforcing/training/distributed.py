@@ -129,9 +129,9 @@ def mean_across_ranks(value: float, env: DistEnv) -> float:
     return float(t) / env.world_size
 
 
-def local_norm(value: torch.Tensor) -> float:
-    """A gradient norm that may be a DTensor under FSDP2, as a float."""
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+def full_norm(value: torch.Tensor) -> torch.Tensor:
+    """A gradient norm that may be a DTensor under FSDP2, as a plain tensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def barrier(env: DistEnv) -> None:

@@ -71,7 +71,7 @@ class Objective:
         return self.cfg.distillation
 
     # ---- the student ------------------------------------------------------
-    def generator_loss(self, batch: Batch, rngs: Rngs) -> tuple[torch.Tensor, dict[str, float]]:
+    def generator_loss(self, batch: Batch, rngs: Rngs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         name = self.cfg.paradigm.name
         if not self.cfg.distillation:
             return self._supervised_loss(name, batch, rngs.noise), {}
@@ -112,7 +112,7 @@ class Objective:
         return (batch.text.shape[0], self.student.config.in_channels, self.cfg.data.num_frames, *self.latent_hw)
 
     # ---- the critic -------------------------------------------------------
-    def critic_loss(self, batch: Batch, rngs: Rngs) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, batch: Batch, rngs: Rngs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.student_samples(batch, rngs, grad=False)
         if self.cfg.loss.name == "gan":
             return self.distribution_loss.critic_loss(x, batch.latents, self._logits(batch.text), rngs.noise)

@@ -281,15 +281,18 @@ class Trainer:
         params = [p for p in params if p.requires_grad]
         accum = self.grad_accum
         optimizer.zero_grad(set_to_none=True)
-        total, extra = 0.0, {}
+        losses, extra = [], {}
         for _ in range(accum):
             with self.autocast:
                 loss, extra = loss_fn(self.next_batch())
             (loss / accum).backward()
-            total += loss.item() / accum
-        grad_norm = D.local_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+            losses.append(loss.detach())
+        grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        # The update's one wait for the device: the loss, the norm and the loss's own logs
+        # come to the host together, once the backward passes are queued (the guard needs them).
+        total, grad_norm, *values = _to_host(torch.stack(losses).mean(), grad_norm, *extra.values())
         total = D.mean_across_ranks(total, self.env)
-        logs = {f"{role}_loss": total, f"{role}_grad_norm": grad_norm, **extra}
+        logs = {f"{role}_loss": total, f"{role}_grad_norm": grad_norm, **dict(zip(extra, values))}
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -406,6 +409,11 @@ class Trainer:
             source, target = (root / name if root else None), path / name
             if source is not None and source.is_dir() and not target.exists():
                 target.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def _to_host(*values: torch.Tensor) -> list[float]:
+    """0-d tensors as floats, in one copy to the host (one wait for the device)."""
+    return torch.stack([v.detach().to(values[0].device, torch.float64) for v in values]).tolist()
 
 
 def _logged_step(line: str) -> int | None:

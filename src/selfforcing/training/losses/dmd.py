@@ -89,18 +89,18 @@ class DMDLoss:
 
     def generator_loss(
         self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss whose gradient w.r.t. ``x`` is the normalised score difference (fake - real)."""
         with torch.no_grad():
             t, real_x0, fake_x0 = self.scores(x.detach(), real_flow, fake_flow, generator)
             grad = torch.nan_to_num((fake_x0 - real_x0) / normaliser(x, real_x0))
         # 0.5 * ||x - sg(x - grad)||^2 has gradient ``grad`` (per element, up to the mean).
         loss = 0.5 * F.mse_loss(x.double(), x.detach().double() - grad)
-        return loss.float(), {"dmd_grad_norm": grad.norm().item(), "dmd_t": t.mean().item()}
+        return loss.float(), {"dmd_grad_norm": grad.norm(), "dmd_t": t.mean()}
 
     def critic_loss(
         self, x: torch.Tensor, fake_flow: FlowFn, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The fake score learns the generator's current distribution by plain denoising."""
         x = x.detach()
         t, noise_t = self.timesteps.sample(x.shape[0], generator, x.device)
@@ -109,7 +109,7 @@ class DMDLoss:
             ratio = (self.timesteps.score_t(t, noise_t) / noise_t).view(-1, *[1] * (x.ndim - 1))  # sigma = t / N
             flow = lambda xt, tt: fake_flow(xt, tt) * ratio  # noqa: E731
         loss = denoising_loss(flow, x, t, self.schedule, generator, noise_t=noise_t)
-        return loss, {"critic_denoising": loss.item()}
+        return loss, {"critic_denoising": loss.detach()}
 
 
 def normaliser(x: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:

@@ -80,14 +80,14 @@ class GANLoss:
 
     def generator_loss(
         self, x: torch.Tensor, logit_fn: LogitFn, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         xt, t, _ = self._noised(x, generator)
         loss = F.softplus(-logit_fn(xt, t)).mean()
-        return self.generator_weight * loss, {"gan_generator": loss.item()}
+        return self.generator_weight * loss, {"gan_generator": loss.detach()}
 
     def critic_loss(
         self, fake: torch.Tensor, real: torch.Tensor, logit_fn: LogitFn, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fake_xt, fake_t, noise = self._noised(fake.detach(), generator)
         if self.shared_noise:
             real_xt, real_t, _ = self._noised(real.detach(), generator, fake_t, noise)
@@ -96,11 +96,11 @@ class GANLoss:
         logit_fake, logit_real = logit_fn(fake_xt, fake_t), logit_fn(real_xt, real_t)
         adversarial = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
         loss = self.critic_weight * adversarial
-        logs = {"gan_critic": adversarial.item(), "d_real": logit_real.mean().item(),
-                "d_fake": logit_fake.mean().item()}
+        logs = {"gan_critic": adversarial.detach(), "d_real": logit_real.detach().mean(),
+                "d_fake": logit_fake.detach().mean()}
         if self.r1_weight > 0:
             step = self.r1_sigma * torch.randn(real_xt.shape, generator=generator, device=real_xt.device)
             r1 = ((logit_fn(real_xt + step, real_t) - logit_real).float().square() / self.r1_sigma**2).mean()
             loss = loss + 0.5 * self.r1_weight * r1
-            logs["r1"] = r1.item()
+            logs["r1"] = r1.detach()
         return loss, logs

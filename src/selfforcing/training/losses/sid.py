@@ -24,9 +24,9 @@ class SiDLoss(DMDLoss):
 
     def generator_loss(
         self, x: torch.Tensor, real_flow: FlowFn, fake_flow: FlowFn, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t, real_x0, fake_x0 = self.scores(x, real_flow, fake_flow, generator)
         gap = real_x0 - fake_x0
         per_element = gap * ((real_x0 - x.double()) - self.alpha * gap)
         loss = torch.nan_to_num(per_element / normaliser(x, real_x0)).mean().float()
-        return loss, {"sid_gap": gap.abs().mean().item(), "sid_t": t.mean().item()}
+        return loss, {"sid_gap": gap.detach().abs().mean(), "sid_t": t.mean()}
