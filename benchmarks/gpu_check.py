@@ -279,7 +279,12 @@ def load_compile_cache(path: Path) -> None:
     if not path.is_file():
         print(f"no compile cache at {path}: compiling from scratch\n", flush=True)
         return
-    info = torch.compiler.load_cache_artifacts(zlib.decompress(path.read_bytes()))
+    try:
+        info = torch.compiler.load_cache_artifacts(zlib.decompress(path.read_bytes()))
+    except Exception as error:  # a damaged or foreign file must not cost the call its rows
+        print(f"compile cache {path} unreadable ({type(error).__name__}: {error}): compiling from scratch\n",
+              flush=True)
+        return
     count = sum(len(keys) for keys in info.artifacts.values()) if info else 0
     print(f"compile cache: {count} artifacts from {path}\n", flush=True)
 

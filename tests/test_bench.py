@@ -85,7 +85,7 @@ def test_gpu_check_dry_runs_on_the_cpu():
 
 def test_gpu_check_saves_compiled_code_for_a_fresh_machine(tmp_path, capsys):
     """--save-compile-cache writes what this process compiled (whole, compressed) and
-    --load-compile-cache reads it back; a missing file means compiling from scratch."""
+    --load-compile-cache reads it back; a missing or damaged file means compiling from scratch."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_check
@@ -99,5 +99,8 @@ def test_gpu_check_saves_compiled_code_for_a_fresh_machine(tmp_path, capsys):
     assert saved.is_file() and list(saved.parent.iterdir()) == [saved]
     gpu_check.load_compile_cache(saved)
     gpu_check.load_compile_cache(tmp_path / "missing.bin")
+    (tmp_path / "damaged.bin").write_bytes(saved.read_bytes()[:100])
+    gpu_check.load_compile_cache(tmp_path / "damaged.bin")
     out = capsys.readouterr().out
     assert int(out.split("compile cache: ")[1].split()[0]) >= 1 and "no compile cache at" in out
+    assert "damaged.bin unreadable (error: " in out and "compiling from scratch" in out
