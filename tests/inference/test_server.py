@@ -375,3 +375,16 @@ def test_a_stream_whose_event_loop_is_gone_stops_quietly():
     stop = session._stop
     session._generate(Start(type="start", prompt=PROMPT), stop, deque())  # returns instead of streaming for ever
     assert stop.is_set()
+
+
+@pytest.mark.parametrize("flags, device, compiles", [
+    ([], "cpu", False), ([], "cuda", True), ([], "cuda:1", True),
+    (["--no-compile"], "cuda", False), (["--compile"], "cpu", True),
+])
+def test_serve_compiles_by_default_on_cuda_only(flags, device, compiles):
+    """On CUDA compiling made the 1.3B stream real-time (docs/PERFORMANCE.md); the toy on the
+    CPU is faster than real time without it. An explicit flag wins either way."""
+    from selfforcing.cli import _serve_compiles, build_parser
+
+    args = build_parser().parse_args(["serve", "--device", device, *flags])
+    assert _serve_compiles(args) is compiles
