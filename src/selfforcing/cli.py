@@ -217,9 +217,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pipe = _load_pipeline(args, args.model or DEFAULT_MODEL)
         pipe.early_first_frame = True  # a live viewer sees the first frame after one latent frame's decode
         if args.compile:  # compile and capture now, not in the first viewer's stream
-            print("compiling the chunk step before serving...", file=sys.stderr, flush=True)
-            print(f"compiled and warmed up in {pipe.warm_up():.1f} s", file=sys.stderr, flush=True)
+            _warm_up_compiled(pipe)
         serve(pipe, sock, options=options)
+
+
+def _warm_up_compiled(pipe) -> None:
+    """Compile (and capture) the chunk step in one unseen stream; a compiler that fails here
+    (no Triton for this GPU, say) is named with the way around it, not a traceback."""
+    import torch._dynamo.exc
+
+    print("compiling the chunk step before serving...", file=sys.stderr, flush=True)
+    try:
+        seconds = pipe.warm_up()
+    except torch._dynamo.exc.TorchDynamoException as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SelfForcingError(f"compiling the chunk step failed on {pipe.device}: {reason}; "
+                               "serve with --no-compile") from error
+    print(f"compiled and warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 def _serve_compiles(args: argparse.Namespace) -> bool:

@@ -332,6 +332,13 @@ def test_a_silent_client_is_closed_after_the_idle_timeout_and_the_next_one_strea
         asyncio.run(session(address, app))
 
 
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys):
     from selfforcing.cli import main
 
@@ -351,9 +358,7 @@ def test_serve_hands_the_first_frame_over_early_with_the_kernel_asked_for(monkey
     served, warmed = [], []
     monkeypatch.setattr(server, "serve", lambda pipe, sock, options: served.append(pipe))
     monkeypatch.setattr(StreamingPipeline, "warm_up", lambda pipe: warmed.append(pipe.early_first_frame) or 0.0)
-    with socket.socket() as probe:  # a port free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     assert main(["serve", "--port", str(port), "--attention-backend", "cudnn", "--compile", "--compile-scope",
                  "blocks"]) == 0
     assert served[0].early_first_frame and served[0].model.attention_backend == "cudnn"
@@ -388,3 +393,22 @@ def test_serve_compiles_by_default_on_cuda_only(flags, device, compiles):
 
     args = build_parser().parse_args(["serve", "--device", device, *flags])
     assert _serve_compiles(args) is compiles
+
+
+def test_serve_names_a_failing_compiler_and_the_way_around_it(monkeypatch, capsys):
+    import torch._dynamo.exc
+
+    from selfforcing.cli import main
+    from selfforcing.inference import server
+    from selfforcing.inference.pipeline import StreamingPipeline
+
+    def fail(pipe):
+        raise torch._dynamo.exc.TorchDynamoException("Cannot find a working triton installation\nmore")
+
+    monkeypatch.setattr(StreamingPipeline, "warm_up", fail)
+    monkeypatch.setattr(server, "serve", lambda pipe, sock, options: pytest.fail("served uncompiled"))
+    port = free_port()
+    assert main(["serve", "--port", str(port), "--compile"]) == 2
+    err = capsys.readouterr().err
+    assert "compiling the chunk step failed on cpu: Cannot find a working triton installation; serve with " \
+           "--no-compile" in err and "Traceback" not in err
