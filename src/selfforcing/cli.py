@@ -213,26 +213,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not is_loopback(args.host):
             print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
                   file=sys.stderr)
+        asked_to_compile = args.compile
         args.compile = _serve_compiles(args)
         pipe = _load_pipeline(args, args.model or DEFAULT_MODEL)
         pipe.early_first_frame = True  # a live viewer sees the first frame after one latent frame's decode
         if args.compile:  # compile and capture now, not in the first viewer's stream
-            _warm_up_compiled(pipe)
+            _warm_up_compiled(pipe, fall_back=asked_to_compile is None)
         serve(pipe, sock, options=options)
 
 
-def _warm_up_compiled(pipe) -> None:
-    """Compile (and capture) the chunk step in one unseen stream; a compiler that fails here
-    (no Triton for this GPU, say) is named with the way around it, not a traceback."""
+def _warm_up_compiled(pipe, fall_back: bool) -> None:
+    """Compile (and capture) the chunk step in one unseen stream. A compiler that fails here
+    (no Triton for this GPU, say) is named: with ``fall_back`` (compiling was only the
+    default) the server goes on uncompiled, otherwise it stops and says how to go on."""
     import torch._dynamo.exc
 
     print("compiling the chunk step before serving...", file=sys.stderr, flush=True)
     try:
         seconds = pipe.warm_up()
     except torch._dynamo.exc.TorchDynamoException as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise SelfForcingError(f"compiling the chunk step failed on {pipe.device}: {reason}; "
-                               "serve with --no-compile") from error
+        cause = getattr(error, "inner_exception", None) or error  # inductor's own error, if it wrapped one
+        reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+        if not fall_back:
+            raise SelfForcingError(f"compiling the chunk step failed on {pipe.device} ({reason}); "
+                                   "serve with --no-compile") from error
+        print(f"warning: compiling the chunk step failed on {pipe.device} ({reason}); serving it uncompiled",
+              file=sys.stderr, flush=True)
+        pipe.uncompile()
+        return
     print(f"compiled and warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 

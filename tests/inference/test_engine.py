@@ -221,20 +221,30 @@ def test_captured_steps_read_every_input_through_their_static_buffers(scope):
     assert captured == [1, 4] and [len(step._graphs) for step in steps] == captured
 
 
-def test_a_warm_up_stream_captures_every_graph_a_stream_replays():
-    """``warm_up`` meets every state of a stream (empty cache, each fill level, the full ring),
-    so the next streams of its batch, however long, capture nothing new and are unchanged."""
-    pipes = pipelines(tiny_model(), sink_frames=1, rope_positions="relative")
+@pytest.mark.parametrize("cache_frames, lengths", [(6, [6, 9]), (7, [6, 9, 10])])
+def test_a_warm_up_stream_captures_every_graph_a_stream_replays(cache_frames, lengths):
+    """``warm_up`` meets every state of a stream from a prompt (empty cache, each fill level,
+    the full ring; also where 3-frame chunks do not divide the cache), so the next streams of
+    its batch, however long, capture nothing new and are unchanged."""
+    pipes = pipelines(tiny_model(), kv_cache_frames=cache_frames, sink_frames=1, rope_positions="relative")
     model = pipes["fast"].model
     model._compiled_steps = steps = tuple(ReplayedStep(step) for step in (model._first_chunk_step, model._step))
     try:
         assert pipes["fast"].warm_up(batch=2) > 0
-        # A 6-frame cache, 3-frame chunks: the first chunk, then 3 frames held, then the full ring.
-        assert [sorted(key[1] // 16 for key in step._graphs) for step in steps] == [[3], [6, 9]]
+        # Attended frames: the first chunk's 3; then 3 held and the chunk, 6 and the chunk, ...
+        assert [sorted(key[1] // 16 for key in step._graphs) for step in steps] == [[3], lengths]
         assert_same(latents(pipes["eager"], 24), latents(pipes["fast"], 24))
-        assert [len(step._graphs) for step in steps] == [1, 2]
+        assert [len(step._graphs) for step in steps] == [1, len(lengths)]
     finally:
-        del model._compiled_steps
+        model.drop_compiled_step()
+
+
+def test_a_warm_up_stops_at_the_rope_table_with_absolute_positions():
+    """With absolute positions a stream may not run past the RoPE table: the warm-up stops
+    at the last whole chunk it holds instead of refusing (8 positions: 6 frames, not 9)."""
+    fast = pipelines(tiny_model(rope_max_seq_len=8))["fast"]
+    fast.warm_up()
+    assert fast.stats.frames == 6
 
 
 def test_cuda_graphs_need_a_cuda_device():

@@ -326,19 +326,30 @@ class StreamingPipeline:
         else:
             self.model.compile_step(options={"freezing": True, "cpp.enable_concat_linear": True}, regional=regional)
 
+    def uncompile(self) -> None:
+        """Back to the uncompiled fast engine (after ``compile``)."""
+        self.model.drop_compiled_step()
+        self.compile_scope = None
+
     @torch.no_grad()
     def warm_up(self, latent_frames: int | None = None, batch: int = 1) -> float:
-        """Stream once, unseen, through every state a stream's chunk step meets: a chunk with an
-        empty cache, one at each fill level, one attending the full cache. A compiled step
-        compiles there, CUDA graphs are captured (one per attended length, ``CapturedStep``:
-        later streams reuse the cache buffers, so they replay them) and cuDNN picks its
-        algorithms, so that the next stream of ``batch`` runs at full speed from its first
-        chunk. ``latent_frames`` stops at the states a stream that long meets (a benchmark's
-        own length). The text is zeros of a prompt's shape, so no prompt need be known to the
-        text encoder. Returns the seconds it took."""
-        s = self.sampling
-        every_state = (-(-s.kv_cache_frames // s.frames_per_chunk) + 1) * s.frames_per_chunk
-        frames = every_state if latent_frames is None else min(latent_frames, every_state)
+        """Stream once, unseen, through every state the chunk step of a stream from a prompt
+        meets: a chunk with an empty cache, one at each fill level, one attending the full
+        cache. A compiled step compiles there, CUDA graphs are captured (one per attended
+        length, ``CapturedStep``: later streams reuse the cache buffers, so they replay them)
+        and cuDNN builds its plans (for this thread only), so that the next stream of ``batch``
+        runs at full speed from its first chunk. A re-cache switch with sink frames or a video
+        prefix may meet other lengths, each compiled or captured when first met.
+        ``latent_frames`` stops at the states a stream that long meets (a benchmark's own
+        length). The text is zeros of a prompt's shape, so no prompt need be known to the text
+        encoder. Returns the seconds it took."""
+        s, n = self.sampling, self.sampling.frames_per_chunk
+        frames = (-(-s.kv_cache_frames // n) + 1) * n
+        if latent_frames is not None:
+            frames = min(frames, latent_frames)
+        if s.rope_positions == "absolute":  # a position past the RoPE table is an error
+            frames = min(frames, self.model.config.rope_max_seq_len)
+        frames = max(frames // n, 1) * n
         zeros = torch.zeros(batch, self.text_encoder.max_length, self.text_encoder.dim, device=self.device)
         start = time.perf_counter()
         for _ in self.stream(Conditioning(self.model.encode_text(zeros)), self.video_frames(frames)):

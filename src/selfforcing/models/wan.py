@@ -681,6 +681,10 @@ class CausalWanModel(nn.Module):
             steps = (compiled(self._first_chunk_step), compiled(self._step))
         self._compiled_steps = tuple(CapturedStep(step) for step in steps) if cuda_graphs else steps
 
+    def drop_compiled_step(self) -> None:
+        """Back to the eager chunk step (where the compiler failed on this device, say)."""
+        self._compiled_steps = None
+
     def _first_chunk_step(self, x, t, text, sa) -> torch.Tensor:
         """The step of a chunk with nothing cached, compiled apart (static shapes): there the
         attended prefix is the chunk itself, and traced with the rest dynamo would fold that

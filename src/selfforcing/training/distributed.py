@@ -120,13 +120,14 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def mean_across_ranks(value: float, env: DistEnv) -> float:
-    """Average a logged scalar over ranks so every rank reports the global figure."""
+def mean_across_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Average a logged 0-d tensor over ranks, on the device (no wait for it), so every rank
+    reports the global figure."""
     if not env.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return float(t) / env.world_size
+    total = value.detach().float().clone()
+    dist.all_reduce(total)
+    return total / env.world_size
 
 
 def full_norm(value: torch.Tensor) -> torch.Tensor:

@@ -288,10 +288,11 @@ class Trainer:
             (loss / accum).backward()
             losses.append(loss.detach())
         grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
-        # The update's one wait for the device: the loss, the norm and the loss's own logs
-        # come to the host together, once the backward passes are queued (the guard needs them).
-        total, grad_norm, *values = _to_host(torch.stack(losses).mean(), grad_norm, *extra.values())
-        total = D.mean_across_ranks(total, self.env)
+        # The update's one wait for the device: the loss (averaged over ranks there), the norm
+        # and the loss's own logs come to the host together, once the backward passes are
+        # queued (the guard needs them).
+        total = D.mean_across_ranks(torch.stack(losses).mean(), self.env)
+        total, grad_norm, *values = _to_host(total, grad_norm, *extra.values())
         logs = {f"{role}_loss": total, f"{role}_grad_norm": grad_norm, **dict(zip(extra, values))}
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -412,8 +413,9 @@ class Trainer:
 
 
 def _to_host(*values: torch.Tensor) -> list[float]:
-    """0-d tensors as floats, in one copy to the host (one wait for the device)."""
-    return torch.stack([v.detach().to(values[0].device, torch.float64) for v in values]).tolist()
+    """0-d tensors as floats, in one copy to the host (one wait for the device); float32,
+    which every device has (MPS has no float64)."""
+    return torch.stack([v.detach().to(values[0].device, torch.float32) for v in values]).tolist()
 
 
 def _logged_step(line: str) -> int | None:
