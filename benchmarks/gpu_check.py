@@ -46,6 +46,7 @@ from selfforcing.bench import COMPILED_ENGINES, bench_one, random_pipeline, rand
 from selfforcing.inference.pipeline import COMPILE_SCOPES, SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import cudnn_benchmark, num_video_frames
 from selfforcing.models.wan import ATTENTION_BACKENDS
+from selfforcing.utils import synchronize
 from vae_decode import stream_seconds  # benchmarks/ is this script's directory, so on its path
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
@@ -229,8 +230,7 @@ def profile_stream(pipe, latent_frames: int, device: torch.device) -> tuple[dict
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in pipe.stream(["profile"], pipe.video_frames(latent_frames)):
-            if cuda:
-                torch.cuda.synchronize(device)
+            synchronize(device)
     timed = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()]
     timed = sorted(((k, t) for k, t in timed if t > 0), key=lambda kt: -kt[1])
     total = sum(t for _, t in timed) or 1.0
@@ -243,14 +243,13 @@ def profile_stream(pipe, latent_frames: int, device: torch.device) -> tuple[dict
 def _seconds(fn, device: torch.device, repeats: int = 10) -> tuple[float, float]:
     """Wall time of the first call of ``fn`` (which pays for any kernel selection or plan
     building at a new shape) and the mean of ``repeats`` calls after it, waiting for the device."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     start = time.perf_counter()
     fn()
-    sync(device)
+    synchronize(device)
     first, start = time.perf_counter() - start, time.perf_counter()
     for _ in range(repeats):
         fn()
-    sync(device)
+    synchronize(device)
     return first, (time.perf_counter() - start) / repeats
 
 

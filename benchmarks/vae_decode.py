@@ -17,6 +17,7 @@ import torch
 
 from selfforcing.bench import random_tiny_vae, random_wan_vae
 from selfforcing.models.vae import cudnn_benchmark, num_video_frames
+from selfforcing.utils import synchronize
 
 
 def stream_seconds(vae, latents: torch.Tensor, frames_per_chunk: int) -> float:
@@ -24,8 +25,7 @@ def stream_seconds(vae, latents: torch.Tensor, frames_per_chunk: int) -> float:
     decoder, start = vae.stream_decoder(), time.perf_counter()
     for chunk in latents.split(frames_per_chunk, dim=2):
         decoder.decode_chunk(chunk)
-    if latents.device.type == "cuda":
-        torch.cuda.synchronize(latents.device)
+    synchronize(latents.device)
     return time.perf_counter() - start
 
 

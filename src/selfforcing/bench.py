@@ -24,6 +24,7 @@ from selfforcing.errors import SelfForcingError
 from selfforcing.inference.pipeline import SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import PixelCodec, WanVAE
 from selfforcing.models.wan import CausalWanModel, WanConfig, preset
+from selfforcing.utils import synchronize
 
 if TYPE_CHECKING:
     from selfforcing.models.tiny_vae import TinyVAE
@@ -147,7 +148,7 @@ def bench_one(pipe: StreamingPipeline, latent_frames: int, repeats: int) -> Stre
     for seed in range(repeats):
         chunks = []
         for chunk in pipe.stream(["benchmark"], num_frames, seed=seed):
-            _sync(pipe.device)
+            synchronize(pipe.device)
             chunks.append(chunk.latents)
         fps.append(pipe.stats.fps)
         first.append(pipe.stats.first_frame_s)
@@ -180,11 +181,6 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
             torch._dynamo.reset()  # each compiled engine starts from scratch
     _report(_markdown(results, device, command, dit_only=preset == "mid"), output)
     return results
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -257,12 +253,12 @@ def run_train_bench(preset_name: str, device: torch.device, steps: int, output: 
             trainer = Trainer(cfg)
             trainer.train_step()  # warm-up
             trainer.step += 1
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
                 trainer.train_step()
                 trainer.step += 1
-            _sync(device)
+            synchronize(device)
             results[paradigm] = (time.perf_counter() - start) / steps
     lines = [
         *_heading(command, device, "toy preset, batch 2, 12 latent frames, chunk 3, generator + critic (DMD) "

@@ -98,6 +98,14 @@ def check_writable(path: str | Path) -> None:
         raise SelfForcingError(f"cannot write {path}: {ancestor} is not writable; choose another path")
 
 
+def synchronize(device) -> None:
+    """Wait for ``device``'s queued work (a no-op off CUDA), so that wall time counts it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def torch_device(name: str):
     """``name`` as a torch device that exists on this machine, or an error saying which do."""
     import torch

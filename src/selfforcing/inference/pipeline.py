@@ -35,7 +35,7 @@ from selfforcing.models.text_encoders import TextEncoder, negative_text, text_en
 from selfforcing.models.vae import VideoVAE, vae_from_config
 from selfforcing.models.wan import CausalWanModel, TextContext
 from selfforcing.schema import check_values
-from selfforcing.utils import atomic_path
+from selfforcing.utils import atomic_path, synchronize
 
 PIPELINE_CONFIG = "selfforcing.json"
 
@@ -341,8 +341,8 @@ class StreamingPipeline:
         runs at full speed from its first chunk. A re-cache switch with sink frames or a video
         prefix may meet other lengths, each compiled or captured when first met.
         ``latent_frames`` stops at the states a stream that long meets (a benchmark's own
-        length). The text is zeros of a prompt's shape, so no prompt need be known to the text
-        encoder. Returns the seconds it took."""
+        length). The text is the empty prompt's (zeros of a prompt's shape), so no prompt need be
+        known to the text encoder. Returns the seconds it took."""
         s, n = self.sampling, self.sampling.frames_per_chunk
         frames = (-(-s.kv_cache_frames // n) + 1) * n
         if latent_frames is not None:
@@ -350,12 +350,11 @@ class StreamingPipeline:
         if s.rope_positions == "absolute":  # a position past the RoPE table is an error
             frames = min(frames, self.model.config.rope_max_seq_len)
         frames = max(frames // n, 1) * n
-        zeros = torch.zeros(batch, self.text_encoder.max_length, self.text_encoder.dim, device=self.device)
+        empty = negative_text(self.text_encoder, "", self.device).expand(batch, -1, -1)
         start = time.perf_counter()
-        for _ in self.stream(Conditioning(self.model.encode_text(zeros)), self.video_frames(frames)):
+        for _ in self.stream(Conditioning(self.model.encode_text(empty)), self.video_frames(frames)):
             pass
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter() - start
 
     @torch.no_grad()
