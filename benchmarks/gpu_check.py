@@ -3,16 +3,17 @@
 1. Equivalence: the fast engine, compiled and captured as CUDA graphs, must give the eager
    reference loop's latents within bf16 tolerance (chunk-wise and frame-wise).
 2. Speed, in this order:
-   - the Wan VAE decode alone in each setting (``VAE_VARIANTS``, when diffusers is installed),
-     and the TAEHV tiny VAE's (``taew2_1``'s shape; the released demo's ``--use_taehv``) as
-     loaded and tuned (``TINY_VARIANTS``);
+   - with ``--vae-variant all``, the Wan VAE decode alone in each setting (``VAE_VARIANTS``,
+     when diffusers is installed; by default it decodes as the product does on CUDA, untimed
+     alone); the TAEHV tiny VAE's (``taew2_1``'s shape; the released demo's ``--use_taehv``)
+     as loaded and tuned (``TINY_VARIANTS``);
    - each SDPA backend (flash, memory-efficient, cuDNN) alone at the stream's largest
      self-attention, chunk-wise and frame-wise, on contiguous tensors and in the engine's layout;
-   - a markdown table per engine (eager, fast, fast compiled, fast + CUDA graphs) and chunk
-     size, printed row by row as they finish: DiT-only FPS, first-frame latency, DiT
-     model-FLOPs utilisation, peak memory and, for the last engine, FPS and first-frame
-     latency with the VAE decode in its fastest setting, decoding after the DiT and (a second
-     row) beside it on a side stream (``overlap_decode``), then the same two with the TAEHV
+   - a markdown table per engine (eager and fast + CUDA graphs by default; fast and fast
+     compiled on request) and chunk size, printed row by row as they finish: DiT-only FPS,
+     first-frame latency, DiT model-FLOPs utilisation, peak memory and, for the last engine,
+     FPS and first-frame latency with the VAE decode in its setting, decoding after the DiT
+     and (a second row) beside it on a side stream (``overlap_decode``), then the same two with the TAEHV
      decoder (rows ", TAEHV"; ``--decoders`` picks); the first frame is handed over
      alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does); with
      ``--attention-backend`` the fast engines put that SDPA kernel first (eager keeps torch's order);
@@ -82,6 +83,12 @@ VAE_VARIANTS = {"as loaded": (False, False, False), "cudnn.benchmark": (True, Fa
                 "cudnn.benchmark + channels_last_3d": (True, True, False),
                 "cudnn.benchmark + a chunk per call": (True, False, True),
                 "cudnn.benchmark + channels_last_3d + a chunk per call": (True, True, True)}
+# How a Wan VAE decodes on CUDA in the product (WanVAE.tune_convs, which vae_from_config applies
+# there): the fastest setting measured (third device session).
+PRODUCT_VAE_VARIANT = "cudnn.benchmark + channels_last_3d"
+# The engines a plain call runs: the reference, for the latents column, and the fastest engine
+# measured. "fast" and "fast compiled" were measured in the first two device sessions.
+DEFAULT_ENGINES = ("eager", "fast + CUDA graphs")
 
 
 def wan_vae(device: torch.device, variant: str, frames_per_chunk: int):
@@ -152,9 +159,9 @@ def tiny_decode(device: torch.device, args, start: float) -> dict[int, str]:
 
 
 def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
-    """Time the Wan VAE alone in every variant, print the table; the fastest variant per chunk
-    size (or ``--vae-variant`` for every chunk size, untimed)."""
-    if args.vae_variant is not None:
+    """With ``--vae-variant all``, time the Wan VAE alone in every variant, print the table and
+    return the fastest variant per chunk size; otherwise the one named, for every chunk size, untimed."""
+    if args.vae_variant != "all":
         return dict.fromkeys(args.frames_per_chunk, args.vae_variant)
     return variant_table("Wan VAE decode alone (video frames/s)", list(VAE_VARIANTS),
                          lambda variant, n: vae_decode_fps(device, args.latent_frames, n, variant), args, start)
@@ -254,7 +261,7 @@ def _seconds(fn, device: torch.device, repeats: int = 10) -> tuple[float, float]
 
 
 def compiled_decode(device: torch.device, args, start: float, best: dict[int, str]) -> None:
-    """Last, while the budget lasts: the VAE alone in its fastest variant with the decoder
+    """Last, while the budget lasts: the VAE alone in its setting with the decoder
     compiled (one graph per call shape and cache state; minutes of compiling on first use)."""
     print("\nWan VAE decode alone, decoder compiled (video frames/s):\n\n| frames/chunk | variant | "
           "compiled | row time (s) |\n|---|---|---|---|", flush=True)
@@ -300,7 +307,10 @@ def save_compile_cache(path: Path) -> None:
     partial.replace(path)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The check's options. Their defaults make the plain ``bash scripts/gpu_check.sh`` the one
+    call a fresh device session runs first: the reference and the fastest engine, both chunk
+    sizes, every decode row, about 8 minutes on an H100."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=420, help="skip rows once this much time has passed")
     parser.add_argument("--repeats", type=int, default=2)
@@ -308,17 +318,19 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu runs the same check (a dry run of this script)")
     parser.add_argument("--preset", default="wan2.1-1.3b", help="mid: a small shape for a dry run")
     parser.add_argument("--frames-per-chunk", type=int, nargs="+", default=[3, 1], help="3: chunk-wise, 1: frame-wise")
-    parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES), metavar="ENGINE",
-                        help="engines to run, from: " + ", ".join(ENGINES) + " (none: only the VAE decode alone)")
+    parser.add_argument("--engines", nargs="*", default=list(DEFAULT_ENGINES), choices=list(ENGINES), metavar="ENGINE",
+                        help="engines to run, from: " + ", ".join(ENGINES) + " (default: " + ", ".join(DEFAULT_ENGINES)
+                             + "; none: only the VAE decode alone)")
     parser.add_argument("--vae", choices=["none", "last", "all"], default="last",
                         help="the FPS-with-VAE-decode columns for no engine, the last one of each chunk size, or all; "
-                             "the decode runs in the fastest variant of the VAE-alone table, after the DiT and, in "
-                             "a second row, beside it (overlap_decode)")
+                             "the Wan VAE decodes in --vae-variant's setting, after the DiT and, in a second row, "
+                             "beside it (overlap_decode)")
     parser.add_argument("--decoders", nargs="*", choices=["wan", "taehv"], default=["wan", "taehv"],
                         help="decoders to time (alone, and with the DiT where --vae says): the Wan VAE, "
                              "the TAEHV tiny VAE (taew2_1's shape)")
-    parser.add_argument("--vae-variant", choices=VAE_VARIANTS, default=None,
-                        help="decode in this setting and skip timing the VAE alone in each")
+    parser.add_argument("--vae-variant", choices=[*VAE_VARIANTS, "all"], default=PRODUCT_VAE_VARIANT,
+                        help="the Wan VAE's setting (default: the product's on CUDA); all: time the VAE alone in "
+                             "each setting first and decode in the fastest")
     parser.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default=None,
                         help="the SDPA kernel the fast engines put first (default: torch's order); the eager "
                              "reference keeps torch's order")
@@ -332,7 +344,11 @@ def main() -> int:
                         help="start from the compiled code an earlier run saved (same torch and device kind)")
     parser.add_argument("--save-compile-cache", type=Path, default=None, metavar="FILE",
                         help="save the compiled code after each row, for --load-compile-cache on a fresh machine")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     device, start = torch.device(args.device), time.perf_counter()
     # A row still running well past the budget may be stuck: every thread's stack goes to stderr
     # then (and again each such interval), so a call cut off at its time limit shows where it was.

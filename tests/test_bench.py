@@ -83,14 +83,33 @@ def test_gpu_check_dry_runs_on_the_cpu():
     assert all(float(row[2].rstrip(" %")) > 0 and "attention" in row[6] for row in profiles)
 
 
-def test_gpu_check_saves_compiled_code_for_a_fresh_machine(tmp_path, capsys):
-    """--save-compile-cache writes what this process compiled (whole, compressed) and
-    --load-compile-cache reads it back; a missing or damaged file means compiling from scratch."""
+def import_gpu_check():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_check
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_check
+
+
+def test_gpu_check_plain_call_is_the_first_call_of_a_device_session():
+    """`bash scripts/gpu_check.sh` without options runs the eager reference (for the latents
+    column) and the fastest engine measured, both chunk sizes, both decoders, the Wan VAE
+    decoding as the product does on CUDA (WanVAE.tune_convs: channels-last weights, cuDNN
+    timing its algorithms, a latent frame per decoder call); timing every VAE setting alone
+    is asked for by name."""
+    gpu_check = import_gpu_check()
+    args = gpu_check.build_parser().parse_args([])
+    assert args.engines == ["eager", "fast + CUDA graphs"] and args.frames_per_chunk == [3, 1]
+    assert args.decoders == ["wan", "taehv"] and args.vae == "last" and args.preset == "wan2.1-1.3b"
+    assert gpu_check.VAE_VARIANTS[args.vae_variant] == (True, True, False)
+    assert gpu_check.build_parser().parse_args(["--vae-variant", "all"]).vae_variant == "all"
+
+
+def test_gpu_check_saves_compiled_code_for_a_fresh_machine(tmp_path, capsys):
+    """--save-compile-cache writes what this process compiled (whole, compressed) and
+    --load-compile-cache reads it back; a missing or damaged file means compiling from scratch."""
+    gpu_check = import_gpu_check()
     import torch
 
     torch.compile(lambda x: (x.sin() + 1).relu(), fullgraph=True)(torch.randn(8))
