@@ -13,8 +13,8 @@
      compiled on request) and chunk size, printed row by row as they finish: DiT-only FPS,
      first-frame latency, DiT model-FLOPs utilisation, peak memory and, for the last engine,
      FPS and first-frame latency with the VAE decode in its setting, decoding after the DiT
-     and (a second row) beside it on a side stream (``overlap_decode``), then the same two with the TAEHV
-     decoder (rows ", TAEHV"; ``--decoders`` picks); the first frame is handed over
+     and (a second row) beside it on a side stream (``overlap_decode``), then the same two
+     with the TAEHV decoder (rows ", TAEHV"; ``--decoders`` picks); the first frame is handed over
      alone, as soon as it is decoded (``early_first_frame``, as ``serve`` does); with
      ``--attention-backend`` the fast engines put that SDPA kernel first (eager keeps torch's order);
      ``--compile-scope step blocks`` gives each compiled engine a row per scope (the whole step
@@ -158,7 +158,7 @@ def tiny_decode(device: torch.device, args, start: float) -> dict[int, str]:
                          args, start)
 
 
-def fastest_decode(device: torch.device, args, start: float) -> dict[int, str]:
+def wan_decode_variants(device: torch.device, args, start: float) -> dict[int, str]:
     """With ``--vae-variant all``, time the Wan VAE alone in every variant, print the table and
     return the fastest variant per chunk size; otherwise the one named, for every chunk size, untimed."""
     if args.vae_variant != "all":
@@ -376,7 +376,7 @@ def main() -> int:
           f"`{settings + ' ' if settings else ''}bash scripts/gpu_check.sh {shlex.join(sys.argv[1:])}`\n", flush=True)
     if args.load_compile_cache is not None:
         load_compile_cache(args.load_compile_cache)
-    decode_variant = fastest_decode(device, args, start) if with_vae else {}
+    decode_variant = wan_decode_variants(device, args, start) if with_vae else {}
     tiny_variant = tiny_decode(device, args, start) if "taehv" in args.decoders else {}
     attention_backends(device, args)
     if engines:
