@@ -47,7 +47,7 @@ from selfforcing.bench import COMPILED_ENGINES, bench_one, random_pipeline, rand
 from selfforcing.inference.pipeline import COMPILE_SCOPES, SamplingConfig, StreamingPipeline
 from selfforcing.models.vae import cudnn_benchmark, num_video_frames
 from selfforcing.models.wan import ATTENTION_BACKENDS
-from selfforcing.utils import synchronize
+from selfforcing.utils import atomic_path, synchronize
 from vae_decode import stream_seconds  # benchmarks/ is this script's directory, so on its path
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
@@ -302,9 +302,8 @@ def save_compile_cache(path: Path) -> None:
     if saved is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(zlib.compress(saved[0]))
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        partial.write_bytes(zlib.compress(saved[0]))
 
 
 def build_parser() -> argparse.ArgumentParser:
