@@ -1,6 +1,7 @@
 """Atomic writes (all or nothing, with the mode a plain write would give, no leftovers of killed
 writes), output paths and devices checked before any work."""
 
+import io
 import os
 import stat
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.utils import atomic_path, check_writable, torch_device
+from selfforcing.utils import atomic_path, check_writable, progress_bar, torch_device
 
 
 def test_atomic_write_replaces_only_on_success_with_the_umask_mode(tmp_path):
@@ -59,3 +60,19 @@ def test_devices_must_exist(name, message):
     with pytest.raises(SelfForcingError, match=message):
         torch_device(name)
     assert torch_device("cpu").type == "cpu"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal,quiet,shown", [(True, False, True), (True, True, False), (False, False, False)])
+def test_progress_bars_draw_on_a_terminal_only(monkeypatch, terminal, quiet, shown):
+    """A pipe or a log file gets no bar: each redraw would add a copy of it there."""
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with progress_bar(total=3, desc="work", quiet=quiet) as bar:
+        for _ in range(3):
+            bar.update(1)
+    assert ("work" in err.getvalue()) == shown and ("3/3" in err.getvalue()) == shown

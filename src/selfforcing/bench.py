@@ -28,6 +28,7 @@ from selfforcing.utils import synchronize
 
 if TYPE_CHECKING:
     from selfforcing.models.tiny_vae import TinyVAE
+    from selfforcing.training.trainer import Trainer
 
 
 class FixedTextEncoder:
@@ -233,33 +234,11 @@ def run_train_bench(preset_name: str, device: torch.device, steps: int, output: 
     """
     import tempfile
 
-    from selfforcing.training.config import config_from_dict
-    from selfforcing.training.trainer import Trainer
-
     if preset_name != "toy":
         raise SelfForcingError("the training benchmark runs the toy preset (use a GPU config for larger models)")
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        CausalWanModel(preset("toy")).save_pretrained(Path(tmp) / "teacher")
-        for paradigm in ("self_forcing", "teacher_forcing", "diffusion_forcing"):
-            cfg = config_from_dict({
-                "name": f"bench-{paradigm}", "output_dir": str(Path(tmp) / paradigm), "steps": steps + 1,
-                "device": device.type, "model": {"preset": "toy"}, "teacher": {"path": str(Path(tmp) / "teacher")},
-                "data": {"source": "toy", "batch_size": 2, "num_frames": 12, "height": 32, "width": 32},
-                "paradigm": {"name": paradigm, "frames_per_chunk": 3}, "loss": {"name": "dmd", "generator_every": 1},
-                "logging": {"progress": False, "tensorboard": False, "checkpoint_every": 10_000},
-            })
-            trainer = Trainer(cfg)
-            trainer.train_step()  # warm-up
-            trainer.step += 1
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                trainer.train_step()
-                trainer.step += 1
-            synchronize(device)
-            results[paradigm] = (time.perf_counter() - start) / steps
+        results = {paradigm: seconds_per_iteration(toy_trainer(paradigm, Path(tmp), device), steps)
+                   for paradigm in ("self_forcing", "teacher_forcing", "diffusion_forcing")}
     lines = [
         *_heading(command, device, "toy preset, batch 2, 12 latent frames, chunk 3, generator + critic (DMD) "
                   "update every iteration"),
@@ -270,3 +249,35 @@ def run_train_bench(preset_name: str, device: torch.device, steps: int, output: 
         lines.append(f"| {name} | {sec:.3f} | {sec / results['self_forcing']:.2f}x |")
     _report("\n".join(lines), output)
     return results
+
+
+def toy_trainer(paradigm: str, root: Path, device: torch.device) -> "Trainer":
+    """A toy-preset trainer of ``paradigm`` + DMD (generator and critic every iteration, batch
+    2, 12 latent frames, chunk 3) against a random teacher saved under ``root``."""
+    from selfforcing.training.config import config_from_dict
+    from selfforcing.training.trainer import Trainer
+
+    teacher = root / "teacher"
+    if not teacher.exists():
+        torch.manual_seed(0)
+        CausalWanModel(preset("toy")).save_pretrained(teacher)
+    return Trainer(config_from_dict({
+        "name": f"bench-{paradigm}", "output_dir": str(root / paradigm), "steps": 10**9,
+        "device": device.type, "model": {"preset": "toy"}, "teacher": {"path": str(teacher)},
+        "data": {"source": "toy", "batch_size": 2, "num_frames": 12, "height": 32, "width": 32},
+        "paradigm": {"name": paradigm, "frames_per_chunk": 3}, "loss": {"name": "dmd", "generator_every": 1},
+        "logging": {"progress": False, "tensorboard": False, "checkpoint_every": 10**9},
+    }))
+
+
+def seconds_per_iteration(trainer: "Trainer", steps: int) -> float:
+    """Mean wall time of ``steps`` training iterations, after one untimed warm-up iteration."""
+    trainer.train_step()  # warm-up
+    trainer.step += 1
+    synchronize(trainer.env.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+        trainer.step += 1
+    synchronize(trainer.env.device)
+    return (time.perf_counter() - start) / steps

@@ -18,9 +18,10 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from selfforcing import threads
 from selfforcing.errors import SelfForcingError, describe
 from selfforcing.schema import AT_LEAST_ONE, POSITIVE, SEED, Range
-from selfforcing.utils import check_writable
+from selfforcing.utils import check_writable, progress_bar
 from selfforcing.utils import torch_device as _device
 
 # The shipped Self Forcing + DMD toy-world model (see docs/RESULTS.md for how it was trained).
@@ -101,9 +102,12 @@ def _add_attention_backend_argument(parser: argparse.ArgumentParser) -> None:
                              "than flash")
 
 
+DEVICE_HELP = "where the model runs: cpu, cuda or cuda:N (default cpu)"
+
+
 def _add_model_loading_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``_load_pipeline`` reads besides the model: device, precision, decoder."""
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="weights' precision; auto: bfloat16 on CUDA (as the paper's inference), float32 elsewhere")
     parser.add_argument("--text-encoder-device", default=None,
@@ -144,7 +148,6 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
-    from tqdm import tqdm
 
     from selfforcing.inference.video import check_mp4_output, mp4_writer, read_mp4
     from selfforcing.models.text_encoders import validate_prompts
@@ -172,8 +175,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     num_frames = args.frames or pipe.video_frames(21, prefix)
     pipe.latent_frames(num_frames, prefix)  # validate before creating any output
     frames = []
-    with mp4_writer(args.output, pipe.sampling.fps) as writer, tqdm(
-        total=num_frames, unit="frame", desc="generating", disable=args.quiet
+    with mp4_writer(args.output, pipe.sampling.fps) as writer, progress_bar(
+        total=num_frames, unit="frame", desc="generating", quiet=args.quiet
     ) as bar:
         for chunk in pipe.stream([args.prompt], num_frames, seed=args.seed, initial_latents=initial):
             writer.write(chunk.frames[0])
@@ -271,7 +274,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     import logging
 
     from selfforcing.training import distributed
-    from selfforcing.training.config import load_config
+    from selfforcing.training.config import check_model_paths, load_config
     from selfforcing.training.trainer import Trainer
 
     if args.world_size is not None and not args.dry_run:
@@ -285,6 +288,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, overrides=_overrides(args.set))
+    check_model_paths(cfg, args.config)
     trainer = Trainer(cfg)
     try:
         history = trainer.train(resume=args.resume)
@@ -300,12 +304,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_dmd_probe(args: argparse.Namespace) -> None:
     from selfforcing.eval.dmd_probe import probe_dmd
-    from selfforcing.training.config import load_config
+    from selfforcing.training.config import check_model_paths, load_config
     from selfforcing.training.trainer import Trainer
 
     cfg = load_config(args.config, overrides=_overrides(args.set))
     if cfg.loss.name != "dmd":
         raise SelfForcingError(f"{args.config}: dmd-probe needs a DMD config; its loss is {cfg.loss.name!r}")
+    check_model_paths(cfg, args.config)
     trainer = Trainer(cfg)
     if args.resume:
         trainer.resume()
@@ -444,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="stream a video from a text prompt into an mp4")
-    g.add_argument("prompt")
-    g.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
+    g.add_argument("prompt", help="what the video shows, e.g. \"a red circle bouncing on a dark blue background\"")
+    g.add_argument("-o", "--output", type=Path, default=Path("out.mp4"),
+                   help="the mp4 to write, replaced only once complete (default out.mp4)")
     g.add_argument("--strip", type=Path, default=None, metavar="PNG",
                    help="also write every frame side by side into this image (the whole clip at a glance)")
     g.add_argument("--frames", type=_positive_int, default=None,
@@ -455,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None, help="video width in pixels (default: the model's)")
     g.add_argument("--extend", type=Path, default=None, help="continue this mp4 (its frames fill the KV cache)")
-    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--seed", type=_seed, default=0, help="noise seed: the same seed gives the same video (default 0)")
     _add_model_loading_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--compile", action="store_true",
@@ -470,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     v.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    v.add_argument("--port", type=_port, default=8000)
+    v.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (default 8000)")
     v.add_argument("--max-streams", type=_positive_int, default=1, help="concurrent streams; more clients are told busy")
     v.add_argument("--idle-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
                    help="close a connection that streams nothing for this long, freeing its slot (default 60)")
@@ -491,20 +497,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="toy | mid | wan2.1-1.3b, built with random weights (speed does not depend on weight values)")
     b.add_argument("--engines", nargs="+", default=["fast"], choices=["eager", "fast", "fast+compile", "fast+graphs"],
                    help="streaming engines to compare in one run (eager: the reference loop; fast+graphs: CUDA only)")
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--device", default="cpu", help=DEVICE_HELP)
     _add_attention_backend_argument(b)
     b.add_argument("--compile-scope", nargs="+", choices=COMPILE_SCOPE_NAMES, default=None,
                    help="what the compiled engines compile, a row each: the whole chunk step, one block for all "
                         "(default: the device's default, as --compile in generate)")
-    b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1])
-    b.add_argument("--latent-frames", type=_positive_int, default=21)
-    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--frames-per-chunk", type=_positive_int, nargs="+", default=[3, 1],
+                   help="latent frames per chunk, a row each (default 3 1: chunk-wise and frame-wise)")
+    b.add_argument("--latent-frames", type=_positive_int, default=21, help="latent frames per stream (default 21)")
+    b.add_argument("--repeats", type=_positive_int, default=3,
+                   help="timed streams (or training iterations) per row; the median is shown (default 3)")
     b.add_argument("--training", action="store_true",
                    help="time training iterations of Self Forcing vs Teacher / Diffusion Forcing (+ DMD) instead")
     b.add_argument("--append", type=Path, default=None, help="append the result table to this markdown file")
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train from a YAML experiment config (use torchrun for several processes)")
-    t.add_argument("config", type=Path)
+    t.add_argument("config", type=Path, help="experiment config, e.g. configs/toy/sf_dmd.yaml")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set steps=10 (repeatable)")
@@ -522,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe the latest checkpoint in the config's output_dir (default: the starting point)")
     p.add_argument("--videos", type=_positive_int, default=16, help="student videos to probe")
     p.add_argument("--draws", type=_positive_int, default=8, help="score draws (timestep, noise) per video")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the probed videos and draws (default 0)")
     p.set_defaults(func=cmd_dmd_probe)
 
     o = sub.add_parser("ode-pairs", help="sample the teacher with CFG and store its states at the few-step timesteps")
@@ -531,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", type=Path, default=None, help="output .safetensors file (default: data.path)")
     o.add_argument("--steps", type=_positive_int, default=None,
                    help="Euler steps of the teacher sampler (default: loss.ode_sampling_steps, else 48)")
-    o.add_argument("--batch-size", type=_positive_int, default=8)
+    o.add_argument("--batch-size", type=_positive_int, default=8, help="prompts sampled at once (default 8)")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
     o.set_defaults(func=cmd_ode_pairs)
 
@@ -541,10 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_number(int, Range(2, name="at least 2 (FD needs covariances)")), default=32,
                    help="number of videos")
     e.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: training length)")
-    e.add_argument("--seed", type=_seed, default=0)
+    e.add_argument("--seed", type=_seed, default=0, help="noise seed of the generated videos (default 0)")
     e.add_argument("--window", type=_positive_int, default=4, help="frames per window of the windowed metrics (FD)")
-    e.add_argument("--batch-size", type=_positive_int, default=8)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="videos generated at once (default 8)")
+    e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--shapes", nargs="+", default=None,
                    help="shapes of the held-out scenes (default: circle square triangle, the trained ones; "
                         "ring: a shape the shipped models never saw)")
@@ -565,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("experiment", help="train and evaluate every method of an experiment plan (the paper's table)")
-    x.add_argument("plan", type=Path)
+    x.add_argument("plan", type=Path, help="experiment plan, e.g. configs/experiments/toy_table2.yaml")
     x.add_argument("--preset", default="cpu", help="scale of the run, as the plan defines (micro, cpu, gpu)")
     x.add_argument("--only", nargs="+", default=None, help="run only these methods (and the shared stages they start from)")
     x.add_argument("-o", "--output", type=Path, default=None, help="root directory (default: the plan's)")
@@ -576,11 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     toy = dsub.add_parser("toy", help="write a procedurally generated toy-world dataset")
-    toy.add_argument("--out", type=Path, required=True)
-    toy.add_argument("--n", type=_positive_int, required=True)
-    toy.add_argument("--frames", type=_positive_int, default=16)
-    toy.add_argument("--size", type=_positive_int, default=32)
-    toy.add_argument("--seed", type=_seed, default=0)
+    toy.add_argument("--out", type=Path, required=True, help="directory to write the videos and captions to")
+    toy.add_argument("--n", type=_positive_int, required=True, help="number of videos")
+    toy.add_argument("--frames", type=_positive_int, default=16, help="frames per video (default 16)")
+    toy.add_argument("--size", type=_positive_int, default=32, help="height and width in pixels (default 32)")
+    toy.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0, the training data's)")
     toy.add_argument("--shapes", nargs="+", default=None,
                      help="shapes to draw (default: circle square triangle; ring: a shape the shipped models "
                           "never saw)")
@@ -589,19 +597,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "never saw)")
     toy.set_defaults(func=cmd_data_toy)
     enc = dsub.add_parser("encode", help="encode a folder of captioned videos to a latent cache (data.source: latents)")
-    enc.add_argument("folder", type=Path)
-    enc.add_argument("--out", type=Path, required=True)
+    enc.add_argument("folder", type=Path, help="folder of videos, each captioned by NAME.txt beside it or a captions.jsonl")
+    enc.add_argument("--out", type=Path, required=True, help="directory of the latent cache to write")
     enc.add_argument("--frames", type=_positive_int, required=True, help="video frames per clip")
-    enc.add_argument("--height", type=_positive_int, required=True)
-    enc.add_argument("--width", type=_positive_int, required=True)
+    enc.add_argument("--height", type=_positive_int, required=True, help="pixels; clips are centre-cropped and resized to it")
+    enc.add_argument("--width", type=_positive_int, required=True, help="pixels; clips are centre-cropped and resized to it")
     enc.add_argument("--wan-vae", type=Path, default=None, help="a diffusers Wan VAE directory (default: pixel codec)")
     enc.add_argument("--pixel-patch", type=_positive_int, default=2, help="pixel codec space-to-depth factor")
-    enc.add_argument("--device", default="cpu")
-    enc.add_argument("--overwrite", action="store_true")
+    enc.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    enc.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     enc.set_defaults(func=cmd_data_encode)
     tp = dsub.add_parser("toy-prompts", help="write toy-world captions, one per line (for ode-pairs / prompt data)")
-    tp.add_argument("--out", type=Path, required=True)
-    tp.add_argument("--n", type=_positive_int, required=True)
+    tp.add_argument("--out", type=Path, required=True, help="text file to write")
+    tp.add_argument("--n", type=_positive_int, required=True, help="number of prompts")
     tp.add_argument("--seed", type=_seed, default=1, help="scene seed (training data uses 0)")
     tp.add_argument("--shapes", nargs="+", default=None, help="shapes of the scenes (as data toy)")
     tp.add_argument("--colors", nargs="+", default=None, help="object colours of the scenes (as data toy)")
@@ -613,8 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("-o", "--output", type=Path, required=True, help="cache file to write (.safetensors)")
     ep.add_argument("--negative-prompt", default=None,
                     help="also cached, for CFG (default: Wan2.1's standard negative prompt; \"\" for none)")
-    ep.add_argument("--batch-size", type=_positive_int, default=16)
-    ep.add_argument("--device", default="cpu")
+    ep.add_argument("--batch-size", type=_positive_int, default=16, help="prompts encoded at once (default 16)")
+    ep.add_argument("--device", default="cpu", help=DEVICE_HELP)
     ep.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="storage type of the embeddings")
     ep.add_argument("--max-length", type=_positive_int, default=512, help="UMT5 tokens per prompt (Wan: 512)")
     ep.set_defaults(func=cmd_data_encode_prompts)
@@ -622,12 +630,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every (sub)command takes ``--debug``; a usage error is one line, like every other user error."""
+    """Every (sub)command takes ``--debug`` and ``--threads``; a usage error is one line, like every other user error."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="on an internal error, print the traceback")
+        self.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+                          help="CPU threads of torch's operators (default: OMP_NUM_THREADS if set, else the "
+                               "cores that other programs leave free, re-read as the command runs)")
 
     def error(self, message: str):
         raise SelfForcingError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -663,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             args.command_line = ["selfforcing", *(sys.argv[1:] if argv is None else argv)]  # for reports
             debug = getattr(args, "debug", False)
-            args.func(args)
+            with threads.policy(getattr(args, "threads", None)):
+                args.func(args)
         except SelfForcingError as e:
             return _fail(2, f"error: {e}", debug)
         except Terminated:

@@ -98,6 +98,14 @@ def check_writable(path: str | Path) -> None:
         raise SelfForcingError(f"cannot write {path}: {ancestor} is not writable; choose another path")
 
 
+def progress_bar(*args, quiet: bool = False, **kwargs):
+    """A tqdm bar on a terminal. Off with ``quiet``, and where stderr is piped or redirected:
+    there each redraw would add a copy of the bar to the log instead of replacing it."""
+    from tqdm import tqdm
+
+    return tqdm(*args, disable=True if quiet else None, **kwargs)  # None: off unless stderr is a TTY
+
+
 def synchronize(device) -> None:
     """Wait for ``device``'s queued work (a no-op off CUDA), so that wall time counts it."""
     import torch

@@ -49,6 +49,13 @@ def test_euler_cfg_reaches_the_guided_point_mass():
     assert torch.allclose(out, uncond + 3.0 * (cond - uncond), atol=1e-4)
 
 
+def test_euler_calls_on_step_once_per_step_after_it():
+    schedule, calls = FlowMatchSchedule(shift=1.0), []
+    euler_sample_cfg(lambda x, t, c: torch.zeros_like(x), torch.ones(1, 2), schedule, num_steps=6,
+                     on_step=lambda: calls.append(len(calls)))
+    assert calls == list(range(6))
+
+
 def test_few_step_denoise_grad_only_at_the_exit_step():
     target = torch.full((1, 2, 1, 2, 2), 0.7)
     weight = torch.ones((), requires_grad=True)

@@ -7,9 +7,10 @@ import pytest
 
 from factories import tiny_config
 from selfforcing.errors import SelfForcingError
-from selfforcing.training.config import config_from_dict, load_config
+from selfforcing.training.config import SHIPPED_MODELS, check_model_paths, config_from_dict, load_config
 
-CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs", "toy").glob("*.yaml"))  # training configs
+TOY = Path(__file__).parents[2] / "configs" / "toy"
+CONFIGS = sorted(TOY.glob("*.yaml"))  # training configs
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -97,3 +98,22 @@ def test_missing_or_unparsable_config_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: 1\nb: [1, 2")
     with pytest.raises(SelfForcingError, match="cannot parse .*bad.yaml: line 2, column 9: expected ',' or ']'"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_missing_starting_model_names_the_run_that_writes_it_and_the_shipped_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's relative outputs/ paths exist nowhere here
+    config = TOY / "tf.yaml"
+    with pytest.raises(SelfForcingError) as missing:
+        check_model_paths(load_config(config), config)
+    assert str(missing.value) == (
+        f"model.path outputs/toy/teacher/model in {config} does not exist; `selfforcing train {TOY / 'teacher.yaml'}` "
+        f"writes it, or start from the shipped model of that run: --set model.path={SHIPPED_MODELS / 'toy-teacher'}")
+    check_model_paths(load_config(config, {"model": {"path": str(SHIPPED_MODELS / "toy-teacher")}}), config)
+
+    with pytest.raises(SelfForcingError, match=r"teacher.path outputs/toy/teacher/model .* does not exist; "
+                                               r"`selfforcing train .*teacher.yaml` writes it, or start from"):
+        check_model_paths(load_config(TOY / "ode_init.yaml"), TOY / "ode_init.yaml", roles=("teacher",))
+    # a run of ours with no shipped model: the command alone
+    with pytest.raises(SelfForcingError, match=r"ode_init/model in .* does not exist; `selfforcing train "
+                                               r".*ode_init.yaml` writes it$"):
+        check_model_paths(load_config(TOY / "sf_dmd.yaml"), TOY / "sf_dmd.yaml")

@@ -80,6 +80,15 @@ def test_logged_figures_are_window_means_and_include_the_generator(tmp_path, tea
     assert logged[1]["critic_loss"] == pytest.approx((history[2]["critic_loss"] + history[3]["critic_loss"]) / 2)
 
 
+def test_a_run_shorter_than_log_every_logs_its_last_step(tmp_path, teacher_dir):
+    trainer = make(tmp_path, teacher_dir, loss={"name": "dmd", "generator_every": 1}, steps=3,
+                   logging={"log_every": 10, "progress": False, "tensorboard": False})
+    history = trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [3]
+    assert logged[0]["critic_loss"] == pytest.approx(sum(h["critic_loss"] for h in history) / 3)
+
+
 def test_ema_follows_the_student(tmp_path, teacher_dir):
     trainer = make(tmp_path, teacher_dir, loss={"name": "dmd", "generator_every": 1}, optim={"ema_decay": 0.5})
     initial = {k: v.clone() for k, v in trainer.ema.average.items()}

@@ -32,11 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
-
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.vae import VideoVAE
-from selfforcing.utils import atomic_path
+from selfforcing.utils import atomic_path, progress_bar
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".npy")
 CAPTIONS_FILE = "captions.jsonl"
@@ -225,7 +223,7 @@ def encode_video_folder(
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
     writer = _ShardWriter(out_dir, shard_size, dtype)
-    with torch.no_grad(), tqdm(total=len(items), unit="video", desc="encoding", disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=len(items), unit="video", desc="encoding", quiet=not progress) as bar:
         for batch in _batches(items, batch_size):
             videos = torch.stack([to_model_video(read_video(path, num_frames), height, width, device)
                                   for path, _ in batch])

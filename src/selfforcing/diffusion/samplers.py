@@ -60,6 +60,7 @@ def euler_sample_cfg(
     num_steps: int = 50,
     guidance_scale: float = 3.0,
     record_at: torch.Tensor | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Integrate the probability-flow ODE from ``noise`` (sigma = 1) to sigma = 0 with Euler steps.
 
@@ -67,7 +68,7 @@ def euler_sample_cfg(
     classifier-free guidance mixes them as ``v_u + w (v_c - v_u)``. ``guidance_scale == 1``
     skips the unconditional pass. With ``record_at`` (timesteps that must lie on the Euler
     grid), also returns the states there, stacked on dim 1: the ODE pairs of the paper's
-    initialisation.
+    initialisation. ``on_step()`` is called after each Euler step (a progress bar's update).
     """
     timesteps = torch.cat([schedule.sampling_timesteps(num_steps), torch.zeros(1)]).to(noise.device)
     record = [] if record_at is None else [_grid_index(timesteps, t) for t in record_at.tolist()]
@@ -81,6 +82,8 @@ def euler_sample_cfg(
         if guidance_scale != 1.0:
             v = cfg_flow(v, model_fn(x, tb, False), guidance_scale)
         x = x + (schedule.sigma(t_next) - schedule.sigma(t)) * v
+        if on_step is not None:
+            on_step()
     return x if record_at is None else (x, torch.stack(states, dim=1))
 
 

@@ -4,6 +4,7 @@ them against real toy-world clips of the same scenes, frame by frame."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from selfforcing.errors import SelfForcingError
 from selfforcing.eval.metrics import evaluate_videos
 from selfforcing.eval.report import write_report, write_sample_strips
 from selfforcing.inference.pipeline import StreamingPipeline
+from selfforcing.utils import progress_bar
 
 EVAL_SEED = 2  # scene seed of held-out prompts (training draws seed 0, ODE-pair prompts seed 1)
 SAMPLE_ROWS = 3  # prompts shown in samples.png
@@ -28,20 +30,29 @@ def generate_videos(pipe: StreamingPipeline, prompts: list[str], num_frames: int
     """(N, T, H, W, 3) uint8, generated in batches with the streaming pipeline (or, with
     ``teacher_steps``, the bidirectional many-step sampler), and the throughput in video frames
     per second over all batches."""
-    def batch(i: int) -> torch.Tensor:
+    def batch(i: int) -> Iterator[torch.Tensor]:
         if teacher_steps is None:
-            return pipe.generate(prompts[i:i + batch_size], num_frames, seed=seed + i)
-        return pipe.generate_bidirectional(prompts[i:i + batch_size], num_frames, teacher_steps, guidance_scale,
-                                           seed=seed + i)
+            return (c.frames for c in pipe.stream(prompts[i:i + batch_size], num_frames, seed=seed + i))
+        return iter([pipe.generate_bidirectional(prompts[i:i + batch_size], num_frames, teacher_steps,
+                                                 guidance_scale, seed=seed + i)])
 
-    return _in_batches(batch, len(prompts), batch_size)
+    return _in_batches(batch, len(prompts), num_frames, batch_size)
 
 
-def _in_batches(batch, count: int, batch_size: int) -> tuple[torch.Tensor, float]:
-    """``batch(i)`` (the videos from index i on, ``batch_size`` of them) over all ``count``
-    videos, concatenated, and the throughput in video frames per second."""
+def _in_batches(batch, count: int, num_frames: int, batch_size: int) -> tuple[torch.Tensor, float]:
+    """``batch(i)`` (the chunks of the videos from index i on, ``batch_size`` of them, each
+    (B, t, H, W, 3)) over all ``count`` videos of ``num_frames``, concatenated, and the throughput
+    in video frames per second. A progress bar counts the frames made."""
     start = time.perf_counter()
-    videos = torch.cat([batch(i) for i in range(0, count, batch_size)])
+    videos = []
+    with progress_bar(total=count * num_frames, unit="frame", desc=f"generating {count} videos") as bar:
+        for i in range(0, count, batch_size):
+            chunks = []
+            for chunk in batch(i):
+                chunks.append(chunk)
+                bar.update(chunk.shape[0] * chunk.shape[1])
+            videos.append(torch.cat(chunks, dim=1))
+    videos = torch.cat(videos)
     return videos, videos.shape[0] * videos.shape[1] / (time.perf_counter() - start)
 
 
@@ -62,16 +73,15 @@ def generate_from_real_context(pipe: StreamingPipeline, prompts: list[str], real
     pipe.latent_frames(real.shape[1])  # a clear error for a length the stream cannot make in whole chunks
     n = pipe.sampling.frames_per_chunk
 
-    def batch(i: int) -> torch.Tensor:
+    def batch(i: int) -> Iterator[torch.Tensor]:
         latents = pipe.encode_video(real[i:i + batch_size])
         generator = torch.Generator(pipe.device).manual_seed(seed + i)
-        chunks = []
         for start in range(0, real.shape[1], n):
             prefix = latents[:, :, :start] if start else None
-            chunks += [c.frames for c in pipe.stream(prompts[i:i + batch_size], n, generator, initial_latents=prefix)]
-        return torch.cat(chunks, dim=1)
+            yield from (c.frames for c in pipe.stream(prompts[i:i + batch_size], n, generator,
+                                                     initial_latents=prefix))
 
-    return _in_batches(batch, len(prompts), batch_size)
+    return _in_batches(batch, len(prompts), real.shape[1], batch_size)
 
 
 def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_frames: int | None = None,

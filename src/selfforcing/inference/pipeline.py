@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from selfforcing import threads
 from selfforcing.diffusion.samplers import euler_sample_cfg
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
@@ -407,7 +408,8 @@ class StreamingPipeline:
             # The continuation decodes as the rest of one video: the decoder's causal caches
             # must hold the video to extend (its frames are not yielded again).
             decoder.decode_chunk(initial_latents.to(device))
-        with self._stream_cache(chunk_shape) as cache:
+        with self._stream_cache(chunk_shape) as cache, threads.stream():
+            threads.adapt(device)  # and after each chunk: the cores other work leaves free
             chunks = rollout(
                 self.model, conditioning, cache, self.schedule, timesteps, chunk_shape, num_chunks,
                 generator=generator, context_t=s.context_noise,
@@ -420,6 +422,7 @@ class StreamingPipeline:
                 yield VideoChunk(index, stats.frames, frames, x0)
                 stats.frames += frames.shape[1]
                 stats.elapsed_s = time.perf_counter() - start
+                threads.adapt(device)
 
     def _decoded(self, chunks: Iterator[torch.Tensor], decoder,
                  video_start: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

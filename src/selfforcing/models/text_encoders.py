@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from selfforcing.errors import SelfForcingError
-from selfforcing.utils import atomic_path
+from selfforcing.utils import atomic_path, progress_bar
 
 # Wan2.1's standard negative prompt, used by its own samplers and the official Self-Forcing configs.
 WAN_NEGATIVE_PROMPT = (
@@ -292,8 +292,6 @@ def write_text_cache(
     batch at a time, so a cache far larger than memory can be written; the file appears at
     ``path`` only when complete.
     """
-    from tqdm import tqdm
-
     validate_prompts(prompts, allow_empty=True)
     _check_positive_int("batch_size", batch_size)
     if dtype not in _SAFETENSORS_DTYPES:
@@ -319,8 +317,8 @@ def write_text_cache(
         )
     lengths: list[int] = []
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as out, tqdm(
-            total=len(unique), unit="prompt", desc="encoding prompts", disable=not progress
+        with atomic_path(path) as tmp, open(tmp, "wb") as out, progress_bar(
+            total=len(unique), unit="prompt", desc="encoding prompts", quiet=not progress
         ) as bar:
             out.seek(8 + reserved + 8 * len(unique))
             for start in range(0, len(unique), batch_size):

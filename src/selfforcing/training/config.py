@@ -224,6 +224,52 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     return config_from_dict(merge_overrides(data or {}, overrides or {}))
 
 
+# The models shipped in the package, each named after the run of a config in configs/toy that made it.
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def check_model_paths(cfg: TrainConfig, config_path: Path,
+                      roles: tuple[str, ...] = ("model", "teacher", "critic")) -> None:
+    """Refuse, before anything loads, a model of ``roles`` that a config starts from and that is
+    not there, and say where it comes from: the config beside this one whose run writes it
+    (``output_dir/model``), and the shipped model of that run, if the package has one."""
+    for role in roles:
+        source = getattr(cfg, role)
+        value = None if source is None else source.path
+        if value is None or Path(value).exists():
+            continue
+        key = f"{role}.path"
+        message = f"{key} {value} in {config_path} does not exist"
+        producer = _config_writing(Path(value), config_path.parent)
+        if producer is not None:
+            message += f"; `selfforcing train {producer[0]}` writes it"
+            shipped = SHIPPED_MODELS / producer[1]
+            if shipped.is_dir():
+                message += f", or start from the shipped model of that run: --set {key}={_shown(shipped)}"
+        raise SelfForcingError(message)
+
+
+def _config_writing(model_dir: Path, folder: Path) -> tuple[Path, str] | None:
+    """The config in ``folder`` whose run exports ``model_dir``, with its run name."""
+    for candidate in sorted(folder.glob("*.yaml")):
+        try:
+            data = yaml.safe_load(candidate.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("output_dir"), str) \
+                and Path(data["output_dir"]) / "model" == model_dir:
+            return candidate, str(data.get("name"))
+    return None
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory where it lies below it (shorter to type)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
     """PyYAML's message spans several lines with a source excerpt: keep the place and the problem."""
     mark = getattr(error, "problem_mark", None)

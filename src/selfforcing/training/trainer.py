@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from selfforcing import threads
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
 from selfforcing.models import lora
@@ -36,7 +37,7 @@ from selfforcing.training.ema import TrainableEMA
 from selfforcing.training.losses.gan import DiscriminatorHead
 from selfforcing.training.objective import Batch, Objective, Rngs
 from selfforcing.training.paradigms.ode import OdePairs
-from selfforcing.utils import atomic_path, check_writable
+from selfforcing.utils import atomic_path, check_writable, progress_bar
 
 log = logging.getLogger("selfforcing.train")
 METRICS_FILE = "metrics.jsonl"
@@ -158,13 +159,12 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self.resume()
-        from tqdm import tqdm
-
         writer = self._tensorboard()
         history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="it", desc=cfg.name,
-                   disable=not (cfg.logging.progress and self.env.is_main))
+        bar = progress_bar(total=cfg.steps, initial=self.step, unit="it", desc=cfg.name,
+                           quiet=not (cfg.logging.progress and self.env.is_main))
         while self.step < cfg.steps:
+            threads.adapt(self.env.device)  # the cores other work leaves free
             start = time.perf_counter()
             self._set_learning_rates()
             logs = self.train_step()
@@ -173,8 +173,9 @@ class Trainer:
             history.append(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
-            if self.step % cfg.logging.log_every == 0:
-                self._log_metrics(window_means(history[-cfg.logging.log_every:]), writer)
+            since_logged = self.step % cfg.logging.log_every
+            if since_logged == 0 or self.step == cfg.steps:  # the last step too: a short run logs its figures
+                self._log_metrics(window_means(history[-(since_logged or cfg.logging.log_every):]), writer)
             if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                 frames = self.sample_video(self._sample_prompt())  # collective under FSDP: every rank samples
                 if writer is not None:

@@ -7,32 +7,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from selfforcing import threads
 from selfforcing.diffusion.samplers import euler_sample_cfg
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.text_encoders import negative_text
 from selfforcing.models.wan import BlockCausal, CausalWanModel
 from selfforcing.training.losses.ode import ode_regression_loss
-from selfforcing.utils import atomic_path, check_writable
+from selfforcing.utils import atomic_path, check_writable, progress_bar
 
 
 @torch.no_grad()
 def teacher_trajectories(
     teacher: CausalWanModel, text: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, ...],
     schedule: FlowMatchSchedule, timesteps: torch.Tensor, num_steps: int, guidance_scale: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """(B, S+1, C, F, h, w): states at the S few-step ``timesteps``, then the clean endpoint."""
+    """(B, S+1, C, F, h, w): states at the S few-step ``timesteps``, then the clean endpoint
+    (``on_step()`` after each Euler step)."""
     cond, neg = teacher.encode_text(text), teacher.encode_text(uncond.expand_as(text))
     noise = torch.randn(shape, generator=generator, device=text.device)
     x0, states = euler_sample_cfg(
         lambda x, t, c: teacher(x, t, cond if c else neg), noise, schedule, num_steps, guidance_scale,
-        record_at=timesteps,
+        record_at=timesteps, on_step=on_step,
     )
     return torch.cat([states, x0[:, None]], dim=1)
 
@@ -92,11 +95,9 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
     ``loss.negative_prompt``; the states are stored at the config's few-step timesteps, which
     must lie on that grid (the official recipe: shift 8, 48 steps, CFG 6, states 0/12/24/36).
     """
-    from tqdm import tqdm
-
     from selfforcing.data.prompts import read_prompts
     from selfforcing.training import loading
-    from selfforcing.training.config import load_config
+    from selfforcing.training.config import check_model_paths, load_config
 
     cfg = load_config(config_path, overrides=overrides)
     if cfg.teacher is None:
@@ -106,6 +107,7 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
         raise SelfForcingError(f"{config_path} has no data.path to write the pairs to: pass -o PAIRS.safetensors")
     output = Path(output or cfg.data.path)
     check_writable(output)  # before the teacher samples for minutes
+    check_model_paths(cfg, Path(config_path), roles=("teacher",))  # the one model it reads
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     prompts = read_prompts(prompts_path)
     text_encoder = loading.load_text_encoder(cfg, device)
@@ -119,10 +121,15 @@ def make_ode_pairs(config_path: str | Path, prompts_path: str | Path, output: st
               cfg.data.height // vae.spatial_ratio, cfg.data.width // vae.spatial_ratio)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     trajectories = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="ode pairs", unit="batch"):
-        batch = prompts[start:start + batch_size]
-        text = text_encoder.encode(batch).to(device)
-        trajectories.append(teacher_trajectories(teacher, text, uncond, (len(batch), *latent), schedule, timesteps,
-                                                 num_steps, cfg.loss.guidance_scale, generator).cpu())
+    batches = range(0, len(prompts), batch_size)
+    with progress_bar(total=len(batches) * num_steps, unit="step", desc=f"ode pairs, {len(prompts)} prompts") as bar:
+        for start in batches:  # each batch of prompts, num_steps teacher steps
+            threads.adapt(device)  # the cores other work leaves free
+            batch = prompts[start:start + batch_size]
+            text = text_encoder.encode(batch).to(device)
+            trajectories.append(teacher_trajectories(teacher, text, uncond, (len(batch), *latent), schedule,
+                                                     timesteps, num_steps, cfg.loss.guidance_scale, generator,
+                                                     on_step=bar.update).cpu())
+            bar.set_postfix_str(f"{min(start + batch_size, len(prompts))}/{len(prompts)} prompts")
     save_pairs(output, torch.cat(trajectories), prompts, timesteps.cpu())
     return output

@@ -1,0 +1,180 @@
+"""Intra-op CPU threads: as many as the cores that other work leaves free, re-read as a command runs.
+
+Why (docs/PERFORMANCE.md, "Threads on a shared machine"): torch's OpenMP threads meet at a
+barrier after every parallel region. On an idle 2-core machine two threads beat one in every
+workload measured, from the toy stream to the ``mid`` preset (1.3-1.9x). With one core busy
+with another program, the thread that shares its core is preempted for whole scheduler slices
+while the other waits, and two threads lost to one in every workload, by 1.6x (``mid``) to 4x
+(toy frame-wise). So the count follows the load, not the model's size: on the CPU, each stream
+or training loop uses the cores that other processes leave free, read from ``/proc/stat`` over
+the last quarter of a second or more, and re-read at each chunk or step. On CUDA and MPS torch's
+own default stands (the host threads only launch kernels).
+
+``--threads N`` fixes the count, and so does ``OMP_NUM_THREADS`` where it is set. A thread
+count changes what torch computes by float rounding at most (the shipped model's latents: the
+same at batch 1, 2e-5 apart at batch 2; a test bounds it), so the policy changes speed, not
+what a video shows; fix the count for bit-exact reruns under different loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from typing import Iterator, NamedTuple
+
+# A window shorter than this reads too few of /proc/stat's 10 ms ticks to tell a light load
+# (the server at a third of a core that made two threads 8x slower) from none.
+MIN_WINDOW_S = 0.25
+# A window longer than this (a server between viewers) no longer says what the load is now.
+MAX_WINDOW_S = 10.0
+# Other work of less than this many cores (the machine's daemons: about 0.01) takes no core.
+TOLERANCE_CORES = 0.1
+
+
+class _Usage(NamedTuple):
+    wall_s: float
+    busy_s: float  # CPU time of the whole machine, all cores
+    own_s: float  # CPU time of this process, all its threads
+
+
+def _usage() -> _Usage | None:
+    """The machine's and this process's CPU time now; None where ``/proc/stat`` is not there."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields  # guest time is within user
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return _Usage(time.monotonic(), busy, time.process_time() + _children_cpu_s())
+
+
+def _children_cpu_s() -> float:
+    """CPU time of this process's child processes, running or ended (the mp4 writer's ffmpeg is
+    this command's work, not another program's)."""
+    ended = os.times()
+    total = ended.children_user + ended.children_system
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return total
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+            except OSError:
+                continue
+            total += sum(int(x) for x in stat[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    return total
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def free_cores(before: _Usage, after: _Usage, cores: int) -> int:
+    """The cores that other processes left free between two readings (at least one): a core
+    counts as taken once others used more than ``TOLERANCE_CORES`` of it on average."""
+    wall = after.wall_s - before.wall_s
+    others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / wall
+    taken = max(0, int(-(-(others - TOLERANCE_CORES) // 1)))  # ceil
+    return max(1, cores - taken)
+
+
+class ThreadPolicy:
+    """The thread count of this process's CPU work: ``requested`` (``--threads``), else
+    ``OMP_NUM_THREADS``, else the free cores, shared by the streams running at once."""
+
+    def __init__(self, requested: int | None = None):
+        self.fixed = requested if requested is not None else _env_threads()
+        self.cores = available_cores()
+        self._lock = threading.Lock()
+        self._since = _usage()
+        self._free = self.cores
+        self._streams = 0
+        self.torch_default: int | None = None  # torch's count before this policy first set one
+        if requested is not None:
+            self._set(requested)
+
+    def adapt(self, device) -> int | None:
+        """At a chunk or step boundary: re-read the load if a window has passed, and set the
+        calling thread's count (torch's count is per thread). The count set, or None."""
+        if self.fixed is not None or device.type != "cpu" or self._since is None:
+            return None
+        with self._lock:
+            now = _usage()
+            if now is None:
+                return None
+            window = now.wall_s - self._since.wall_s
+            if window > MAX_WINDOW_S:
+                self._since = now  # stale: read afresh from here
+            elif window >= MIN_WINDOW_S:
+                self._free, self._since = free_cores(self._since, now, self.cores), now
+            threads = max(1, self._free // max(1, self._streams))
+        self._set(threads)
+        return threads
+
+    def _set(self, threads: int) -> None:
+        import torch
+
+        current = torch.get_num_threads()
+        if self.torch_default is None:
+            self.torch_default = current
+        if current != threads:
+            torch.set_num_threads(threads)
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """While a stream runs: streams running side by side (the server's) share the free cores."""
+        with self._lock:
+            self._streams += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._streams -= 1
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+_policy: ThreadPolicy | None = None  # set by policy(); library use without it keeps torch's default
+
+
+@contextlib.contextmanager
+def policy(requested: int | None = None) -> Iterator[ThreadPolicy]:
+    """The policy for the block (a command: its first window is its loading), then torch's
+    thread count and the policy as they were before it."""
+    global _policy
+    before = _policy
+    _policy = ThreadPolicy(requested)
+    try:
+        yield _policy
+    finally:
+        if _policy.torch_default is not None:
+            import torch
+
+            torch.set_num_threads(_policy.torch_default)
+        _policy = before
+
+
+def adapt(device) -> int | None:
+    """``ThreadPolicy.adapt`` of the configured policy; nothing where none is configured."""
+    return None if _policy is None else _policy.adapt(device)
+
+
+@contextlib.contextmanager
+def stream() -> Iterator[None]:
+    """``ThreadPolicy.stream`` of the configured policy."""
+    with _policy.stream() if _policy is not None else contextlib.nullcontext():
+        yield
