@@ -1,7 +1,10 @@
+import time
+
 import pytest
 import torch
 
 from factories import TINY, randomize_
+from selfforcing import threads
 from selfforcing.models.wan import CausalWanModel, WanConfig, preset
 
 
@@ -11,13 +14,29 @@ def tiny_model() -> CausalWanModel:
     return randomize_(CausalWanModel(preset("tiny"))).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def thread_count():
+    """One thread count for the whole suite, chosen as the product chooses it (``selfforcing.threads``:
+    the cores other programs leave free, read over half a second) and fixed through
+    OMP_NUM_THREADS, which every command and subprocess of the suite then keeps: the runs a test
+    compares bit for bit share it. With one core of two busy, two threads made the suite several
+    times slower (docs/PERFORMANCE.md, "Threads on a shared machine")."""
+    count = threads.env_threads()
+    if count is None:
+        policy = threads.ThreadPolicy()
+        time.sleep(threads.MIN_WINDOW_S * 2)
+        count = policy.adapt(torch.device("cpu")) or torch.get_num_threads()
+    torch.set_num_threads(count)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", str(count))
+        yield count
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """For modules of tiny tensors: thread start-up and contention would dominate the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads.policy(requested=1):
+        yield
 
 
 @pytest.fixture(scope="session")

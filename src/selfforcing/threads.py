@@ -94,7 +94,7 @@ class ThreadPolicy:
     ``OMP_NUM_THREADS``, else the free cores, shared by the streams running at once."""
 
     def __init__(self, requested: int | None = None):
-        self.fixed = requested if requested is not None else _env_threads()
+        self.fixed = requested if requested is not None else env_threads()
         self.cores = available_cores()
         self._lock = threading.Lock()
         self._since = _usage()
@@ -143,7 +143,7 @@ class ThreadPolicy:
                 self._streams -= 1
 
 
-def _env_threads() -> int | None:
+def env_threads() -> int | None:
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
 
@@ -166,6 +166,20 @@ def policy(requested: int | None = None) -> Iterator[ThreadPolicy]:
 
             torch.set_num_threads(_policy.torch_default)
         _policy = before
+
+
+def settle(device, recorded: int | None = None) -> int:
+    """The count of work that must repeat bit for bit (a training run, which its resumes
+    repeat): ``recorded`` by the run being resumed, else the policy's now, to be kept for the
+    whole run (``--threads`` and ``OMP_NUM_THREADS`` still win). The count in use."""
+    import torch
+
+    if _policy is not None and _policy.fixed is None and device.type == "cpu":
+        if recorded is None:
+            _policy.adapt(device)
+        else:
+            _policy._set(recorded)
+    return torch.get_num_threads()
 
 
 def adapt(device) -> int | None:

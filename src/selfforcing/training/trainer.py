@@ -99,6 +99,7 @@ class Trainer:
                                      also_accepted=(cfg.fingerprint(with_schedule=True),))
         self.step = 0
         self.skipped = 0
+        self.threads: int | None = None  # the run's CPU thread count, kept by its resumes (threads.settle)
 
     # ---- construction -----------------------------------------------------
     def _load_score_model(self, src: ScoreModelConfig | None, role: str) -> CausalWanModel | None:
@@ -163,8 +164,10 @@ class Trainer:
         history = []
         bar = progress_bar(total=cfg.steps, initial=self.step, unit="it", desc=cfg.name,
                            quiet=not (cfg.logging.progress and self.env.is_main))
+        # The cores other work leaves free now, or the count of the run resumed: kept for the whole
+        # run, since a thread count changes float rounding and a resume repeats the run bit for bit.
+        self.threads = threads.settle(self.env.device, self.threads)
         while self.step < cfg.steps:
-            threads.adapt(self.env.device)  # the cores other work leaves free
             start = time.perf_counter()
             self._set_learning_rates()
             logs = self.train_step()
@@ -338,7 +341,8 @@ class Trainer:
             weights["ema"] = self._averaged_state(D.trainable_state_dict)
         optim = {name: D.optimizer_state_dict(module, opt) for name, (module, opt) in self._optimizers().items()}
         state = {"step": self.step, "skipped": self.skipped, "data_position": self.data.position,
-                 "optimizers": optim, "noise_rng": self.noise_rng.get_state(), "torch_rng": torch.get_rng_state()}
+                 "optimizers": optim, "noise_rng": self.noise_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                 "threads": self.threads}
         self.store.save(self.step, weights, state)
 
     def resume(self) -> None:
@@ -355,6 +359,7 @@ class Trainer:
         self.data.position = state["data_position"]
         self.noise_rng.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
+        self.threads = state.get("threads")  # absent from checkpoints written before 2026-12-07
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
             self._truncate_metrics()
