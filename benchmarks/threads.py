@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def main() -> None:
                     cells[name, threads, busy] = WORKLOADS[name](args.repeats)
                     print(f"{name}, {threads} threads, {busy} busy: {cells[name, threads, busy]}", flush=True)
     columns = ["idle" if b == 0 else f"{b} core{'s' if b > 1 else ''} busy" for b in args.busy]
-    print(f"\nCommand: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip("` ") + "`  ")
+    print(f"\nCommand: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *sys.argv[1:]])}`  ")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"{time.strftime('%Y-%m-%d')}; median of {args.repeats}\n")
     print("| workload | threads | " + " | ".join(columns) + " |")

@@ -19,6 +19,7 @@ what a video shows; fix the count for bit-exact reruns under different loads.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -35,20 +36,31 @@ TOLERANCE_CORES = 0.1
 
 class _Usage(NamedTuple):
     wall_s: float
-    busy_s: float  # CPU time of the whole machine, all cores
-    own_s: float  # CPU time of this process, all its threads
+    busy_s: float  # CPU time of the cores this process may run on, all their programs
+    own_s: float  # CPU time of this process (all its threads) and of its children
 
 
-def _usage() -> _Usage | None:
-    """The machine's and this process's CPU time now; None where ``/proc/stat`` is not there."""
+def _cores() -> set[int] | None:
+    """The cores this process may run on (its affinity); None where the OS does not say."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def _usage(cores: set[int] | None) -> _Usage | None:
+    """CPU time now, of ``cores`` (``/proc/stat``'s per-core lines) and of this process; None
+    where ``/proc/stat`` is not there."""
+    busy = 0
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
+            for line in f:
+                name, *fields = line.split()
+                if not name.startswith("cpu"):
+                    break
+                if name != "cpu" and (cores is None or int(name[3:]) in cores):
+                    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+                    busy += user + nice + system + irq + softirq + steal  # guest time is within user
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields  # guest time is within user
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return _Usage(time.monotonic(), busy, time.process_time() + _children_cpu_s())
+    return _Usage(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time() + _children_cpu_s())
 
 
 def _children_cpu_s() -> float:
@@ -76,29 +88,26 @@ def _children_cpu_s() -> float:
     return total
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def free_cores(before: _Usage, after: _Usage, cores: int) -> int:
-    """The cores that other processes left free between two readings (at least one): a core
-    counts as taken once others used more than ``TOLERANCE_CORES`` of it on average."""
+    """Of ``cores``, those other programs left free between two readings (at least one): a
+    core counts as taken once others used more than ``TOLERANCE_CORES`` of one on average."""
     wall = after.wall_s - before.wall_s
     others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / wall
-    taken = max(0, int(-(-(others - TOLERANCE_CORES) // 1)))  # ceil
+    taken = max(0, math.ceil(others - TOLERANCE_CORES))
     return max(1, cores - taken)
 
 
 class ThreadPolicy:
     """The thread count of this process's CPU work: ``requested`` (``--threads``), else
-    ``OMP_NUM_THREADS``, else the free cores, shared by the streams running at once."""
+    ``OMP_NUM_THREADS``, else the cores other programs leave free (never more than torch's own
+    default, which leaves out hyper-threads), shared by the streams running at once."""
 
     def __init__(self, requested: int | None = None):
         self.fixed = requested if requested is not None else env_threads()
-        self.cores = available_cores()
+        self._cores = _cores()
         self._lock = threading.Lock()
-        self._since = _usage()
-        self._free = self.cores
+        self._since = _usage(self._cores)
+        self._free: int | None = None  # none read yet
         self._streams = 0
         self.torch_default: int | None = None  # torch's count before this policy first set one
         if requested is not None:
@@ -106,21 +115,29 @@ class ThreadPolicy:
 
     def adapt(self, device) -> int | None:
         """At a chunk or step boundary: re-read the load if a window has passed, and set the
-        calling thread's count (torch's count is per thread). The count set, or None."""
+        calling thread's count (torch keeps one per thread). The count set, or None."""
         if self.fixed is not None or device.type != "cpu" or self._since is None:
             return None
         with self._lock:
-            now = _usage()
+            now = _usage(self._cores)
             if now is None:
                 return None
             window = now.wall_s - self._since.wall_s
             if window > MAX_WINDOW_S:
                 self._since = now  # stale: read afresh from here
             elif window >= MIN_WINDOW_S:
-                self._free, self._since = free_cores(self._since, now, self.cores), now
+                self._free, self._since = free_cores(self._since, now, self._capacity()), now
+            if self._free is None:
+                return None  # torch's count stands until a window is read
             threads = max(1, self._free // max(1, self._streams))
         self._set(threads)
         return threads
+
+    def _capacity(self) -> int:
+        import torch
+
+        default = self.torch_default or torch.get_num_threads()
+        return min(default, len(self._cores)) if self._cores else default
 
     def _set(self, threads: int) -> None:
         import torch
