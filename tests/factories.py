@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -13,6 +14,13 @@ TEXT_DIM = 32  # tiny UMT5 width
 Z_DIM = 4  # tiny Wan VAE latent channels
 LATENTS_MEAN = [0.5, -0.25, 1.0, -1.5]  # non-trivial normalisation statistics
 LATENTS_STD = [2.0, 0.5, 1.5, 3.0]
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, where progress bars draw."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def tiny_t5_tokenizer():

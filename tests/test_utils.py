@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from factories import Terminal
 from selfforcing.errors import SelfForcingError
 from selfforcing.utils import atomic_path, check_writable, progress_bar, torch_device
 
@@ -62,15 +63,10 @@ def test_devices_must_exist(name, message):
     assert torch_device("cpu").type == "cpu"
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize("terminal,quiet,shown", [(True, False, True), (True, True, False), (False, False, False)])
 def test_progress_bars_draw_on_a_terminal_only(monkeypatch, terminal, quiet, shown):
     """A pipe or a log file gets no bar: each redraw would add a copy of it there."""
-    err = _Terminal() if terminal else io.StringIO()
+    err = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     with progress_bar(total=3, desc="work", quiet=quiet) as bar:
         for _ in range(3):

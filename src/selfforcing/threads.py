@@ -7,8 +7,9 @@ with another program, the thread that shares its core is preempted for whole sch
 while the other waits, and two threads lost to one in every workload, by 1.6x (``mid``) to 4x
 (toy frame-wise). So the count follows the load, not the model's size: on the CPU, each stream
 or training loop uses the cores that other processes leave free, read from ``/proc/stat`` over
-the last quarter of a second or more, and re-read at each chunk or step. On CUDA and MPS torch's
-own default stands (the host threads only launch kernels).
+the last half second or more (a change once two such windows agree), and re-read at each chunk
+of a stream; a training run keeps the count it starts with. On CUDA and MPS torch's own default
+stands (the host threads only launch kernels).
 
 ``--threads N`` fixes the count, and so does ``OMP_NUM_THREADS`` where it is set. A thread
 count changes what torch computes by float rounding at most (the shipped model's latents: the
@@ -26,12 +27,13 @@ import time
 from typing import Iterator, NamedTuple
 
 # A window shorter than this reads too few of /proc/stat's 10 ms ticks to tell a light load
-# (the server at a third of a core that made two threads 8x slower) from none.
-MIN_WINDOW_S = 0.25
+# (the server at a third of a core that made two threads 8x slower on the issue's machine) from
+# none: each reading is off by up to a tick a core, 0.04 of a core over half a second.
+MIN_WINDOW_S = 0.5
 # A window longer than this (a server between viewers) no longer says what the load is now.
 MAX_WINDOW_S = 10.0
 # Other work of less than this many cores (the machine's daemons: about 0.01) takes no core.
-TOLERANCE_CORES = 0.1
+TOLERANCE_CORES = 0.2
 
 
 class _Usage(NamedTuple):
@@ -60,32 +62,37 @@ def _usage(cores: set[int] | None) -> _Usage | None:
                     busy += user + nice + system + irq + softirq + steal  # guest time is within user
     except (OSError, ValueError):
         return None
-    return _Usage(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time() + _children_cpu_s())
+    return _Usage(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), _own_cpu_s())
 
 
-def _children_cpu_s() -> float:
-    """CPU time of this process's child processes, running or ended (the mp4 writer's ffmpeg is
-    this command's work, not another program's)."""
-    ended = os.times()
-    total = ended.children_user + ended.children_system
+def _own_cpu_s() -> float:
+    """CPU time of this process, its ended children and its running ones (the mp4 writer's
+    ffmpeg is this command's work, not another program's), in the clock ticks that
+    ``/proc/stat`` counts in: both sample the same ticks, where ``time.process_time`` would
+    differ from them by a tick or two, a tenth of a core over a quarter of a second."""
+    total = _process_ticks("self")
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return total
+        tasks = []
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/children") as f:
-                pids = f.read().split()
+                children = f.read().split()
         except OSError:
             continue
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    stat = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
-            except OSError:
-                continue
-            total += sum(int(x) for x in stat[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
-    return total
+        total += sum(_process_ticks(pid) for pid in children)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _process_ticks(pid: str) -> int:
+    """utime + stime + cutime + cstime of ``/proc/PID/stat`` (0 for a process gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    except OSError:
+        return 0
+    return sum(int(x) for x in fields[11:15])
 
 
 def free_cores(before: _Usage, after: _Usage, cores: int) -> int:
@@ -108,6 +115,7 @@ class ThreadPolicy:
         self._lock = threading.Lock()
         self._since = _usage(self._cores)
         self._free: int | None = None  # none read yet
+        self._pending: int | None = None  # a change one window has read
         self._streams = 0
         self.torch_default: int | None = None  # torch's count before this policy first set one
         if requested is not None:
@@ -126,12 +134,21 @@ class ThreadPolicy:
             if window > MAX_WINDOW_S:
                 self._since = now  # stale: read afresh from here
             elif window >= MIN_WINDOW_S:
-                self._free, self._since = free_cores(self._since, now, self._capacity()), now
+                self._read(free_cores(self._since, now, self._capacity()))
+                self._since = now
             if self._free is None:
                 return None  # torch's count stands until a window is read
             threads = max(1, self._free // max(1, self._streams))
         self._set(threads)
         return threads
+
+    def _read(self, free: int) -> None:
+        """A window's free cores: the first taken as read, a change once two windows in a row
+        agree on it (one window's change may be a burst, or a tick's noise, and every change
+        costs torch a new thread team)."""
+        if self._free is None or free == self._pending:
+            self._free = free
+        self._pending = free if free != self._free else None
 
     def _capacity(self) -> int:
         import torch

@@ -1,10 +1,11 @@
 """`selfforcing eval` end to end on a tiny random model."""
 
 import json
+import sys
 
 import torch
 
-from factories import randomize_
+from factories import Terminal, randomize_
 from selfforcing.cli import main
 from selfforcing.inference import SamplingConfig, StreamingPipeline
 from selfforcing.models import CausalWanModel, WanConfig, preset
@@ -31,6 +32,14 @@ def test_eval_command_writes_results_and_plots(tmp_path, capsys):
     assert results["window"] == 3 and results["per_window"]["start"] == [0, 3, 6]  # FD per 3-frame window
     assert 0 <= results["scalars"]["total"] <= 100
     assert list(out.glob("*.png")) and "total" in capsys.readouterr().out
+
+
+def test_eval_shows_its_progress_in_frames_on_a_terminal(tmp_path, monkeypatch):
+    save_tiny_model(tmp_path / "model", 16)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(tmp_path / "report"), "--n", "3", "--frames",
+                 "6", "--batch-size", "2"]) == 0
+    assert "generating 3 videos" in sys.stderr.getvalue() and "18/18" in sys.stderr.getvalue()  # 3 x 6 frames
 
 
 def test_eval_scores_a_bidirectional_teacher_with_its_many_step_sampler(tmp_path):
