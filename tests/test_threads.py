@@ -41,47 +41,50 @@ def torch_threads_as_they_were():
 
 
 @pytest.fixture
-def readings(monkeypatch):
-    """Feed the policy machine readings: append (wall, others) before each call, ``others`` the
-    cores other programs used since the reading before."""
-    queue, last = [], {"wall": 0.0, "busy": 0.0}
+def machine(monkeypatch):
+    """A machine whose clock and load the test sets: ``advance(seconds, others)`` lets the time
+    pass with other programs using ``others`` cores (this process's own time stays out)."""
+    state = {"wall": 0.0, "busy": 0.0}
 
-    def reading(cores):
-        wall, others = queue.pop(0)
-        last["busy"] += others * (wall - last["wall"])
-        last["wall"] = wall
-        return _Usage(wall, last["busy"], 0.0)
+    def advance(seconds: float, others: float = 0.0) -> None:
+        state["wall"] += seconds
+        state["busy"] += others * seconds
 
-    monkeypatch.setattr(threads, "_usage", reading)
+    monkeypatch.setattr(threads, "_clock", lambda: state["wall"])
+    monkeypatch.setattr(threads, "_usage", lambda cores: _Usage(state["wall"], state["busy"], 0.0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    return queue
+    return advance
 
 
-def test_the_policy_follows_the_load_once_two_windows_agree(readings, monkeypatch):
+def test_the_policy_follows_the_load_once_two_windows_agree(machine, monkeypatch):
     monkeypatch.setattr(threads, "_cores", lambda: {0, 1})
     torch.set_num_threads(2)
-    readings.append((0.0, 0.0))
     policy = ThreadPolicy()
-    readings.append((0.1, 0.0))  # too short a window to read a light load: torch's count stands
+    machine(0.1)  # too short a window to read a light load: torch's count stands
     assert policy.adapt(CPU) is None and torch.get_num_threads() == 2
-    readings.append((0.6, 1.0))  # the first window read is taken as it is
+    machine(0.5, others=1.0)  # the first window read is taken as it is
     assert policy.adapt(CPU) == 1 and torch.get_num_threads() == 1
-    readings += [(1.1, 0.0)]  # one idle window may be a lull: kept at one thread
+    machine(0.5)  # one idle window may be a lull: kept at one thread
     assert policy.adapt(CPU) == 1
-    readings += [(1.6, 1.0), (2.1, 0.0)]
-    assert policy.adapt(CPU) == 1 and policy.adapt(CPU) == 1
-    readings += [(2.6, 0.0)]  # two idle windows in a row: both cores
+    machine(0.5, others=1.0)
+    assert policy.adapt(CPU) == 1
+    machine(0.5)
+    assert policy.adapt(CPU) == 1
+    machine(0.5)  # two idle windows in a row: both cores
     assert policy.adapt(CPU) == 2 and torch.get_num_threads() == 2
-    readings += [(20.0, 1.0), (20.6, 1.0), (21.2, 1.0)]  # a stale window (a server between viewers) is read afresh
-    assert [policy.adapt(CPU) for _ in range(3)] == [2, 2, 1]
+    machine(20.0)  # a stale window (a server between viewers) is read afresh
+    assert policy.adapt(CPU) == 2
+    machine(0.6, others=1.0)
+    assert policy.adapt(CPU) == 2
+    machine(0.6, others=1.0)
+    assert policy.adapt(CPU) == 1
 
 
-def test_streams_side_by_side_share_the_free_cores(readings, monkeypatch):
+def test_streams_side_by_side_share_the_free_cores(machine, monkeypatch):
     monkeypatch.setattr(threads, "_cores", lambda: {0, 1, 2, 3})
     torch.set_num_threads(4)
-    readings.append((0.0, 0.0))
     policy = ThreadPolicy()
-    readings += [(1.0, 0.0), (1.1, 0.0), (1.2, 0.0)]
+    machine(1.0)
     with policy.stream():
         assert policy.adapt(CPU) == 4
         with policy.stream():
@@ -89,22 +92,23 @@ def test_streams_side_by_side_share_the_free_cores(readings, monkeypatch):
     assert policy.adapt(CPU) == 4
 
 
-def test_never_more_threads_than_torchs_default_which_leaves_out_hyper_threads(readings, monkeypatch):
+def test_never_more_threads_than_torchs_default_which_leaves_out_hyper_threads(machine, monkeypatch):
     monkeypatch.setattr(threads, "_cores", lambda: set(range(8)))  # 4 cores, 8 hyper-threads
     torch.set_num_threads(4)
-    readings += [(0.0, 0.0), (1.0, 0.5)]
-    assert ThreadPolicy().adapt(CPU) == 3
+    policy = ThreadPolicy()
+    machine(1.0, others=0.5)
+    assert policy.adapt(CPU) == 3
 
 
-def test_threads_and_omp_num_threads_fix_the_count_and_the_gpu_keeps_torchs(readings, monkeypatch):
-    readings.append((0.0, 0.0))
-    assert ThreadPolicy(requested=1).adapt(CPU) is None and torch.get_num_threads() == 1
+def test_threads_and_omp_num_threads_fix_the_count_and_the_gpu_keeps_torchs(machine, monkeypatch):
+    fixed = ThreadPolicy(requested=1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    readings.append((0.0, 0.0))
-    assert ThreadPolicy().adapt(CPU) is None
+    from_env = ThreadPolicy()
     monkeypatch.delenv("OMP_NUM_THREADS")
-    readings.append((0.0, 0.0))
-    assert ThreadPolicy().adapt(CUDA) is None
+    gpu = ThreadPolicy()
+    machine(1.0, others=1.0)
+    assert fixed.adapt(CPU) is None and torch.get_num_threads() == 1
+    assert from_env.adapt(CPU) is None and gpu.adapt(CUDA) is None
 
 
 def test_a_command_runs_under_its_policy_and_leaves_torch_as_it_found_it(tmp_path, monkeypatch):

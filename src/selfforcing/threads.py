@@ -36,6 +36,9 @@ MAX_WINDOW_S = 10.0
 TOLERANCE_CORES = 0.2
 
 
+_clock = time.monotonic
+
+
 class _Usage(NamedTuple):
     wall_s: float
     busy_s: float  # CPU time of the cores this process may run on, all their programs
@@ -62,7 +65,7 @@ def _usage(cores: set[int] | None) -> _Usage | None:
                     busy += user + nice + system + irq + softirq + steal  # guest time is within user
     except (OSError, ValueError):
         return None
-    return _Usage(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), _own_cpu_s())
+    return _Usage(_clock(), busy / os.sysconf("SC_CLK_TCK"), _own_cpu_s())
 
 
 def _own_cpu_s() -> float:
@@ -127,13 +130,11 @@ class ThreadPolicy:
         if self.fixed is not None or device.type != "cpu" or self._since is None:
             return None
         with self._lock:
-            now = _usage(self._cores)
-            if now is None:
-                return None
-            window = now.wall_s - self._since.wall_s
-            if window > MAX_WINDOW_S:
+            window = _clock() - self._since.wall_s
+            now = _usage(self._cores) if window >= MIN_WINDOW_S else None  # /proc read twice a second at most
+            if now is not None and window > MAX_WINDOW_S:
                 self._since = now  # stale: read afresh from here
-            elif window >= MIN_WINDOW_S:
+            elif now is not None:
                 self._read(free_cores(self._since, now, self._capacity()))
                 self._since = now
             if self._free is None:
