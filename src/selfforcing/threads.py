@@ -1,10 +1,10 @@
 """Intra-op CPU threads: as many as the cores that other work leaves free, re-read as a command runs.
 
 Why (docs/PERFORMANCE.md, "Threads on a shared machine"): torch's OpenMP threads meet at a
-barrier after every parallel region. On an idle 2-core machine two threads beat one in every
-workload measured, from the toy stream to the ``mid`` preset (1.3-1.9x). With one core busy
+barrier after every parallel region. On an idle 2-core machine two threads beat one in the
+workloads measured, from the toy stream to the ``mid`` preset (1.3-1.8x). With one core busy
 with another program, the thread that shares its core is preempted for whole scheduler slices
-while the other waits, and two threads lost to one in every workload, by 1.6x (``mid``) to 4x
+while the other waits, and two threads lost to one in every workload, by 1.2x (``mid``) to 3x
 (toy frame-wise). So the count follows the load, not the model's size: on the CPU, each stream
 or training loop uses the cores that other processes leave free, read from ``/proc/stat`` over
 the last half second or more (a change once two such windows agree), and re-read at each chunk
