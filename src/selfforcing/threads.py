@@ -203,13 +203,16 @@ def policy(requested: int | None = None) -> Iterator[ThreadPolicy]:
         _policy = before
 
 
-def settle(device, recorded: int | None = None) -> int:
-    """The count of work that must repeat bit for bit (a training run, which its resumes
+def settle(device, recorded: int | None = None) -> int | None:
+    """The count of CPU work that must repeat bit for bit (a training run, which its resumes
     repeat): ``recorded`` by the run being resumed, else the policy's now, to be kept for the
-    whole run (``--threads`` and ``OMP_NUM_THREADS`` still win). The count in use."""
+    whole run (``--threads`` and ``OMP_NUM_THREADS`` still win). The count in use on the CPU,
+    None on another device (where it does not touch the results)."""
     import torch
 
-    if _policy is not None and _policy.fixed is None and device.type == "cpu":
+    if device.type != "cpu":
+        return None
+    if _policy is not None and _policy.fixed is None:
         if recorded is None:
             _policy.adapt(device)
         else:

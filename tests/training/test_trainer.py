@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from factories import TINY, tiny_config
+from selfforcing import threads
 from selfforcing.cli import main
 from selfforcing.errors import SelfForcingError
 from selfforcing.training.config import config_from_dict
@@ -143,6 +144,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_dir):
     for a, b in zip(full[2:], rest):
         assert a["critic_loss"] == b["critic_loss"]
         assert a.get("generator_loss") == b.get("generator_loss")
+
+
+def test_a_run_records_its_thread_count_and_a_resume_takes_it(tmp_path, teacher_dir, monkeypatch):
+    """A thread count changes float rounding: a resume repeats the run's, whatever the load now."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    sections = dict(loss={"name": "dmd", "generator_every": 2}, logging={"checkpoint_every": 2})
+    with threads.policy(requested=1):
+        first = make(tmp_path, teacher_dir, steps=2, **sections)
+        first.train()
+    assert first.threads == 1
+    with threads.policy():  # free to choose by the load, it takes the recorded count
+        torch.set_num_threads(2)
+        resumed = make(tmp_path, teacher_dir, steps=4, **sections)
+        resumed.train(resume=True)
+        assert resumed.threads == 1 and torch.get_num_threads() == 1
 
 
 def test_a_critic_warmed_up_alone_resumes_into_distillation(tmp_path, teacher_dir):
