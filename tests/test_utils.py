@@ -72,3 +72,41 @@ def test_progress_bars_draw_on_a_terminal_only(monkeypatch, terminal, quiet, sho
         for _ in range(3):
             bar.update(1)
     assert ("work" in err.getvalue()) == shown and ("3/3" in err.getvalue()) == shown
+
+
+def test_a_symlinked_output_is_written_through_and_stays_a_link(tmp_path):
+    target, link = tmp_path / "real.txt", tmp_path / "link.txt"
+    target.write_text("old")
+    link.symlink_to(target)
+    with atomic_path(link) as tmp:
+        tmp.write_text("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_output_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path, kind):
+    """As root, renaming onto /dev/null would replace the system's device with a text file."""
+    special = tmp_path / "special"
+    if kind == "fifo":
+        os.mkfifo(special)
+    elif os.geteuid() == 0:
+        os.mknod(special, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a second /dev/null
+    else:
+        pytest.skip("making a device file needs root")
+    mode = special.lstat().st_mode
+    with pytest.raises(SelfForcingError, match="special: it is not a regular file"):
+        check_writable(special)
+    with pytest.raises(SelfForcingError, match="not a regular file"), atomic_path(special) as tmp:
+        tmp.write_text("never")
+    from selfforcing.cli import main
+
+    assert main(["data", "toy-prompts", "--out", str(special), "--n", "3"]) == 2
+    assert special.lstat().st_mode == mode and os.listdir(tmp_path) == ["special"]
+
+
+def test_a_long_file_name_the_file_system_takes_is_written(tmp_path):
+    final = tmp_path / ("v" * 240 + ".mp4")  # 244 characters: the temporary's name must stay under 255
+    with atomic_path(final) as tmp:
+        tmp.write_text("whole")
+    assert final.read_text() == "whole" and os.listdir(tmp_path) == [final.name]

@@ -26,16 +26,22 @@ _UMASK = _read_umask()
 _TEMPORARY = re.compile(r"\.(\d+)\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
 
 
+# Of ``final``'s name, what a temporary's name keeps: with the writer's pid, a random part and
+# the suffix it must stay under the file system's 255 bytes, as a 244-character name does.
+_NAME_KEPT = 200
+
+
 def temporary_beside(final: Path, directory: bool = False) -> Path:
     """A new temporary file (or directory) beside ``final``, to be renamed onto it when complete;
     the leftovers of earlier, killed writes of ``final`` are removed first. A place that cannot
     be written is the user's error, named before anything is written."""
     make = tempfile.mkdtemp if directory else tempfile.mkstemp
+    name = final.name[:_NAME_KEPT]
+    suffix = "" if directory or len(final.suffix) > 16 else final.suffix  # kept: writers read the format from it
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(final.parent, f".{final.name}.")
-        made = make(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp" + ("" if directory else final.suffix),
-                    dir=final.parent)
+        remove_stale_temporaries(final.parent, f".{name}.")
+        made = make(prefix=f".{name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=final.parent)
     except OSError as e:
         raise SelfForcingError(f"cannot write {final}: {e.strerror or e}; choose another path") from None
     if not directory:
@@ -75,7 +81,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     no half-written file behind; a kill -9 leaves a temporary that the next write of ``final``
     removes.
     """
-    tmp = temporary_beside(Path(final))
+    final = output_file(Path(final))
+    tmp = temporary_beside(final)
     try:
         yield tmp
         if tmp.exists():  # mkstemp creates it 0600; give the result the usual umask-derived mode
@@ -85,10 +92,23 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def output_file(path: Path) -> Path:
+    """The file a write of ``path`` replaces: a symlink's target (the link itself stays), and
+    only ever a regular file. A device, pipe, socket or directory there is refused by name, not
+    replaced (as root, renaming onto /dev/null would replace the system's device)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise SelfForcingError(f"cannot write {path}: it is {kind}; choose another path")
+    return path
+
+
 def check_writable(path: str | Path) -> None:
     """Refuse, before any work, an output path that cannot be created: its nearest existing
-    ancestor must be a writable directory (and the path itself not a directory)."""
-    path = Path(path)
+    ancestor must be a writable directory (and the path itself, or a symlink's target, a
+    regular file where it exists)."""
+    path = output_file(Path(path))
     ancestor = path.parent.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
