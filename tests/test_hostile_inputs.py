@@ -89,6 +89,7 @@ def inputs(tmp_path_factory):
     (root / "afile").write_text("a file where a directory is expected\n")
     (root / "empty_dir").mkdir()
     (root / "dir.mp4").mkdir()
+    (root / "report" / "results.json").mkdir(parents=True)
     (root / "prompts.txt").write_text(PROMPT + "\n")
     # models
     shutil.copy(DEFAULT_MODEL / WEIGHTS, root / "model.safetensors")
@@ -216,6 +217,9 @@ CASES = {
     "generate-extend-empty": (G + ["--extend", "{in}/empty.mp4"], "cannot read {in}/empty.mp4 as a video"),
     "generate-extend-missing": (G + ["--extend", "{in}/missing.mp4"], "video {in}/missing.mp4 does not exist"),
     "generate-extend-dir": (G + ["--extend", "{in}"], "is not a file"),
+    "generate-extend-onto-itself": (["generate", PROMPT, "-o", "{in}/small.mp4", "--extend", "{in}/small.mp4"],
+                                    "is the video to extend"),
+    "generate-strip-a-directory": (G + ["--strip", "{in}/empty_dir"], "empty_dir: it is a directory"),
     "generate-extend-wrong-size": (G + ["--extend", "{in}/small.mp4"], "video to extend must be 32x32"),
     # train: values of the wrong type or out of range
     "train-lr-yaml-string": (TRAIN + ["{in}/lr_string.yaml"],
@@ -280,6 +284,7 @@ CASES = {
     "eval-teacher-steps-zero": (EVAL + ["--teacher-steps", "0"], "argument --teacher-steps: must be a positive integer"),
     "eval-guidance-below-one": (EVAL + ["--guidance", "0.5"], "argument --guidance: must be at least 1"),
     "eval-output-file": (["eval", "-o", "{in}/afile"], "afile is a file, not a directory"),
+    "eval-results-a-directory": (["eval", "-o", "{in}/report"], "results.json: it is a directory"),
     # serve
     "serve-max-streams-zero": (SERVE + ["--max-streams", "0"], "argument --max-streams: must be a positive integer"),
     "serve-port-too-large": (["serve", "--port", "70000"], "argument --port: must be in [1, 65535], got 70000"),
@@ -311,6 +316,11 @@ CASES = {
                                    "the following arguments are required: --frames, --height, --width"),
     "data-toy-prompts-n-zero": (["data", "toy-prompts", "--out", "{out}/p.txt", "--n", "0"],
                                 "must be a positive integer"),
+    "data-toy-prompts-out-a-directory": (["data", "toy-prompts", "--out", "{in}/empty_dir", "--n", "2"],
+                                         "empty_dir: it is a directory"),
+    "bench-append-a-directory": (["bench", "--append", "{in}/empty_dir"], "empty_dir: it is a directory"),
+    "ode-pairs-output-a-directory": (["ode-pairs", "{repo}/configs/toy/ode_init.yaml", "--prompts", "{in}/prompts.txt",
+                                      "-o", "{in}/empty_dir"], "empty_dir: it is a directory"),
     "data-toy-prompts-unwritable": (["data", "toy-prompts", "--out", "/sys/p.txt", "--n", "2"],
                                     "cannot write /sys/p.txt"),
     "data-encode-prompts-missing": (["data", "encode-prompts", "{in}/missing.txt", "--model", "{in}", "-o",

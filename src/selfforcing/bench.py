@@ -205,6 +205,7 @@ def _heading(command: Sequence[str], device: torch.device, conditions: str) -> l
 def _report(table: str, output: Path | None) -> None:
     print(table)
     if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "a") as f:
             f.write("\n" + table + "\n")
 

@@ -154,6 +154,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     validate_prompts([args.prompt])
     check_mp4_output(args.output)
+    if args.extend is not None and Path(args.extend).resolve() == Path(args.output).resolve():
+        raise SelfForcingError(f"-o {args.output} is the video to extend: the continuation alone would replace it; "
+                               "write it to another file")
     if args.strip is not None:
         check_writable(args.strip)
     video = None if args.extend is None else read_mp4(args.extend)  # both before the model loads
@@ -261,6 +264,8 @@ def _serve_compiles(args: argparse.Namespace) -> bool:
 def cmd_bench(args: argparse.Namespace) -> None:
     from selfforcing.bench import run_bench, run_train_bench
 
+    if args.append is not None:
+        check_writable(args.append)  # before minutes of measuring
     if args.training:
         run_train_bench(args.preset, _device(args.device), args.repeats, args.append, args.command_line)
         return
