@@ -81,7 +81,7 @@ def _damaged_copy(root: Path, run: Path, name: str, damage) -> None:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Every file a case points at, and a port that is taken."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from selfforcing.inference.video import mp4_writer
 
@@ -106,6 +106,15 @@ def inputs(tmp_path_factory):
     shutil.copy(root / "model.safetensors", root / "truncated.safetensors")
     _truncate(root / "truncated.safetensors")
     save_file({"some.tensor": torch.zeros(2)}, root / "other.safetensors")
+    weights = load_file(root / "model.safetensors")
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    save_file(weights, root / "nan.safetensors")
+    q = "blocks.0.attn1.to_q"  # LoRAs for the toy model (width 128), with a NaN in a weight or a ComfyUI alpha
+    save_file({f"transformer.{q}.lora_A.weight": torch.full((2, 128), float("nan")),
+               f"transformer.{q}.lora_B.weight": torch.zeros(128, 2)}, root / "nan_lora.safetensors")
+    comfy = "diffusion_model.blocks.0.self_attn.q"
+    save_file({f"{comfy}.lora_down.weight": torch.zeros(2, 128), f"{comfy}.lora_up.weight": torch.zeros(128, 2),
+               f"{comfy}.alpha": torch.tensor(float("nan"))}, root / "nan_alpha_lora.safetensors")
     # videos
     (root / "notavideo.mp4").write_text("hello, this is not a video\n")
     (root / "empty.mp4").write_bytes(b"")
@@ -217,6 +226,10 @@ CASES = {
     "generate-extend-empty": (G + ["--extend", "{in}/empty.mp4"], "cannot read {in}/empty.mp4 as a video"),
     "generate-extend-missing": (G + ["--extend", "{in}/missing.mp4"], "video {in}/missing.mp4 does not exist"),
     "generate-extend-dir": (G + ["--extend", "{in}"], "is not a file"),
+    "generate-checkpoint-nan": (G + ["--checkpoint", "{in}/nan.safetensors"], "holds non-finite values (NaN or"),
+    "generate-lora-nan": (G + ["--lora", "{in}/nan_lora.safetensors"], "nan_lora.safetensors holds non-finite"),
+    "generate-lora-alpha-nan": (G + ["--lora", "{in}/nan_alpha_lora.safetensors"], "non-finite values (NaN or "
+                                "infinity) in diffusion_model.blocks.0.self_attn.q.alpha"),
     "generate-extend-onto-itself": (["generate", PROMPT, "-o", "{in}/small.mp4", "--extend", "{in}/small.mp4"],
                                     "is the video to extend"),
     "generate-strip-a-directory": (G + ["--strip", "{in}/empty_dir"], "empty_dir: it is a directory"),

@@ -246,9 +246,18 @@ def load_state_dict_file(path: str | Path, prefer: str = "generator_ema") -> dic
     ):
         raise SelfForcingError(f"checkpoint {path} does not hold a state dict of named tensors")
     state_dict = _strip_wrappers(loaded)
+    check_finite(state_dict, f"checkpoint {path}")
     if detect_format(state_dict) == "original":
         state_dict = original_to_diffusers(state_dict)
     return state_dict
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinity: loaded, they stream black frames with exit 0."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SelfForcingError(f"{what} holds non-finite values (NaN or infinity) in {key}; "
+                                   "its video would be black")
 
 
 def check_keys(model_keys: set[str], loaded_keys: set[str]) -> None:

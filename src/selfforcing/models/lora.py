@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from selfforcing.errors import SelfForcingError, reading
+from selfforcing.models.convert import check_finite
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PREFIX = "transformer."
@@ -145,6 +146,7 @@ def read_file(path: str | Path) -> LoraFile:
         with safe_open(str(path), framework="pt") as f:
             raw = {k: f.get_tensor(k) for k in f.keys()}
             header = f.metadata() or {}
+    check_finite(raw, f"LoRA file {path}")  # before conversion: a ComfyUI file's alphas too
     weights = _to_diffusers_layout(raw, path)
     metadata = _adapter_metadata(header, path)
     lora = LoraFile(path, weights, metadata)
