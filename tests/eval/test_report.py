@@ -9,7 +9,7 @@ import pytest
 from selfforcing.data.toy_world import ToyWorldDataset, caption, render
 from selfforcing.errors import SelfForcingError
 from selfforcing.eval import evaluate_videos, write_report
-from selfforcing.eval.report import RESULTS_FILE
+from selfforcing.eval.report import RESULTS_FILE, write_sample_strips
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,3 +61,10 @@ def test_results_that_are_not_evaluations_are_refused(bad, tmp_path):
     with pytest.raises(SelfForcingError):
         write_report(bad, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_prompt_is_drawn_as_text_never_as_tex(tmp_path):
+    """Matplotlib reads "$...$" as TeX: a prompt holding "$\\frac{$" failed the strip after the video was written."""
+    videos = {"generated": np.zeros((1, 2, 8, 8, 3), dtype=np.uint8)}
+    path = write_sample_strips(videos, [r"a red circle $\frac{$ bouncing"], tmp_path / "strip.png")
+    assert path.stat().st_size > 1000

@@ -55,9 +55,12 @@ def write_sample_strips(videos: dict[str, Any], prompts: list[str], path: str | 
         axes.imshow(np.concatenate(list(frames), axis=1), interpolation="nearest")
         axes.set_xticks([])
         axes.set_yticks([])
-        axes.set_ylabel(name if i == 0 else "", rotation=0, ha="right", va="center", fontsize="small")
+        axes.set_ylabel(name if i == 0 else "", rotation=0, ha="right", va="center", fontsize="small",
+                        parse_math=False)
     which = "every frame" if every == 1 else f"every {every}th frame"
-    figure.suptitle("; ".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + f" ({which})", fontsize="small")
+    # parse_math off: a prompt is text, and Matplotlib would read "$...$" in it as TeX (and fail on "$\frac{$")
+    figure.suptitle("; ".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + f" ({which})", fontsize="small",
+                    parse_math=False)
     return _save(figure, Path(path))
 
 
