@@ -38,6 +38,7 @@ from selfforcing.inference.pipeline import StreamingPipeline
 
 PROMPT = "a red circle bouncing on a dark blue background"
 CPU = torch.device("cpu")
+TORCH_DEFAULT = torch.get_num_threads()  # the policy never exceeds it: each policy row starts from it
 
 
 # Spins for ``share`` of every 30 ms and sleeps the rest: a program using that share of a core.
@@ -77,6 +78,7 @@ def thread_count(count: str):
         torch.set_num_threads(int(count))
         yield
         return
+    torch.set_num_threads(TORCH_DEFAULT)  # not the count a row before left
     with threads.policy():
         time.sleep(2 * threads.MIN_WINDOW_S)
         threads.settle(CPU)
