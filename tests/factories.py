@@ -107,3 +107,24 @@ def tiny_config(output_dir, **sections) -> dict:
     for key, value in sections.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     return copy.deepcopy(cfg)
+
+
+def killed_write(final: Path, directory: bool = False) -> Path:
+    """What a write of ``final`` killed by SIGKILL leaves (no cleanup runs): its temporary (holding
+    ``b"half"``) and the temporary's lock file, which no live process holds. Returns the temporary."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from selfforcing.utils import temporary_beside\n"
+        "with temporary_beside(Path(sys.argv[1]), directory=sys.argv[2] == '1') as tmp:\n"
+        "    (tmp / 'student.safetensors' if tmp.is_dir() else tmp).write_bytes(b'half')\n"
+        "    print(tmp, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(final), "1" if directory else "0"],
+                         capture_output=True, text=True)
+    assert run.returncode == -9, run.stderr
+    return Path(run.stdout.strip())

@@ -19,8 +19,9 @@ import pytest
 import torch
 import yaml
 
-from factories import tiny_config
+from factories import killed_write, tiny_config
 from selfforcing.cli import DEFAULT_MODEL, main
+from selfforcing.utils import temporary_beside
 
 ROOT = Path(__file__).parents[1]
 PROMPT = "a red circle bouncing on a dark blue background"  # in the toy grammar: no note on stderr
@@ -401,13 +402,35 @@ def test_an_internal_error_is_one_line_exit_1_with_the_traceback_only_under_debu
 
 def test_a_stale_temporary_of_a_killed_write_is_removed_by_the_next_run(tmp_path, capsys):
     """SIGKILL runs no cleanup: the next write of the same output removes what it left."""
+    stale = killed_write(tmp_path / "out.mp4")
+    with temporary_beside(tmp_path / "out.mp4") as live:  # a write still running: kept
+        assert main(["generate", PROMPT, "-o", str(tmp_path / "out.mp4"), "--frames", "3", "--quiet"]) == 0
+        assert not stale.exists() and live.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+def test_a_live_write_in_another_pid_namespace_keeps_its_temporary(tmp_path):
+    """The writer of a temporary is known by the lock it holds, not by its pid, which means nothing
+    across PID namespaces (another container, or another host on a shared folder)."""
     import subprocess
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".out.mp4.{dead.pid}.abcd1234.tmp.mp4"
-    stale.write_bytes(b"half a video")
-    live = tmp_path / f".out.mp4.{os.getpid()}.abcd1234.tmp.mp4"  # a write still running: kept
-    live.write_bytes(b"being written")
-    assert main(["generate", PROMPT, "-o", str(tmp_path / "out.mp4"), "--frames", "3", "--quiet"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out.mp4"])
+    namespace = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
+        pytest.skip("unshare cannot make a PID namespace here (needs root or user namespaces)")
+    out = tmp_path / "shared.mp4"
+    script = ("import sys\nfrom pathlib import Path\nfrom selfforcing.utils import atomic_path\n"
+              "with atomic_path(Path(sys.argv[1])) as tmp:\n"
+              "    tmp.write_bytes(b'the other run')\n    print(tmp, flush=True)\n    sys.stdin.readline()\n")
+    other = subprocess.Popen([*namespace, sys.executable, "-c", script, str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(other.stdout.readline().strip())
+        assert theirs.read_bytes() == b"the other run"
+        assert main(["generate", PROMPT, "-o", str(out), "--frames", "3", "--quiet"]) == 0
+        assert theirs.read_bytes() == b"the other run"  # left alone: its writer is alive, in its namespace
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.wait(timeout=60) == 0
+    finally:
+        other.kill()
+    assert out.read_bytes() == b"the other run" and os.listdir(tmp_path) == ["shared.mp4"]  # the last rename won

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from factories import tiny_config
+from factories import killed_write, tiny_config
 from selfforcing.cli import main
 
 PROMPT = "a red circle bouncing on a dark blue background"
@@ -45,14 +45,8 @@ def terminate(proc: subprocess.Popen) -> str:
 
 
 def hidden(root: Path) -> list[Path]:
-    """Temporaries (``.NAME.PID.RANDOM.tmp...``) anywhere under ``root``."""
+    """Temporaries (``.NAME.RANDOM.tmp...``) and their locks anywhere under ``root``."""
     return [p for p in root.rglob(".*")]
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_sigterm_mid_generate_leaves_only_the_earlier_output(tmp_path):
@@ -87,9 +81,8 @@ def test_sigterm_mid_training_then_resume_is_exact(tmp_path):
     assert interrupted_at < steps
 
     # A checkpoint write killed by SIGKILL (no cleanup at all) leaves its folder: the next run clears it.
-    stale = split / "checkpoints" / f".step-{interrupted_at + 2:07d}.{dead_pid()}.abcd1234.tmp"
-    stale.mkdir()
-    (stale / "student.safetensors").write_bytes(b"half")
+    stale = killed_write(split / "checkpoints" / f"step-{interrupted_at + 2:07d}", directory=True)
+    assert (stale / "student.safetensors").is_file()
     assert main(["train", str(configs["split"]), "--resume", "--threads", "1"]) == 0
     assert not hidden(split)
 

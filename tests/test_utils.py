@@ -4,14 +4,20 @@ writes), output paths and devices checked before any work."""
 import io
 import os
 import stat
-import subprocess
 import sys
 
 import pytest
 
-from factories import Terminal
+from factories import Terminal, killed_write
 from selfforcing.errors import SelfForcingError
-from selfforcing.utils import atomic_path, check_writable, progress_bar, torch_device
+from selfforcing.utils import (
+    atomic_path,
+    check_writable,
+    progress_bar,
+    replaced_together,
+    temporary_beside,
+    torch_device,
+)
 
 
 def test_atomic_write_replaces_only_on_success_with_the_umask_mode(tmp_path):
@@ -30,18 +36,18 @@ def test_atomic_write_replaces_only_on_success_with_the_umask_mode(tmp_path):
 
 
 def test_a_write_removes_the_temporaries_of_killed_writes_and_keeps_live_ones(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale_file = tmp_path / f".out.txt.{dead.pid}.abcd1234.tmp.txt"
-    stale_dir = tmp_path / f".out.txt.{dead.pid}.efgh5678.tmp"
-    live = tmp_path / f".out.txt.{os.getpid()}.ijkl9012.tmp.txt"  # another write of this process, still going
-    other = tmp_path / f".other.txt.{dead.pid}.mnop3456.tmp.txt"  # not this output's: left to its own next write
-    for path in (stale_file, live, other):
-        path.write_text("partial")
-    stale_dir.mkdir()
-    with atomic_path(tmp_path / "out.txt") as tmp:
-        tmp.write_text("done")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.txt"])
+    stale_file = killed_write(tmp_path / "out.txt")
+    assert stale_file.read_bytes() == b"half"
+    stale_dir = killed_write(tmp_path / "out.txt", directory=True)  # whose start removed the killed file write's
+    assert not stale_file.exists() and (stale_dir / "student.safetensors").is_file()
+    other = killed_write(tmp_path / "other.txt")  # not this output's: left to its own next write
+    with temporary_beside(tmp_path / "out.txt") as live:  # another write, still going: its lock is held
+        with atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("done")
+        left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([live.name, live.name.replace(".tmp.txt", ".lock"), other.name,
+                           other.name.replace(".tmp.txt", ".lock"), "out.txt"])
+    assert not live.exists()  # the end of a write removes its temporary and its lock
 
 
 def test_an_unwritable_place_is_a_user_error(tmp_path):
@@ -110,3 +116,27 @@ def test_a_long_file_name_the_file_system_takes_is_written(tmp_path):
     with atomic_path(final) as tmp:
         tmp.write_text("whole")
     assert final.read_text() == "whole" and os.listdir(tmp_path) == [final.name]
+
+
+def test_files_replaced_together_replace_nothing_until_all_are_complete(tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("results.json", "plot.png", "mine.txt"):
+        (report / name).write_text(f"old {name}")
+    with pytest.raises(KeyboardInterrupt), replaced_together(report):
+        with atomic_path(report / "results.json") as tmp:
+            tmp.write_text("new results")
+        assert (report / "results.json").read_text() == "old results.json"  # waits for the rest
+        raise KeyboardInterrupt  # stopped before the plot
+    assert {p.name: p.read_text() for p in report.iterdir()} == {n: f"old {n}" for n in ("results.json", "plot.png",
+                                                                                        "mine.txt")}
+    with replaced_together(report):
+        for name in ("results.json", "plot.png"):
+            with atomic_path(report / name) as tmp:
+                tmp.write_text(f"new {name}")
+        with atomic_path(tmp_path / "elsewhere.txt") as tmp:  # outside the folder: written at once
+            tmp.write_text("now")
+        assert (tmp_path / "elsewhere.txt").exists() and (report / "plot.png").read_text() == "old plot.png"
+    assert {p.name: p.read_text() for p in report.iterdir()} == {
+        "results.json": "new results.json", "plot.png": "new plot.png", "mine.txt": "old mine.txt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "report"]

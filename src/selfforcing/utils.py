@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import fcntl
+import glob
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import signal
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -21,75 +26,220 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()
 
-# ``.NAME.PID.RANDOM.tmp[.SUFFIX]``: the writer's process id tells a live write from the
-# leftover of a killed one (SIGKILL runs no cleanup, so only the next run can remove it).
-_TEMPORARY = re.compile(r"\.(\d+)\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
+# A write of ``NAME`` goes to ``.NAME.RANDOM.tmp[.SUFFIX]`` (a file, or a directory), owned by
+# ``.NAME.RANDOM.lock``: the writer holds an exclusive flock on that file from before the temporary
+# exists until after it is renamed or removed. The kernel drops the lock when the writer dies, however
+# it dies (SIGKILL runs no cleanup), so a lock that can be taken marks a leftover, and one that cannot
+# a live write, whichever PID namespace, container or host (NFS passes flock on) the writer runs in.
+_RANDOM = r"[0-9a-f]{8}"
 
 
-# Of ``final``'s name, what a temporary's name keeps: with the writer's pid, a random part and
-# the suffix it must stay under the file system's 255 bytes, as a 244-character name does.
+# Of ``final``'s name, what a temporary's name keeps: with the random part and the suffix it must
+# stay under the file system's 255 bytes, as a 244-character name does.
 _NAME_KEPT = 200
 
 
-def temporary_beside(final: Path, directory: bool = False) -> Path:
-    """A new temporary file (or directory) beside ``final``, to be renamed onto it when complete;
-    the leftovers of earlier, killed writes of ``final`` are removed first. A place that cannot
-    be written is the user's error, named before anything is written."""
-    make = tempfile.mkdtemp if directory else tempfile.mkstemp
+def _new_lock(directory: Path, prefix: str) -> tuple[str, int]:
+    """Create and lock ``prefix + RANDOM + ".lock"`` in ``directory``; return ``prefix + RANDOM`` and the
+    descriptor holding the lock."""
+    while True:
+        stem = prefix + secrets.token_hex(4)
+        path = directory / f"{stem}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a cleaner holds it for the instant it looks: start again
+            os.close(fd)
+            continue
+        except OSError:  # no locks on this file system: cleaners cannot take one either, so never remove
+            return stem, fd
+        if _same_file(path, fd):  # else a cleaner removed it in the instant before our lock: start again
+            return stem, fd
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False if it is held, or locks are unsupported."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK: another writer's; ENOLCK and kin: cannot tell, so treat it as held
+        return False
+    return True
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def temporary_beside(final: Path, directory: bool = False) -> Iterator[Path]:
+    """A new temporary file (or directory) beside ``final``, live for the ``with`` block and removed
+    after it unless renamed onto ``final`` inside it; the leftovers of earlier, killed writes of
+    ``final`` are removed first. A place that cannot be written is the user's error, named before
+    anything is written."""
     name = final.name[:_NAME_KEPT]
     suffix = "" if directory or len(final.suffix) > 16 else final.suffix  # kept: writers read the format from it
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(final.parent, f".{name}.")
-        made = make(prefix=f".{name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=final.parent)
+        remove_stale_temporaries(final.parent, re.escape(name))
+        stem, lock_fd = _new_lock(final.parent, f".{name}.")
     except OSError as e:
         raise SelfForcingError(f"cannot write {final}: {e.strerror or e}; choose another path") from None
-    if not directory:
-        os.close(made[0])
-        made = made[1]
-    return Path(made)
+    path = final.parent / f"{stem}.tmp{suffix}"
+    try:
+        try:
+            if directory:
+                path.mkdir(mode=0o700)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            raise SelfForcingError(f"cannot write {final}: {e.strerror or e}; choose another path") from None
+        yield path
+    finally:  # what is left of the temporary, then its lock: a leftover is never unowned
+        _remove(path)
+        (final.parent / f"{stem}.lock").unlink(missing_ok=True)
+        os.close(lock_fd)  # releases the lock
 
 
-def remove_stale_temporaries(directory: Path, prefix: str) -> None:
-    """Remove the temporaries named ``prefix...`` in ``directory`` whose writing process is gone."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(directory: Path, names: str) -> None:
+    """Remove the temporaries in ``directory`` of the final paths whose names match the regular
+    expression ``names``, where no live writer holds their lock."""
     if not directory.is_dir():
         return
-    for path in directory.iterdir():
-        match = _TEMPORARY.search(path.name)
-        if path.name.startswith(prefix) and match and not _running(int(match.group(1))):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+    lock_name = re.compile(rf"\.(?:{names})\.{_RANDOM}\.lock")
+    for lock in directory.iterdir():
+        if lock_name.fullmatch(lock.name):
+            _remove_if_unowned(lock)
 
 
-def _running(pid: int) -> bool:
+def _remove_if_unowned(lock: Path) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process, or not a pid: leave it be
-        pass
-    return True
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:  # gone already (its writer finished), or not ours to open
+        return
+    try:
+        if _try_lock(fd) and _same_file(lock, fd):
+            stem = lock.name.removesuffix(".lock")
+            for temporary in lock.parent.glob(glob.escape(stem) + ".tmp*"):
+                _remove(temporary)
+            lock.unlink(missing_ok=True)  # last, while still locked: a leftover is never unowned
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
+def exclusive(path: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (made for the block, removed after it); raise
+    ``SelfForcingError(busy)`` at once if another process holds it (two runs writing one place)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SelfForcingError(busy) from None
+        except OSError:  # no locks on this file system: nothing to hold
+            break
+        if _same_file(path, fd):  # else its holder removed it as we opened it: take a new one
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so a waiting opener sees a removed file
+        os.close(fd)
+
+
+class _Staging:
+    """A :func:`replaced_together` block: the folder its files go to, where they wait, and which."""
+
+    def __init__(self, directory: Path, staging: Path):
+        self.directory, self.staging = directory, staging
+        self.written: dict[Path, None] = {}  # final paths, in the order their writes completed
+
+
+_STAGING: contextvars.ContextVar[_Staging | None] = contextvars.ContextVar("staging", default=None)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, owned: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
+    A symlink at ``final`` is written through and anything but a regular file refused (see
+    :func:`output_file`); but a file the program ``owned`` (a pointer in its own folder) replaces
+    whatever is there, so that a link planted there is never written through.
 
     A crash or an exception mid-write leaves the previous ``final`` (if any) untouched and
     no half-written file behind; a kill -9 leaves a temporary that the next write of ``final``
-    removes.
+    removes. Inside :func:`replaced_together` the rename waits for the end of that block.
     """
-    final = output_file(Path(final))
-    tmp = temporary_beside(final)
-    try:
+    final = Path(final) if owned else output_file(Path(final))
+    group = _STAGING.get()
+    if group is not None and final.parent.resolve() == group.directory:
+        staged = group.staging / final.name
+        try:
+            yield staged
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        group.written[final] = None
+        return
+    with temporary_beside(final) as tmp:
         yield tmp
-        if tmp.exists():  # mkstemp creates it 0600; give the result the usual umask-derived mode
-            tmp.chmod(0o666 & ~_UMASK)
+        tmp.chmod(0o666 & ~_UMASK)  # made 0600; give the result the mode a plain write would
         os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def replaced_together(directory: str | Path) -> Iterator[None]:
+    """Files written into ``directory`` with :func:`atomic_path` inside the block replace what
+    is there together at its end, once every one is complete (an evaluation report, a latent cache
+    and its index): an error or a signal before then leaves every earlier file as it was, never a
+    mix of two runs. They wait in one temporary folder beside ``directory``."""
+    directory = Path(directory).resolve()  # the real place: a rename cannot cross file systems
+    with temporary_beside(directory, directory=True) as staging:
+        group = _Staging(directory, staging)
+        token = _STAGING.set(group)
+        try:
+            yield
+        finally:
+            _STAGING.reset(token)
+        directory.mkdir(parents=True, exist_ok=True)
+        with _signals_deferred():  # Ctrl-C or SIGTERM between two renames would leave a mix
+            for final in group.written:
+                staged = staging / final.name
+                staged.chmod(0o666 & ~_UMASK)
+                os.replace(staged, final)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving in the block take effect right after it."""
+    if threading.current_thread() is not threading.main_thread():  # Python runs handlers in the main thread only
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     finally:
-        tmp.unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught:
+            signal.raise_signal(sig)
 
 
 def output_file(path: Path) -> Path:

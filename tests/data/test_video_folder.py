@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from selfforcing.data.latents import LatentDataset
+from selfforcing.data import video_folder
 from selfforcing.data.video_folder import encode_video_folder, scan_video_folder
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.vae import PixelCodec
@@ -230,23 +231,39 @@ def test_too_short_video_stops_before_the_index_is_written(npy_folder, tmp_path)
     out = tmp_path / "cache"
     with pytest.raises(SelfForcingError, match=r"000003.npy has only 2 frame\(s\), fewer than num_frames=4"):
         encode(folder, out, shard_size=1, batch_size=1)
-    assert (out / "latents-00002.safetensors").exists()  # earlier shards were written ...
-    assert sorted(path.name for path in out.iterdir()) == [f"latents-0000{i}.safetensors" for i in range(3)]
-    with pytest.raises(SelfForcingError, match="no latent cache at"):  # ... but never look complete
-        LatentDataset(out)
-
-
-def test_failed_rebuild_invalidates_the_old_cache(npy_folder, tmp_path):
-    folder, _ = npy_folder
-    out = tmp_path / "cache"
-    encode(folder, out)
-    with pytest.raises(SelfForcingError, match="already holds a latent cache"):
-        encode(folder, out)
-    assert len(LatentDataset(out)) == 3  # refusing left it intact
-    with pytest.raises(SelfForcingError, match="fewer than num_frames=6"):
-        encode(folder, out, num_frames=6, overwrite=True)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left
     with pytest.raises(SelfForcingError, match="no latent cache at"):
         LatentDataset(out)
+
+
+@pytest.mark.parametrize("failure", ["a corrupt clip", "Ctrl-C"])
+def test_a_failed_rebuild_leaves_the_old_cache_whole(npy_folder, tmp_path, monkeypatch, failure):
+    folder, _ = npy_folder
+    out = tmp_path / "cache"
+    encode(folder, out, shard_size=1)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(SelfForcingError, match="already holds a latent cache"):
+        encode(folder, out)
+    if failure == "a corrupt clip":
+        (folder / "000002.npy").write_bytes(b"\x00" * 100)
+        expected = pytest.raises(SelfForcingError, match="000002.npy")
+    else:
+        calls = []
+
+        def interrupted(path, num_frames):
+            calls.append(path)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return original(path, num_frames)
+
+        original = video_folder.read_video
+        monkeypatch.setattr(video_folder, "read_video", interrupted)
+        expected = pytest.raises(KeyboardInterrupt)
+    with expected:
+        encode(folder, out, shard_size=1, num_frames=2, overwrite=True)  # two shards written when it stops
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert len(LatentDataset(out)) == 3
 
 
 def test_overwrite_removes_stale_shards(npy_folder, tmp_path):

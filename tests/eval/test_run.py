@@ -99,3 +99,19 @@ def test_eval_with_real_context(tmp_path):
     assert main(["eval", "--model", str(tmp_path / "model"), "-o", str(tmp_path / "teacher"), "--n", "2",
                  "--frames", "6", "--context", "real", "--teacher-steps", "2"]) != 0
     assert not (tmp_path / "teacher" / "results.json").exists()
+
+
+def test_an_eval_stopped_after_results_json_leaves_the_earlier_report_whole(tmp_path, monkeypatch):
+    save_tiny_model(tmp_path / "model", 16)
+    out = tmp_path / "report"
+    argv = ["eval", "--model", str(tmp_path / "model"), "-o", str(out), "--n", "3", "--frames", "6"]
+    assert main(argv) == 0
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def stopped(*args, **kwargs):  # SIGTERM raises in the CLI as Ctrl-C does, after results.json is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("selfforcing.eval.run.write_sample_strips", stopped)
+    assert main([*argv, "--seed", "1"]) == 130
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == earlier  # not a mix of two runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "report"]

@@ -1,6 +1,7 @@
 """The training loop: which parameters each update changes, EMA, guards, checkpoints and resume."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -257,6 +258,115 @@ def test_resume_passes_over_damaged_checkpoints_and_logs_each_step_once(tmp_path
     assert "ema.safetensors: the file is missing" in warnings[1] and "resuming from step-0000002" in warnings[1]
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]
+
+
+SUPERVISED = dict(paradigm={"name": "teacher"}, loss={"name": "denoising"},
+                  logging={"checkpoint_every": 2, "log_every": 1, "progress": False, "tensorboard": False})
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """A run of 4 steps with checkpoints at steps 2 and 4; returns its checkpoints folder."""
+    make(tmp_path, steps=4, **SUPERVISED).train()
+    return tmp_path / "run" / "checkpoints"
+
+
+def resume_warnings(tmp_path, caplog) -> tuple[int, list[str]]:
+    """Resume the run of ``two_checkpoints`` to step 5: the step it resumed at, and its warnings."""
+    resumed = make(tmp_path, steps=5, **SUPERVISED)
+    with caplog.at_level("WARNING", logger="selfforcing.train"):
+        ran = len(resumed.train(resume=True))
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]  # each step once, whatever was passed over
+    return 5 - ran, [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("pointer", [b"", b"../../etc", b"\xff\xfe", b"step-0000099", b"state.pt", "a fifo",
+                                     "a link out", "an empty directory"])
+def test_resume_passes_over_a_latest_that_names_no_checkpoint(tmp_path, two_checkpoints, caplog, pointer):
+    latest, outside = two_checkpoints / "latest", tmp_path / "outside.txt"
+    latest.unlink()
+    if pointer == "a fifo":
+        os.mkfifo(latest)
+    elif pointer == "a link out":
+        outside.write_text("not the run's")
+        latest.symlink_to(outside)
+    elif pointer == "an empty directory":
+        latest.mkdir()
+    else:
+        latest.write_bytes(pointer)
+    resumed_at, warnings = resume_warnings(tmp_path, caplog)
+    assert resumed_at == 4 and len(warnings) == 1 and "latest" in warnings[0]
+    if pointer == "an empty directory":
+        assert "was an empty directory" in warnings[0]
+    else:
+        assert "ignored; resuming from step-0000004" in warnings[0]
+    assert latest.is_file() and not latest.is_symlink() and latest.read_text() == "step-0000005"
+    assert not outside.exists() or outside.read_text() == "not the run's"  # a link is replaced, not written through
+
+
+def test_a_latest_directory_holding_files_is_refused_before_any_work(tmp_path, two_checkpoints):
+    (two_checkpoints / "latest").unlink()
+    (two_checkpoints / "latest").mkdir()
+    (two_checkpoints / "latest" / "notes.txt").write_text("mine")
+    with pytest.raises(SelfForcingError, match="latest is a directory with files in it.*move it away"):
+        make(tmp_path, steps=5, **SUPERVISED)
+
+
+def _rewrite_state(checkpoint, change):
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    change(state)
+    torch.save(state, checkpoint / "state.pt")
+
+
+def _wrong_shape(checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(checkpoint / "student.safetensors")
+    name = next(iter(tensors))
+    save_file({**tensors, name: torch.zeros(3, 5)}, checkpoint / "student.safetensors")
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda c: _rewrite_state(c, lambda s: s.update(step="x")), "state.pt: its step is 'x', not a count"),
+    (lambda c: _rewrite_state(c, lambda s: s.pop("optimizers")), "state.pt: it holds no optimizers"),
+    (lambda c: _rewrite_state(c, lambda s: s["optimizers"].clear()), "state.pt: it holds no optimizer state for"),
+    (lambda c: _rewrite_state(c, lambda s: s.update(torch_rng=torch.zeros(7, dtype=torch.uint8))), "state.pt"),
+    (lambda c: _rewrite_state(c, lambda s: s.update(noise_rng="abc")), "state.pt: its noise_rng is not"),
+    (_wrong_shape, "student.safetensors"),
+])
+def test_resume_passes_over_a_checkpoint_wrong_inside(tmp_path, two_checkpoints, caplog, damage, named):
+    damage(two_checkpoints / "step-0000004")
+    resumed_at, warnings = resume_warnings(tmp_path, caplog)
+    assert resumed_at == 2
+    assert len(warnings) == 1 and "step-0000004 is damaged" in warnings[0] and named in warnings[0]
+    assert "resuming from step-0000002" in warnings[0]
+
+
+@pytest.mark.parametrize("earlier", ["a whole run", "a run stopped before its first checkpoint"])
+def test_a_fresh_start_in_an_earlier_runs_folder_logs_each_step_once(tmp_path, caplog, earlier):
+    if earlier == "a whole run":
+        make(tmp_path, steps=3, **SUPERVISED).train()
+    else:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')  # cut short by Ctrl-C
+    with caplog.at_level("WARNING", logger="selfforcing.train"):
+        make(tmp_path, steps=3, **SUPERVISED).train()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+    assert any("metrics of an earlier run" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    from selfforcing.utils import exclusive
+
+    trainer = make(tmp_path, steps=1, **SUPERVISED)
+    (tmp_path / "run").mkdir()
+    with exclusive(tmp_path / "run" / ".lock", "held"):  # the first run, still training
+        with pytest.raises(SelfForcingError, match="another run is training into .*run .*choose another output_dir"):
+            trainer.train()
+    trainer.train()  # once it ended
+    assert not (tmp_path / "run" / ".lock").exists()
 
 
 def test_resume_refuses_another_configs_checkpoint(tmp_path, teacher_dir):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -475,8 +474,7 @@ def write_dataset(
     dataset = ToyWorldDataset(n, num_frames, height, width, seed, **scene_options)  # validates
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SelfForcingError(f"{out_dir} already exists and is not an empty directory; choose a new path")
-    tmp = temporary_beside(out_dir, directory=True)
-    try:
+    with temporary_beside(out_dir, directory=True) as tmp:
         with open(tmp / CAPTIONS_FILE, "w") as captions:
             for index in range(n):
                 scene = dataset.scene(index)
@@ -488,9 +486,6 @@ def write_dataset(
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above; rename cannot replace it on every OS
         os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -14,9 +14,10 @@ in the folder's ``captions.jsonl`` (any single ``.jsonl`` file will do): one
 shard stores a tensor ``"latents"`` of shape ``(N, C, F, h, w)`` and its N captions,
 as a JSON list, in the safetensors metadata key ``"captions"``, so a shard's
 latents and captions are one file and can never get out of step. ``index.json``
-lists the shards and records how the cache was made. Every file is written
-atomically and ``index.json`` last: a directory without it is an unfinished run,
-never a complete cache.
+lists the shards and records how the cache was made. The shards and the index are
+written in a temporary folder beside ``out_dir`` and moved in together when all are
+complete (``utils.replaced_together``): a run that fails or is stopped leaves the
+directory as it was, an earlier cache included, never a mix of two runs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from selfforcing.errors import SelfForcingError
 from selfforcing.models.vae import VideoVAE
-from selfforcing.utils import atomic_path, progress_bar
+from selfforcing.utils import atomic_path, progress_bar, replaced_together
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".npy")
 CAPTIONS_FILE = "captions.jsonl"
@@ -221,28 +222,35 @@ def encode_video_folder(
     _check_encode_args(vae, num_frames, height, width, shard_size, batch_size, dtype)
     items = scan_video_folder(folder)
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite)
     writer = _ShardWriter(out_dir, shard_size, dtype)
-    with torch.no_grad(), progress_bar(total=len(items), unit="video", desc="encoding", quiet=not progress) as bar:
+    # The shards and their index replace an old cache together, once all are written: a corrupt
+    # clip or Ctrl-C halfway leaves the old cache whole.
+    with replaced_together(out_dir), torch.no_grad(), \
+            progress_bar(total=len(items), unit="video", desc="encoding", quiet=not progress) as bar:
         for batch in _batches(items, batch_size):
             videos = torch.stack([to_model_video(read_video(path, num_frames), height, width, device)
                                   for path, _ in batch])
             writer.add(vae.encode(videos), [caption for _, caption in batch])
             bar.update(len(batch))
-    shards = writer.finish()
-    index = {
-        "num_items": len(items),
-        "shards": shards,
-        "latent_shape": writer.latent_shape,
-        "dtype": str(dtype).removeprefix("torch."),
-        "vae": vae.config(),
-        "height": height,
-        "width": width,
-        "num_frames": num_frames,
-        "source": str(Path(folder).resolve()),
-    }
-    with atomic_path(out_dir / INDEX_FILE) as tmp:
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        shards = writer.finish()
+        index = {
+            "num_items": len(items),
+            "shards": shards,
+            "latent_shape": writer.latent_shape,
+            "dtype": str(dtype).removeprefix("torch."),
+            "vae": vae.config(),
+            "height": height,
+            "width": width,
+            "num_frames": num_frames,
+            "source": str(Path(folder).resolve()),
+        }
+        with atomic_path(out_dir / INDEX_FILE) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
+    named = {shard["file"] for shard in shards}
+    for stale in out_dir.glob("latents-*.safetensors"):  # the old cache's shards beyond the new count
+        if stale.name not in named:
+            stale.unlink()
     return index
 
 
@@ -268,21 +276,12 @@ def _check_encode_args(
         )
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Make ``out_dir`` ready for fresh shards, invalidating any old cache first.
-
-    ``index.json`` goes before the shards, so a run interrupted from here on never
-    leaves an index that points at a mix of old and new shards.
-    """
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a cache path that is a file, or an existing cache without ``overwrite``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SelfForcingError(f"latent cache path {out_dir} exists and is not a directory")
-    index = out_dir / INDEX_FILE
-    if index.exists() and not overwrite:
+    if (out_dir / INDEX_FILE).exists() and not overwrite:
         raise SelfForcingError(f"{out_dir} already holds a latent cache; pass overwrite=True to rebuild it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index.unlink(missing_ok=True)
-    for stale in out_dir.glob("latents-*.safetensors"):
-        stale.unlink()
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

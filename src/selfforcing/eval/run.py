@@ -14,7 +14,7 @@ from selfforcing.errors import SelfForcingError
 from selfforcing.eval.metrics import evaluate_videos
 from selfforcing.eval.report import write_report, write_sample_strips
 from selfforcing.inference.pipeline import StreamingPipeline
-from selfforcing.utils import progress_bar
+from selfforcing.utils import progress_bar, replaced_together
 
 EVAL_SEED = 2  # scene seed of held-out prompts (training draws seed 0, ODE-pair prompts seed 1)
 SAMPLE_ROWS = 3  # prompts shown in samples.png
@@ -123,8 +123,9 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     results["context"] = context
     if teacher_steps is not None:
         results["sampler"] = {"bidirectional_euler_steps": teacher_steps, "guidance_scale": guidance_scale}
-    write_report(results, out_dir)
     shown = min(SAMPLE_ROWS, n)
-    write_sample_strips({"generated": generated[:shown], "real": real[:shown]}, prompts[:shown],
-                        Path(out_dir) / "samples.png", every=max(1, num_frames // 12))
+    with replaced_together(out_dir):  # an earlier report there stays whole until this one is
+        write_report(results, out_dir)
+        write_sample_strips({"generated": generated[:shown], "real": real[:shown]}, prompts[:shown],
+                            Path(out_dir) / "samples.png", every=max(1, num_frames // 12))
     return results

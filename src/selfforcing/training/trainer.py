@@ -24,7 +24,7 @@ from torch import nn
 
 from selfforcing import threads
 from selfforcing.diffusion.schedule import FlowMatchSchedule
-from selfforcing.errors import SelfForcingError
+from selfforcing.errors import DamagedFileError, SelfForcingError, reading
 from selfforcing.models import lora
 from selfforcing.models.text_encoders import negative_text
 from selfforcing.models.wan import CausalWanModel
@@ -37,10 +37,11 @@ from selfforcing.training.ema import TrainableEMA
 from selfforcing.training.losses.gan import DiscriminatorHead
 from selfforcing.training.objective import Batch, Objective, Rngs
 from selfforcing.training.paradigms.ode import OdePairs
-from selfforcing.utils import atomic_path, check_writable, progress_bar
+from selfforcing.utils import atomic_path, check_writable, exclusive, progress_bar
 
 log = logging.getLogger("selfforcing.train")
 METRICS_FILE = "metrics.jsonl"
+RUN_LOCK = ".lock"  # held by the run training into output_dir
 LORA_FILE = "lora.safetensors"  # a LoRA run's adapter, in output_dir
 
 
@@ -156,10 +157,22 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------
     def train(self, resume: bool = False) -> list[dict[str, float]]:
-        """Run to ``cfg.steps``; returns the logged figures of every step run here."""
+        """Run to ``cfg.steps``; returns the logged figures of every step run here. One run at a
+        time writes an output_dir: a second is refused while the first holds its lock."""
+        out = Path(self.cfg.output_dir)
+        busy = f"another run is training into {out} (it holds {out / RUN_LOCK}): wait for it, or choose another output_dir"
+        if not resume:
+            out.mkdir(parents=True, exist_ok=True)
+        # (A resume into a folder that does not exist stops at "nothing to resume", having made nothing.)
+        with exclusive(out / RUN_LOCK, busy) if self.env.is_main and out.is_dir() else contextlib.nullcontext():
+            return self._train(resume)
+
+    def _train(self, resume: bool) -> list[dict[str, float]]:
         cfg = self.cfg
         if resume:
             self.resume()
+        elif self.env.is_main:
+            self._truncate_metrics()  # a fresh start in an earlier run's output_dir logs its steps anew
         writer = self._tensorboard()
         history = []
         bar = progress_bar(total=cfg.steps, initial=self.step, unit="it", desc=cfg.name,
@@ -346,33 +359,50 @@ class Trainer:
         self.store.save(self.step, weights, state)
 
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint (see ``CheckpointStore.load_latest``)."""
-        path, weights, state = self.store.load_latest([*self._modules(), *(["ema"] if self.ema else [])])
-        if self.ema is not None:  # through the student, which takes its own weights next
-            D.load_trainable_state_dict(self.student, weights["ema"])
-            self.ema.capture()
-        for name, module in self._modules().items():
-            D.load_trainable_state_dict(module, weights[name])
-        for name, (module, opt) in self._optimizers().items():
-            D.load_optimizer_state_dict(module, opt, state["optimizers"][name])
-        self.step, self.skipped = state["step"], state["skipped"]
-        self.data.position = state["data_position"]
-        self.noise_rng.set_state(state["noise_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        self.threads = state.get("threads")  # absent from checkpoints written before 2026-12-07
+        """Continue from the newest complete checkpoint (see ``CheckpointStore.resume``)."""
+        path = self.store.resume([*self._modules(), *(["ema"] if self.ema else [])], self._load_checkpoint)
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
             self._truncate_metrics()
 
+    def _load_checkpoint(self, path: Path, weights: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
+        """Take every model, optimiser and random state from a checkpoint. What does not fit (a
+        tensor of another shape, an optimiser or random state torch refuses) is a damaged file, so
+        that the resume falls back to the checkpoint before; that one then sets all of it again."""
+        if self.ema is not None:  # through the student, which takes its own weights next
+            with reading(path / "ema.safetensors"):
+                D.load_trainable_state_dict(self.student, weights["ema"])
+            self.ema.capture()
+        for name, module in self._modules().items():
+            with reading(path / f"{name}.safetensors"):
+                D.load_trainable_state_dict(module, weights[name])
+        missing = [name for name in self._optimizers() if name not in state["optimizers"]]
+        if missing:
+            raise DamagedFileError(path / "state.pt", f"it holds no optimizer state for {', '.join(missing)}")
+        with reading(path / "state.pt"):
+            for name, (module, opt) in self._optimizers().items():
+                D.load_optimizer_state_dict(module, opt, state["optimizers"][name])
+            self.noise_rng.set_state(state["noise_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.data.position = state["data_position"]
+        self.threads = state.get("threads")  # absent from checkpoints written before 2026-12-07
+
     def _truncate_metrics(self) -> None:
-        """Keep the metrics of the steps up to the resumed one: the steps after it run again and
-        would be logged twice. A line cut short by a kill goes too."""
+        """Keep the metrics of the steps up to the resumed one (none on a fresh start): the steps
+        after it run again and would be logged twice. A line cut short by a kill goes too."""
         path = Path(self.cfg.output_dir) / METRICS_FILE
         if not path.is_file():
             return
-        lines = [(_logged_step(line), line) for line in path.read_text().splitlines()]
+        lines = [(_logged_step(line), line) for line in path.read_text(errors="replace").splitlines()]
+        kept = [line for step, line in lines if step is not None and step <= self.step]
+        if len(kept) == len(lines):
+            return
+        if self.step == 0 and any(step is not None for step, _ in lines):
+            log.warning("%s holds the metrics of an earlier run in %s: starting afresh, its lines are dropped "
+                        "(pass --resume to continue that run instead)", path.name, self.cfg.output_dir)
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(line + "\n" for step, line in lines if step is not None and step <= self.step))
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def export(self, path: str | Path) -> list[Path]:
         """Write a selfforcing model directory (EMA weights if kept) for `generate`; a LoRA run
