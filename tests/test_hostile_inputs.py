@@ -301,6 +301,13 @@ CASES = {
     "eval-results-a-directory": (["eval", "-o", "{in}/report"], "results.json: it is a directory"),
     # serve
     "serve-max-streams-zero": (SERVE + ["--max-streams", "0"], "argument --max-streams: must be a positive integer"),
+    "serve-origin-not-an-origin": (SERVE + ["--allow-origin", "app.example.org"],
+                                   "allowed origin 'app.example.org' is not a web origin"),
+    "serve-origin-with-a-path": (SERVE + ["--allow-origin", "https://a.example/page"], "is not a web origin"),
+    "serve-max-connections-zero": (SERVE + ["--max-connections", "0"],
+                                   "argument --max-connections: must be a positive integer"),
+    "serve-max-connections-past-the-file-limit": (SERVE + ["--max-connections", "100000000"],
+                                                  "needs 100000064 open files"),
     "serve-port-too-large": (["serve", "--port", "70000"], "argument --port: must be in [1, 65535], got 70000"),
     "serve-port-negative": (["serve", "--port", "-1"], "argument --port: must be in [1, 65535], got -1"),
     "serve-port-text": (["serve", "--port", "http"], "argument --port: expected an integer, got 'http'"),

@@ -211,10 +211,11 @@ def _explain_unknown_words(prompt: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from selfforcing.inference.server import ServerOptions, is_loopback, listen, serve
+    from selfforcing.inference.server import ServerOptions, check_open_files, is_loopback, listen, serve
 
-    options = ServerOptions(max_streams=args.max_streams, idle_timeout_s=args.idle_timeout,
-                            min_fps=args.min_fps)  # validates before the model loads
+    options = ServerOptions(max_streams=args.max_streams, idle_timeout_s=args.idle_timeout, min_fps=args.min_fps,
+                            allow_origins=tuple(args.allow_origin), max_connections=args.max_connections)
+    check_open_files(options.max_connections)  # both before the model loads
     with listen(args.host, args.port) as sock:  # a taken port fails now, not after loading the model
         if not is_loopback(args.host):
             print(f"warning: serving on {args.host}, reachable from other machines; the server has no authentication",
@@ -487,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection that streams nothing for this long, freeing its slot (default 60)")
     v.add_argument("--min-fps", type=_positive_float, default=1.0,
                    help="slowest frame rate a client may ask for (a slower stream would hold its slot for ever)")
+    v.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example.org) whose pages may open streams, besides the server's "
+                        "own page; repeat for more. Browsers send it: a page of any other site is refused")
+    v.add_argument("--max-connections", type=_positive_int, default=100,
+                   help="open connections at most; past it the one slowest to send its request is closed (default 100)")
     _add_model_loading_arguments(v)
     v.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the chunk step, before the server takes its first stream (default: on CUDA, "

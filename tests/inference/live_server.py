@@ -14,7 +14,7 @@ import uvicorn
 
 from selfforcing.cli import DEFAULT_MODEL
 from selfforcing.inference.pipeline import StreamingPipeline
-from selfforcing.inference.server import MAX_MESSAGE_BYTES, ServerOptions, create_app
+from selfforcing.inference.server import ServerOptions, create_app, uvicorn_config
 
 HEADER = struct.Struct("<4sIIHHf")
 
@@ -27,7 +27,7 @@ def live_server(max_streams: int = 2, **options):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, ws_max_size=MAX_MESSAGE_BYTES, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, app.state.options, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -15,7 +15,7 @@ import websockets
 from live_server import frames_in, is_event, live_server, receive_until
 
 from selfforcing.inference.protocol import MAX_PROMPT_CHARS, ProtocolError, Start, Switch, parse_message
-from selfforcing.inference.server import MAX_MESSAGE_BYTES, Outbox, is_loopback
+from selfforcing.inference.server import MAX_MESSAGE_BYTES, Outbox, ServerOptions, is_loopback
 
 PROMPT = "a yellow square bouncing on a dark blue background"
 FAST = 120  # frames per second asked by the tests: pacing never holds them back for long
@@ -420,3 +420,99 @@ def test_serve_names_a_failing_compiler_and_the_way_around_it(monkeypatch, capsy
     assert pipe.compile_scope is None and pipe.model._compiled_steps is None
     assert "warning: compiling the chunk step failed on cpu (TorchDynamoException: Cannot find a working " \
            "triton installation); serving it uncompiled" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hostile clients (issue 30)
+
+
+def test_a_client_that_queues_a_thousand_starts_then_leaves_frees_its_slot_at_once(server):
+    """Each start stops the stream before it at a chunk boundary: handled one by one after the
+    client left, a thousand of them held the only slot for minutes."""
+    address, app = server
+
+    async def session():
+        ws = await websockets.connect(f"ws://{address}/ws", close_timeout=0.5)  # it reads nothing: no close reply
+        await ws.recv()
+        start = json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST})
+        for _ in range(1000):
+            await ws.send(start)
+        left = time.perf_counter()
+        await ws.close()
+        await wait_until(lambda: not app.state.sessions and stream_threads() == 0, timeout=10)
+        return time.perf_counter() - left
+
+    assert asyncio.run(session()) < 3.0  # one chunk boundary, not a thousand
+
+
+def test_queued_messages_past_the_limit_are_dropped_with_an_error(server):
+    address, _ = server
+
+    async def session():
+        async with connect(address) as ws:
+            await ws.recv()
+            for _ in range(200):
+                await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST}))
+            got = await receive_until(ws, lambda item: isinstance(item, dict) and "are waiting" in item.get("message", ""))
+            assert "more than 64 messages" in got[-1]["message"]
+
+    asyncio.run(session())
+
+
+def handshake(address: str, origin: str | None, host: str | None = None) -> str:
+    """The status line answering a WebSocket opening handshake sent with these headers (a raw
+    socket: a client library fills Host from the address)."""
+    headers = [f"GET /ws HTTP/1.1", f"Host: {host or address}", "Upgrade: websocket", "Connection: Upgrade",
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    if origin is not None:
+        headers.append(f"Origin: {origin}")
+    ip, port = address.split(":")
+    with socket.create_connection((ip, int(port)), timeout=10) as sock:
+        sock.sendall(("\r\n".join(headers) + "\r\n\r\n").encode())
+        return sock.recv(4096).split(b"\r\n")[0].decode()
+
+
+def test_a_page_of_another_origin_cannot_open_a_stream():
+    """Any web page in the user's browser may open a WebSocket to a loopback server: the browser
+    names the page in Origin, and only the server's own page (or --allow-origin) is let in."""
+    with live_server(max_streams=4, allow_origins=("https://app.example.org",)) as (address, app):
+        port = address.split(":")[1]
+        accepted = "HTTP/1.1 101 Switching Protocols"
+        assert handshake(address, None) == accepted  # not a browser: scripts send no Origin
+        assert handshake(address, f"http://{address}") == accepted  # the server's own page
+        assert handshake(address, f"http://localhost:{port}", host=f"localhost:{port}") == accepted
+        assert handshake(address, "https://app.example.org") == accepted  # allowed for a deployment
+        for origin, host in [("http://evil.example", None), ("null", None), (f"http://127.0.0.1:{int(port) + 1}", None),
+                             (f"http://evil.example:{port}", f"evil.example:{port}"),  # DNS rebinding to 127.0.0.1
+                             ("https://app.example.org.evil.example", None)]:
+            assert handshake(address, origin, host).startswith("HTTP/1.1 403"), origin
+    with pytest.raises(Exception, match="not a web origin"):
+        ServerOptions(allow_origins=("app.example.org",))
+
+
+def test_health_answers_throughout_a_slowloris_and_slow_headers_are_timed_out():
+    """Connections that never finish their headers: each is closed after the header timeout, and
+    past max_connections the oldest goes for the newcomer, so /health always gets through."""
+    cap = 20
+    with live_server(max_streams=1, max_connections=cap, header_timeout_s=2.0) as (address, app):
+        ip, port = address.split(":")
+        attackers, answered = [], []
+        try:
+            for i in range(400):
+                sock = socket.create_connection((ip, int(port)))
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+                attackers.append(sock)
+                if i % 50 == 49:
+                    with urllib.request.urlopen(f"http://{address}/health", timeout=5) as response:
+                        answered.append(response.status)
+            assert answered == [200] * 8
+            open_now = sum(1 for c in psutil.Process().net_connections("tcp")
+                           if c.laddr and c.laddr.port == int(port) and c.status == psutil.CONN_ESTABLISHED)
+            assert open_now <= cap + 2  # the server's side of the attackers' connections
+            lone = attackers[-1]
+            lone.settimeout(10)
+            started = time.perf_counter()
+            assert lone.recv(1024) == b""  # closed by the server after the header timeout
+            assert time.perf_counter() - started < 4
+        finally:
+            for sock in attackers:
+                sock.close()

@@ -12,8 +12,14 @@ one chunk ahead of real time) so no compute goes to frames nobody can watch. A d
 stops the thread at the next chunk boundary and frees its cache.
 
 No client holds a slot without streaming: a connection with no stream running (never
-started, stopped, or failed) for ``idle_timeout_s`` is told so and closed, and a stream
-slower than ``min_fps`` is refused (it would produce nothing for ages while "running").
+started, stopped, or failed) for ``idle_timeout_s`` is told so and closed, a client that
+leaves frees its slot at once whatever it left queued, and a stream slower than ``min_fps``
+is refused (it would produce nothing for ages while "running").
+
+Hostile clients: a WebSocket opened by another site's page (the browser names it in
+``Origin``) is refused unless ``allow_origins`` lists it, so a web page cannot drive a server
+on the user's own machine; and connections that never finish a request are timed out and,
+past ``max_connections``, closed to make room (``_guarded_http``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -54,12 +61,22 @@ class ServerOptions:
     jpeg_quality: int = 90
     idle_timeout_s: float = 60.0  # a connection streaming nothing this long is closed
     min_fps: float = 1.0  # slowest stream a client may ask for
+    allow_origins: tuple[str, ...] = ()  # web origins, besides the page's own, whose pages may open a stream
+    max_connections: int = 100  # open connections; past it, the one waiting longest for its headers goes
+    header_timeout_s: float = 10.0  # a request whose headers take longer is closed
+    max_queued_messages: int = 64  # a client's control messages waiting to be handled
 
     def __post_init__(self) -> None:
-        if self.max_streams < 1 or self.queue_frames < 1 or not 1 <= self.jpeg_quality <= 100:
-            raise SelfForcingError("max_streams and queue_frames must be >= 1, jpeg_quality in [1, 100]")
-        if not (math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0):
-            raise SelfForcingError(f"the idle timeout must be a positive number of seconds, got {self.idle_timeout_s}")
+        counts = (self.max_streams, self.queue_frames, self.max_connections, self.max_queued_messages)
+        if min(counts) < 1 or not 1 <= self.jpeg_quality <= 100:
+            raise SelfForcingError("max_streams, queue_frames, max_connections and max_queued_messages must be >= 1, "
+                                   "jpeg_quality in [1, 100]")
+        for name, value in (("idle", self.idle_timeout_s), ("header", self.header_timeout_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise SelfForcingError(f"the {name} timeout must be a positive number of seconds, got {value}")
+        for origin in self.allow_origins:
+            if _origin(origin) is None:
+                raise SelfForcingError(f"allowed origin {origin!r} is not a web origin such as https://example.org:8443")
         if not 0 < self.min_fps <= MAX_FPS:
             raise SelfForcingError(f"the minimum frame rate must be in (0, {MAX_FPS}], got {self.min_fps}")
 
@@ -196,7 +213,7 @@ class StreamSession:
 
 def create_app(pipeline: StreamingPipeline, options: ServerOptions = ServerOptions()) -> FastAPI:
     app = FastAPI(title="selfforcing live", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.sessions = set()
+    app.state.sessions, app.state.options = set(), options
     page = resources.files("selfforcing.inference").joinpath("static/index.html").read_text()
     s = pipeline.sampling
     ready = {"type": "ready", "width": s.width, "height": s.height, "fps": s.fps, "modes": list(SWITCH_MODES),
@@ -216,6 +233,9 @@ def create_app(pipeline: StreamingPipeline, options: ServerOptions = ServerOptio
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:
+        if not _origin_allowed(ws, options.allow_origins):  # another site's page, in the user's browser
+            await ws.close(code=1008)  # before accepting: the handshake is answered 403
+            return
         await ws.accept()
         if len(app.state.sessions) >= options.max_streams:
             await ws.send_json({"type": "busy", "message": f"the server is busy: all {options.max_streams} "
@@ -235,47 +255,51 @@ def create_app(pipeline: StreamingPipeline, options: ServerOptions = ServerOptio
 
 
 async def _serve(ws: WebSocket, session: StreamSession) -> None:
-    """Receive control messages while one task sends the outbox, until the client leaves or
-    streams nothing for the idle timeout (then it is told why and closed, freeing its slot)."""
+    """Receive control messages while one task handles them and another sends the outbox, until
+    the client leaves (noticed at once, whatever it left queued) or streams nothing for the idle
+    timeout (then it is told why and closed, freeing its slot)."""
+    inbox: asyncio.Queue = asyncio.Queue(session.options.max_queued_messages)
+
+    async def receive() -> None:  # returns when the client leaves
+        while (message := await ws.receive())["type"] != "websocket.disconnect":
+            raw = message.get("text")
+            try:
+                inbox.put_nowait(parse_message(raw if raw is not None else message.get("bytes")))
+            except ProtocolError as e:
+                session.outbox.put_event({"type": "error", "message": str(e)})
+            except asyncio.QueueFull:
+                session.outbox.put_event({"type": "error", "message": f"more than {inbox.maxsize} messages are "
+                                          "waiting to be handled: this one is dropped; wait for the replies"})
+
+    async def handle() -> None:
+        while True:
+            try:
+                await _handle(await inbox.get(), session)
+            except ProtocolError as e:
+                session.outbox.put_event({"type": "error", "message": str(e)})
 
     async def send_outbox() -> None:
         while True:
             message = await session.outbox.get()
             await (ws.send_text(message) if isinstance(message, str) else ws.send_bytes(message))
 
-    sender = asyncio.create_task(send_outbox())
+    tasks = [asyncio.create_task(work()) for work in (receive, handle, send_outbox)]
+    timeout = session.options.idle_timeout_s
     try:
-        while True:
-            message = await _receive(ws, session)
-            if message is None:
-                break
-            if message["type"] == "websocket.disconnect":
+        while (idle := session.idle_for(time.monotonic())) < timeout:
+            done, _ = await asyncio.wait(tasks, timeout=timeout - idle, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:  # the client left, or its socket failed
+                if not isinstance(task.exception(), (WebSocketDisconnect, RuntimeError, type(None))):
+                    raise task.exception()
                 return
-            raw = message.get("text")
-            try:
-                await _handle(parse_message(raw if raw is not None else message.get("bytes")), session)
-            except ProtocolError as e:
-                session.outbox.put_event({"type": "error", "message": str(e)})
-    except (WebSocketDisconnect, RuntimeError):
-        return
     finally:
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the client may be gone already
-        await ws.send_json({"type": "idle", "message": f"nothing streamed for {session.options.idle_timeout_s:g} s: "
+        await ws.send_json({"type": "idle", "message": f"nothing streamed for {timeout:g} s: "
                             "the connection is closed to free its slot; reconnect to stream again"})
         await ws.close(code=1000)
-
-
-async def _receive(ws: WebSocket, session: StreamSession) -> dict | None:
-    """The client's next message, or None once its session has been idle for the timeout."""
-    timeout = session.options.idle_timeout_s
-    while (idle := session.idle_for(time.monotonic())) < timeout:
-        try:
-            return await asyncio.wait_for(ws.receive(), timeout - idle)
-        except TimeoutError:  # look again: a stream may have started or ended meanwhile
-            continue
-    return None
 
 
 async def _handle(message, session: StreamSession) -> None:
@@ -294,6 +318,36 @@ async def _handle(message, session: StreamSession) -> None:
     elif isinstance(message, Stop):
         await session.stop()
         session.outbox.put_event({"type": "stopped"})
+
+
+def _origin(text: str) -> tuple[str, str, int] | None:
+    """A web origin's (scheme, host, port), or None for anything else (a path, "null", no host)."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        return None
+    return parts.scheme, parts.hostname, port
+
+
+def _origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """A browser names the page that opens a WebSocket in ``Origin`` (other clients send none). The
+    page's own origin is this server as the browser reached it (the Host header); served on
+    loopback, that must be a loopback name too, or a site could rebind its own name to 127.0.0.1."""
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True
+    asked = _origin(origin)
+    if asked is None:
+        return False
+    if asked in {_origin(a) for a in allowed}:
+        return True
+    host = ws.headers.get("host", "")
+    own = _origin(f"{asked[0]}://{host}")
+    server = ws.scope.get("server") or ("", None)
+    return asked == own and (is_loopback(asked[1]) or not is_loopback(server[0]))
 
 
 def is_loopback(host: str) -> bool:
@@ -324,11 +378,80 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app: FastAPI, options: ServerOptions, log_level: str = "info"):
+    """uvicorn's settings for ``app``: message size, and its HTTP protocol with the guards of
+    :func:`_guarded_http`."""
+    import uvicorn
+
+    return uvicorn.Config(app, ws_max_size=MAX_MESSAGE_BYTES, http=_guarded_http(options), log_level=log_level)
+
+
+def _guarded_http(options: ServerOptions) -> type:
+    """uvicorn's HTTP/1.1 protocol with the two guards it lacks against clients that connect and
+    never finish a request (slowloris): a request's headers must arrive within
+    ``header_timeout_s``, and past ``max_connections`` the connection that has waited longest
+    for its headers is closed to make room, so that a real request (``/health``, the page, a
+    stream) always gets through while the open files stay bounded."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    waiting: dict[HttpToolsProtocol, asyncio.TimerHandle] = {}  # headers still due, oldest first
+
+    class GuardedHttp(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._expect_headers()
+            if len(self.connections) > options.max_connections:
+                _close(next(iter(waiting)))  # the oldest: this one itself if no other is waiting
+
+        def on_message_begin(self) -> None:  # each request of a kept-alive connection too
+            super().on_message_begin()
+            self._expect_headers()
+
+        def on_headers_complete(self) -> None:
+            _forget(self)
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            _forget(self)
+            super().connection_lost(exc)
+
+        def _expect_headers(self) -> None:
+            _forget(self)
+            waiting[self] = self.loop.call_later(options.header_timeout_s, _close, self)
+
+    def _forget(connection) -> None:
+        timer = waiting.pop(connection, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _close(connection) -> None:
+        _forget(connection)
+        connection.transport.close()
+
+    return GuardedHttp
+
+
+def check_open_files(max_connections: int) -> None:
+    """Raise the open-file limit to what ``max_connections`` needs (the hard limit allowing), or
+    name the problem before the model loads: past the limit, accepting fails for everyone."""
+    import resource
+
+    needed = max_connections + 64  # the model's files, the listening socket, logs
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    except (ValueError, OSError):  # over the hard limit, or over what the kernel allows any process
+        raise SelfForcingError(f"--max-connections {max_connections} needs {needed} open files, and this process "
+                               f"may open {soft} (ulimit -n): lower --max-connections") from None
+
+
 def serve(pipeline: StreamingPipeline, sock: socket.socket, options: ServerOptions = ServerOptions()) -> None:
     """Serve on ``sock`` (from :func:`listen`) until SIGINT or SIGTERM."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(pipeline, options), ws_max_size=MAX_MESSAGE_BYTES, log_level="info")
+    config = uvicorn_config(create_app(pipeline, options), options)
     host, port = sock.getsockname()[:2]
     print(f"serving on http://{f'[{host}]' if ':' in host else host}:{port}/ (Ctrl-C to stop)", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
