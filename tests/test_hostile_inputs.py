@@ -100,6 +100,11 @@ def inputs(tmp_path_factory):
     config = json.loads(bad.read_text())
     config["sampling"]["frames_per_chunk"] = "three"
     bad.write_text(json.dumps(config))
+    for name, key, value in [("layers_model", "num_layers", 10**8), ("ffn_model", "ffn_dim", 10**9)]:
+        config = _copy_model(root, name) / "transformer" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    (_copy_model(root, "deepjson_model") / "selfforcing.json").write_text("[" * 200_000)
+    (_copy_model(root, "latin1_model") / "selfforcing.json").write_bytes('{"sampling": "caf\xe9"}'.encode("latin-1"))
     # checkpoints
     (root / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
     torch.save({"generator": Payload()}, root / "payload.pt")
@@ -156,6 +161,15 @@ def inputs(tmp_path_factory):
     _damaged_copy(root, run, "truncated_student", lambda step: _truncate(step / "student.safetensors"))
     _damaged_copy(root, run, "random_state", lambda step: shutil.copy(root / "random.pt", step / "state.pt"))
     _write_config(root, "fresh")  # its output_dir (never/) has no checkpoint
+    # configs that exhaust the machine unless refused before anything is built
+    _write_config(root, "huge_frames", data={"height": 1_000_000, "width": 1_000_000})
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{b}'] * 9)}]\n" for b, c in zip("abcdefgh", "bcdefghi"))
+    _write_config(root, "alias_bomb", laughs + "steps: *i\n")
+    _write_config(root, "deep_yaml", "steps: " + "[" * 200_000 + "\n")
+    _write_config(root, "recursive_alias", "steps: &s [*s]\n")
+    (root / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (root / "latin1_plan.yaml").write_bytes("# caf\xe9\n".encode("latin-1"))
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -212,7 +226,7 @@ CASES = {
                                  f"cannot read {{in}}/truncated_model/{WEIGHTS}: Error while deserializing header"),
     "generate-model-empty-dir": (G + ["--model", "{in}/empty_dir"], "is not a model directory"),
     "generate-model-bad-json": (G + ["--model", "{in}/badjson_model"],
-                                "cannot read {in}/badjson_model/selfforcing.json"),
+                                "cannot parse {in}/badjson_model/selfforcing.json: line 1, column 2"),
     "generate-model-bad-sampling": (G + ["--model", "{in}/badsampling_model"],
                                     "sampling.frames_per_chunk must be an integer, got 'three'"),
     "generate-checkpoint-missing": (G + ["--checkpoint", "{in}/missing.pt"], "checkpoint file not found"),
@@ -270,7 +284,7 @@ CASES = {
     "train-config-empty": (TRAIN + ["{in}/empty.yaml"], "missing config keys in top level: name, output_dir, steps"),
     "train-set-no-value": (TRAIN + ["{in}/fresh.yaml", "--set", "steps"], "--set expects KEY=VALUE, got 'steps'"),
     "train-set-text-lr": (TRAIN + ["{in}/fresh.yaml", "--set", "optim.lr=abc"], "optim.lr must be a number, got 'abc'"),
-    "train-set-bad-yaml": (TRAIN + ["{in}/fresh.yaml", "--set", "steps=[1"], "the value is not valid YAML"),
+    "train-set-bad-yaml": (TRAIN + ["{in}/fresh.yaml", "--set", "steps=[1"], "cannot parse --set 'steps=[1': line 1, column 3"),
     "train-set-conflict": (TRAIN + ["{in}/fresh.yaml", "--set", "data=1", "--set", "data.batch_size=2"],
                            "which another --set gave a value"),
     "train-world-size-without-dry-run": (TRAIN + ["{in}/fresh.yaml", "--world-size", "2"], "only applies to --dry-run"),
@@ -359,6 +373,21 @@ CASES = {
     "ode-pairs-output-under-file": (["ode-pairs", "{repo}/configs/toy/ode_init.yaml", "--prompts", "{in}/prompts.txt",
                                      "-o", "{in}/afile/pairs.safetensors"], "afile is a file, not a directory"),
     "experiment-missing-plan": (["experiment", "{in}/missing.yaml"], "does not exist"),
+    "experiment-plan-not-utf8": (["experiment", "{in}/latin1_plan.yaml"],
+                                 "cannot read {in}/latin1_plan.yaml: not UTF-8 text (byte 0xe9 at offset 5)"),
+    # defect 7: inputs that would exhaust the machine are refused before anything is allocated
+    "generate-model-1e8-layers": (G + ["--model", "{in}/layers_model"], "100000000 layers"),
+    "generate-model-ffn-1e9": (G + ["--model", "{in}/ffn_model"], "parameters"),
+    "generate-4000x4000": (G + ["--height", "4000", "--width", "4000"], "a 4000x4000 stream of batch 1"),
+    "generate-model-deep-json": (G + ["--model", "{in}/deepjson_model"], "selfforcing.json: nested too deeply"),
+    "generate-model-not-utf8": (G + ["--model", "{in}/latin1_model"], "selfforcing.json: not UTF-8 text"),
+    "data-toy-size-30000": (["data", "toy", "--out", "{out}/toy", "--n", "1", "--size", "30000"],
+                            "a 16-frame 30000x30000 toy video needs at least"),
+    "train-frames-1e6": (TRAIN + ["{in}/huge_frames.yaml"], "tokens a forward) needs at least"),
+    "train-yaml-alias-bomb": (TRAIN + ["{in}/alias_bomb.yaml"], "expands to more than 100,000 values"),
+    "train-yaml-deep": (TRAIN + ["{in}/deep_yaml.yaml"], "deep_yaml.yaml: nested too deeply"),
+    "train-yaml-recursive-alias": (TRAIN + ["{in}/recursive_alias.yaml"], "an alias refers to a value that holds it"),
+    "train-config-not-utf8": (TRAIN + ["{in}/latin1.yaml"], "latin1.yaml: not UTF-8 text (byte 0xe9 at offset 9)"),
 }
 
 

@@ -334,7 +334,7 @@ def cmd_dmd_probe(args: argparse.Namespace) -> None:
 
 def _overrides(pairs: list[str]) -> dict:
     """``--set data.batch_size=4`` -> nested dict (values parsed as YAML)."""
-    import yaml
+    from selfforcing.files import parse_yaml
 
     out: dict = {}
     for pair in pairs:
@@ -348,9 +348,9 @@ def _overrides(pairs: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise SelfForcingError(f"--set {pair!r} sets a key inside {part}, which another --set gave a value")
         try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise SelfForcingError(f"--set {pair!r}: the value is not valid YAML; quote it as a string") from None
+            node[leaf] = parse_yaml(value, f"--set {pair!r}")
+        except SelfForcingError as e:
+            raise SelfForcingError(f"{e}; quote the value if it is text") from None
     return out
 
 

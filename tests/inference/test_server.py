@@ -461,7 +461,7 @@ def test_queued_messages_past_the_limit_are_dropped_with_an_error(server):
 def handshake(address: str, origin: str | None, host: str | None = None) -> str:
     """The status line answering a WebSocket opening handshake sent with these headers (a raw
     socket: a client library fills Host from the address)."""
-    headers = [f"GET /ws HTTP/1.1", f"Host: {host or address}", "Upgrade: websocket", "Connection: Upgrade",
+    headers = ["GET /ws HTTP/1.1", f"Host: {host or address}", "Upgrade: websocket", "Connection: Upgrade",
                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
     if origin is not None:
         headers.append(f"Origin: {origin}")

@@ -89,6 +89,30 @@ def test_wan_1_3b_parameter_count():
     assert 1.40e9 < sum(p.numel() for p in model.parameters()) < 1.45e9  # Wan2.1-T2V-1.3B: 1.42B
 
 
+@pytest.mark.parametrize("name", ["tiny", "toy", "wan2.1-1.3b", "wan2.1-14b"])
+def test_a_configs_parameters_are_counted_without_building_it(name):
+    with torch.device("meta"):
+        model = CausalWanModel(preset(name))
+    assert preset(name).num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_layers": 10**8}, "100000000 layers, width 128 and ffn_dim 512 has 2.65e[+]13 parameters: past any"),
+    ({"ffn_dim": 10**12}, "past any model"),
+    ({"rope_max_seq_len": 10**9}, "rope_max_seq_len must be in"),
+])
+def test_a_config_past_any_model_is_refused_before_anything_is_built(change, message):
+    with pytest.raises(SelfForcingError, match=message):
+        WanConfig(**{**preset("toy").__dict__, **change})
+
+
+def test_a_model_the_memory_cannot_hold_is_refused_before_it_is_built(monkeypatch):
+    monkeypatch.setattr("selfforcing.memory.available_bytes", lambda device: 10**6)  # 1 MB free
+    with pytest.raises(SelfForcingError, match="Wan transformer of 1.22e[+]06 parameters needs at least 0.0 GiB"):
+        CausalWanModel(preset("toy"))  # 4.9 MB of float32 weights
+    CausalWanModel(preset("tiny"))  # 147 kB
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(SelfForcingError, match="config.json not found"):
         CausalWanModel.from_pretrained(tmp_path)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from selfforcing.data.video_folder import CAPTIONS_KEY, INDEX_FILE
 from selfforcing.errors import SelfForcingError
+from selfforcing.files import load_json
 
 _REBUILD = "rebuild it with selfforcing.data.video_folder.encode_video_folder"
 
@@ -70,7 +71,7 @@ class LatentDataset(Dataset):
             raise SelfForcingError(f"latent cache shard {path} does not hold latents of shape {expected}; {_REBUILD}")
         try:
             captions = json.loads((f.metadata() or {})[CAPTIONS_KEY])
-        except (KeyError, json.JSONDecodeError):
+        except (KeyError, json.JSONDecodeError, RecursionError):
             captions = None
         if not isinstance(captions, list) or len(captions) != count:
             raise SelfForcingError(f"latent cache shard {path} does not hold {count} captions; {_REBUILD}")
@@ -86,9 +87,9 @@ def _read_index(cache_dir: Path) -> dict[str, Any]:
             f"Run encode_video_folder to build it."
         )
     try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SelfForcingError(f"{path} is not valid JSON ({error}); {_REBUILD}") from None
+        index = load_json(path)
+    except SelfForcingError as error:
+        raise SelfForcingError(f"{error}; {_REBUILD}") from None
     problem = _index_problem(index)
     if problem:
         raise SelfForcingError(f"{path} is not a valid latent cache index: {problem}; {_REBUILD}")

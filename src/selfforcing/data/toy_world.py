@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from selfforcing.errors import SelfForcingError
+from selfforcing.memory import check_fits
 from selfforcing.utils import temporary_beside
 
 # Saturated object colours, far from each other and from every background, so the
@@ -422,6 +423,9 @@ class ToyWorldDataset(IterableDataset):
         if num_videos is not None and (_not_int(num_videos) or num_videos < 1):
             raise SelfForcingError(f"num_videos must be a positive integer or None, got {num_videos!r}")
         _check_video_size(num_frames, height, width)
+        # render() draws a video in float32, with a per-frame mask and the uint8 result beside it
+        check_fits(num_frames * height * width * (3 * 4 + 4 + 3), f"a {num_frames}-frame {width}x{height} toy video",
+                   "cpu", "lower the size or the frames")
         sample_scene(seed, **scene_options)  # rejects bad options now, not in a worker later
         self.num_videos, self.num_frames, self.height, self.width = num_videos, num_frames, height, width
         self.seed, self.antialias, self.scene_options = seed, antialias, scene_options

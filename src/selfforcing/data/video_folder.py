@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from selfforcing.errors import SelfForcingError
+from selfforcing.errors import SelfForcingError, describe
 from selfforcing.models.vae import VideoVAE
 from selfforcing.utils import atomic_path, progress_bar, replaced_together
 
@@ -110,8 +110,8 @@ def _read_jsonl_captions(folder: Path) -> dict[str, str]:
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SelfForcingError(f"{where} is not valid JSON: {error}") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise SelfForcingError(f"{where} is not valid JSON: {describe(error)}") from None
         if not isinstance(record, dict) or not isinstance(record.get("file"), str) \
                 or not isinstance(record.get("caption"), str):
             raise SelfForcingError(f'{where} must be an object with string "file" and "caption" keys')

@@ -29,6 +29,7 @@ import yaml
 
 from selfforcing.errors import SelfForcingError
 from selfforcing.eval.report import RESULTS_FILE
+from selfforcing.files import load_json, load_yaml
 from selfforcing.utils import atomic_path
 from selfforcing.training.config import config_from_dict, merge_overrides
 
@@ -76,7 +77,9 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise SelfForcingError(f"experiment plan {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise SelfForcingError(f"experiment plan {path} must hold a mapping of keys to values")
         unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
         if unknown:
             raise SelfForcingError(f"unknown keys in experiment plan {path}: {', '.join(unknown)}")
@@ -154,7 +157,7 @@ class Runner:
 
     def stage_config(self, spec: dict, output: Path, seed: int, shared: bool = False) -> dict:
         """A training config with this run's paths, seed, preset overrides and step count."""
-        cfg = yaml.safe_load(Path(spec["config"]).read_text())
+        cfg = load_yaml(spec["config"])
         cfg = merge_overrides(cfg, {"output_dir": str(output), "seed": seed})
         cfg = merge_overrides(cfg, spec.get("set", {}))
         cfg = merge_overrides(cfg, self.preset.set)
@@ -286,7 +289,7 @@ class Runner:
         from selfforcing.eval.run import evaluate_model
 
         if (out / RESULTS_FILE).is_file():
-            return json.loads((out / RESULTS_FILE).read_text()), 0.0
+            return load_json(out / RESULTS_FILE), 0.0
         start = time.perf_counter()
         result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3),
                                 **_teacher_sampling(sampler))

@@ -28,6 +28,8 @@ from selfforcing import threads
 from selfforcing.diffusion.samplers import euler_sample_cfg
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import SelfForcingError
+from selfforcing.files import load_json
+from selfforcing.memory import GIB, check_fits
 from selfforcing.inference.conditioning import Conditioning
 from selfforcing.inference.rollout import rollout
 from selfforcing.models.convert import check_weight_files, load_state_dict_file
@@ -366,6 +368,20 @@ class StreamingPipeline:
         return self.model.encode_text(self.text_encoder.encode(prompts).to(self.device))
 
     @torch.no_grad()
+    def _check_memory(self, chunk_shape: tuple[int, ...]) -> None:
+        """Refuse a stream whose KV cache and one chunk's activations cannot fit, before it
+        allocates (a 4000x4000 toy stream wanted 24 GB of the CPU's memory, then was killed)."""
+        s, config = self.sampling, self.model.config
+        batch, _, frames, h, w = chunk_shape
+        tokens = (h // config.patch_size[1]) * (w // config.patch_size[2])  # per latent frame
+        size = self.model.proj_out.weight.dtype.itemsize
+        kv_cache = 2 * config.num_layers * batch * s.kv_cache_frames * tokens * config.dim * size
+        chunk = batch * frames * tokens * (config.ffn_dim + 4 * config.dim) * size  # the FFN's and q/k/v/out's
+        video = batch * 3 * self.video_frames(frames) * s.height * s.width * 4  # one decoded chunk, float
+        check_fits(kv_cache + chunk + video, f"a {s.width}x{s.height} stream of batch {batch} (its KV cache of "
+                   f"{s.kv_cache_frames} latent frames: {kv_cache / GIB:,.1f} GiB)", self.device,
+                   "lower --height and --width, or the batch")
+
     def stream(
         self,
         prompts: list[str] | str | Conditioning,
@@ -399,6 +415,7 @@ class StreamingPipeline:
                        s.height // self.vae.spatial_ratio, s.width // self.vae.spatial_ratio)
         if initial_latents is not None and (initial_latents.shape[:2] != chunk_shape[:2] or initial_latents.shape[3:] != chunk_shape[3:]):
             raise SelfForcingError(f"initial latents of shape {tuple(initial_latents.shape)} do not match {chunk_shape}")
+        self._check_memory(chunk_shape)
 
         self.stats = stats = StreamStats()
         generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device).manual_seed(seed)
@@ -528,10 +545,7 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SelfForcingError(f"cannot read {path}: {e}") from None
+    data = load_json(path)
     if not isinstance(data, dict):
         raise SelfForcingError(f"{path} must hold a JSON object")
     return data

@@ -193,7 +193,7 @@ def _adapter_metadata(header: dict[str, str], path: Path) -> dict | None:
         return None
     try:
         packed = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise SelfForcingError(f"LoRA file {path}: its {METADATA_KEY} metadata is not JSON") from None
     config = {k[len(PREFIX):]: v for k, v in packed.items() if k.startswith(PREFIX)} if isinstance(packed, dict) else {}
     return config or None

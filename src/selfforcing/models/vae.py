@@ -21,7 +21,6 @@ Three implementations:
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -31,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from selfforcing.errors import SelfForcingError
+from selfforcing.files import load_json
 
 if TYPE_CHECKING:  # diffusers takes seconds to import: only the Wan VAE needs it, so it is imported there
     from diffusers import AutoencoderKLWan
@@ -226,7 +226,10 @@ class WanVAE(nn.Module):
             raise SelfForcingError(
                 f"{path} has no config.json; expected a diffusers AutoencoderKLWan folder (a Wan checkpoint's 'vae')"
             )
-        class_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKLWan")
+        config = load_json(config_file)
+        if not isinstance(config, dict):
+            raise SelfForcingError(f"{config_file} is not a JSON object")
+        class_name = config.get("_class_name", "AutoencoderKLWan")
         if class_name != "AutoencoderKLWan":
             raise SelfForcingError(f"{config_file} describes a {class_name}, not an AutoencoderKLWan")
         try:

@@ -43,6 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from selfforcing.errors import SelfForcingError
+from selfforcing.files import load_json
+from selfforcing.memory import check_fits
 from selfforcing.models.graphs import CapturedStep
 from selfforcing.models.kv_cache import KVCache, StaticKVCache
 from selfforcing.schema import check_values
@@ -56,6 +58,12 @@ _I2V_KEYS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 
 
 # --------------------------------------------------------------------------- config
+# Bounds past which a config is a mistake (or an attack), not a model: refused before anything is built.
+MAX_LAYERS = 1000
+MAX_PARAMETERS = 10**12
+MAX_ROPE_POSITIONS = 1 << 20
+
+
 @dataclass(frozen=True)
 class WanConfig:
     """Architecture hyper-parameters, named as in diffusers' ``WanTransformer3DModel`` config."""
@@ -89,6 +97,25 @@ class WanConfig:
                 raise SelfForcingError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.freq_dim < 2 or self.freq_dim % 2:
             raise SelfForcingError(f"freq_dim must be even and >= 2, got {self.freq_dim}")
+        if not 1 <= self.rope_max_seq_len <= MAX_ROPE_POSITIONS:
+            raise SelfForcingError(f"rope_max_seq_len must be in [1, {MAX_ROPE_POSITIONS}], got {self.rope_max_seq_len}")
+        if self.num_layers > MAX_LAYERS or self.num_parameters() > MAX_PARAMETERS:
+            raise SelfForcingError(
+                f"a Wan config with {self.num_layers} layers, width {self.dim} and ffn_dim {self.ffn_dim} has "
+                f"{self.num_parameters():.3g} parameters: past any model this code runs (at most {MAX_LAYERS} layers "
+                f"and {MAX_PARAMETERS:.0e} parameters; Wan2.1-14B has 40 layers and 1.4e10)"
+            )
+
+    def num_parameters(self) -> int:
+        """The parameters of ``CausalWanModel(self)``, counted from the sizes alone (a check on a
+        config must not build it: a hundred million layers would fill the memory first)."""
+        dim, ffn, patch = self.dim, self.ffn_dim, math.prod(self.patch_size)
+        linear = lambda d_in, d_out: d_in * d_out + d_out  # noqa: E731
+        attention = 4 * linear(dim, dim) + 2 * dim  # q, k, v, out; RMSNorm on q and k
+        block = 2 * attention + 2 * dim + linear(dim, ffn) + linear(ffn, dim) + 6 * dim  # norm2 affine; modulation
+        embedders = (self.in_channels * patch * dim + dim + linear(self.freq_dim, dim) + linear(dim, dim)
+                     + linear(dim, 6 * dim) + linear(self.text_dim, dim) + linear(dim, dim))
+        return embedders + self.num_layers * block + linear(dim, self.out_channels * patch) + 2 * dim
 
     @property
     def dim(self) -> int:
@@ -131,10 +158,7 @@ class WanConfig:
         config_file = _transformer_dir(Path(path)) / CONFIG_NAME
         if not config_file.is_file():
             raise SelfForcingError(f"no Wan transformer at {path}: {CONFIG_NAME} not found")
-        try:
-            d = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SelfForcingError(f"cannot read {config_file}: {e}") from None
+        d = load_json(config_file)
         if not isinstance(d, dict):
             raise SelfForcingError(f"{config_file} is not a JSON object")
         return cls.from_original_dict(d) if "num_heads" in d else cls.from_dict(d)
@@ -535,6 +559,10 @@ def _first_chunk_block(block: WanBlock, tokens, mod, text: TextContext, sa: Stat
 class CausalWanModel(nn.Module):
     def __init__(self, config: WanConfig):
         super().__init__()
+        device = torch.get_default_device()
+        check_fits(config.num_parameters() * torch.get_default_dtype().itemsize, "a Wan transformer of "
+                   f"{config.num_parameters():.3g} parameters", device,
+                   "check num_layers, ffn_dim and the head sizes in its config")
         self.config = config
         dim = config.dim
         self.rope = Rope3D(config.attention_head_dim, config.rope_max_seq_len)
@@ -790,7 +818,10 @@ class CausalWanModel(nn.Module):
         if (path / WEIGHTS_NAME).is_file():
             shards = [path / WEIGHTS_NAME]
         elif (path / WEIGHTS_INDEX_NAME).is_file():
-            index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
+            index = load_json(path / WEIGHTS_INDEX_NAME)
+            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict) \
+                    or not all(isinstance(name, str) for name in index["weight_map"].values()):
+                raise SelfForcingError(f"{path / WEIGHTS_INDEX_NAME} has no weight_map of tensor names to files")
             shards = [path / name for name in sorted(set(index["weight_map"].values()))]
         else:
             raise SelfForcingError(f"no weights in {path}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")

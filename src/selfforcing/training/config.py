@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from selfforcing.errors import SelfForcingError, reading
+from selfforcing.errors import SelfForcingError
+from selfforcing.files import load_yaml
 from selfforcing.models.lora import BLOCK_LINEARS, LoraSpec
 from selfforcing.schema import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, SEED, UNIT, Range,
                                 bounded, build)
@@ -213,12 +213,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise SelfForcingError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
-    with reading(path):
-        text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SelfForcingError(f"cannot parse {path}: {_yaml_problem(e)}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict | None):
         raise SelfForcingError(f"{path} must hold a mapping of config keys to values, got a {type(data).__name__}")
     return config_from_dict(merge_overrides(data or {}, overrides or {}))
@@ -253,8 +248,8 @@ def _config_writing(model_dir: Path, folder: Path) -> tuple[Path, str] | None:
     """The config in ``folder`` whose run exports ``model_dir``, with its run name."""
     for candidate in sorted(folder.glob("*.yaml")):
         try:
-            data = yaml.safe_load(candidate.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = load_yaml(candidate)
+        except SelfForcingError:
             continue
         if isinstance(data, dict) and isinstance(data.get("output_dir"), str) \
                 and Path(data["output_dir"]) / "model" == model_dir:
@@ -268,13 +263,6 @@ def _shown(path: Path) -> Path:
         return path.relative_to(Path.cwd())
     except ValueError:
         return path
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """PyYAML's message spans several lines with a source excerpt: keep the place and the problem."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def merge_overrides(base: dict, overrides: dict) -> dict:

@@ -25,6 +25,7 @@ from torch import nn
 from selfforcing import threads
 from selfforcing.diffusion.schedule import FlowMatchSchedule
 from selfforcing.errors import DamagedFileError, SelfForcingError, reading
+from selfforcing.memory import check_fits
 from selfforcing.models import lora
 from selfforcing.models.text_encoders import negative_text
 from selfforcing.models.wan import CausalWanModel
@@ -52,6 +53,7 @@ class Trainer:
         if self.env.is_main:
             check_writable(Path(cfg.output_dir) / METRICS_FILE)  # before minutes of model loading
         device = self.env.device
+        self._check_memory()
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.schedule = FlowMatchSchedule(shift=cfg.paradigm.timestep_shift)
         self.text_encoder = loading.load_text_encoder(cfg, device)
@@ -103,6 +105,18 @@ class Trainer:
         self.threads: int | None = None  # the run's CPU thread count, kept by its resumes (threads.settle)
 
     # ---- construction -----------------------------------------------------
+    def _check_memory(self) -> None:
+        """Refuse, before any model loads, a run whose activations and rollout KV cache alone (the
+        part of the memory plan that neither more GPUs nor LoRA shrink; the weights are checked as
+        each model is built) cannot fit: ``data.height: 1e6`` must not take the machine down."""
+        from selfforcing.training.memory import GIB, plan_memory
+
+        plan = plan_memory(self.cfg, self.env.world_size)
+        d = self.cfg.data
+        check_fits(int(plan.unsharded_gib * GIB), f"training on {d.batch_size} x {d.num_frames} frames of "
+                   f"{d.width}x{d.height} ({plan.tokens:,} tokens a forward)", self.env.device,
+                   "lower data.height, data.width, data.num_frames or data.batch_size")
+
     def _load_score_model(self, src: ScoreModelConfig | None, role: str) -> CausalWanModel | None:
         if src is None:
             return None
@@ -457,7 +471,7 @@ def _to_host(*values: torch.Tensor) -> list[float]:
 def _logged_step(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
