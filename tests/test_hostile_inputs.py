@@ -118,6 +118,14 @@ def inputs(tmp_path_factory):
     q = "blocks.0.attn1.to_q"  # LoRAs for the toy model (width 128), with a NaN in a weight or a ComfyUI alpha
     save_file({f"transformer.{q}.lora_A.weight": torch.full((2, 128), float("nan")),
                f"transformer.{q}.lora_B.weight": torch.zeros(128, 2)}, root / "nan_lora.safetensors")
+    lora_pair = {f"transformer.{q}.lora_A.weight": torch.zeros(2, 128), f"transformer.{q}.lora_B.weight": torch.zeros(128, 2)}
+    for name, meta in [("rank_text", {"r": "abc"}), ("rank_zero", {"r": 0}), ("targets_int", {"r": 2, "target_modules": 5}),
+                       ("unknown_key", {"r": 2, "surprise": 1}), ("alpha_text", {"r": 2, "lora_alpha": "big"}),
+                       ("rank_other", {"r": 4}), ("dropout_text", {"r": 2, "lora_dropout": "x"}), ("no_targets", {"r": 2}),
+                       ("bias_text", {"r": 2, "bias": "sometimes"})]:
+        meta = meta if name in ("targets_int", "no_targets") else {"target_modules": [q], **meta}
+        packed = json.dumps({f"transformer.{k}": v for k, v in meta.items()})
+        save_file(lora_pair, root / f"meta_{name}.safetensors", metadata={"lora_adapter_metadata": packed})
     comfy = "diffusion_model.blocks.0.self_attn.q"
     save_file({f"{comfy}.lora_down.weight": torch.zeros(2, 128), f"{comfy}.lora_up.weight": torch.zeros(128, 2),
                f"{comfy}.alpha": torch.tensor(float("nan"))}, root / "nan_alpha_lora.safetensors")
@@ -243,6 +251,24 @@ CASES = {
     "generate-extend-dir": (G + ["--extend", "{in}"], "is not a file"),
     "generate-checkpoint-nan": (G + ["--checkpoint", "{in}/nan.safetensors"], "holds non-finite values (NaN or"),
     "generate-lora-nan": (G + ["--lora", "{in}/nan_lora.safetensors"], "nan_lora.safetensors holds non-finite"),
+    "generate-lora-meta-rank-text": (G + ["--lora", "{in}/meta_rank_text.safetensors"],
+                                     "gives r (the rank) as 'abc', not a positive integer"),
+    "generate-lora-meta-rank-zero": (G + ["--lora", "{in}/meta_rank_zero.safetensors"],
+                                     "gives r (the rank) as 0, not a positive integer"),
+    "generate-lora-meta-targets-int": (G + ["--lora", "{in}/meta_targets_int.safetensors"],
+                                       "gives target_modules as 5, not a name or a list of names"),
+    "generate-lora-meta-unknown-key": (G + ["--lora", "{in}/meta_unknown_key.safetensors"],
+                                       "has keys peft's LoraConfig does not know: surprise"),
+    "generate-lora-meta-alpha-text": (G + ["--lora", "{in}/meta_alpha_text.safetensors"],
+                                      "gives lora_alpha as 'big', not a finite number"),
+    "generate-lora-meta-rank-other": (G + ["--lora", "{in}/meta_rank_other.safetensors"],
+                                      "gives rank 4 but its weights have rank 2"),
+    "generate-lora-meta-dropout-text": (G + ["--lora", "{in}/meta_dropout_text.safetensors"],
+                                        "gives lora_dropout as 'x', not a number in [0, 1)"),
+    "generate-lora-meta-no-targets": (G + ["--lora", "{in}/meta_no_targets.safetensors"],
+                                      "gives target_modules as None"),
+    "generate-lora-meta-bias-text": (G + ["--lora", "{in}/meta_bias_text.safetensors"],
+                                     "is not a LoRA config peft can apply: Requested bias: sometimes"),
     "generate-lora-alpha-nan": (G + ["--lora", "{in}/nan_alpha_lora.safetensors"], "non-finite values (NaN or "
                                 "infinity) in diffusion_model.blocks.0.self_attn.q.alpha"),
     "generate-extend-onto-itself": (["generate", PROMPT, "-o", "{in}/small.mp4", "--extend", "{in}/small.mp4"],

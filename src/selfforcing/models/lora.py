@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfforcing.errors import SelfForcingError, reading
+from selfforcing.errors import SelfForcingError, describe, reading
 from selfforcing.models.convert import check_finite
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -151,6 +151,10 @@ def read_file(path: str | Path) -> LoraFile:
     metadata = _adapter_metadata(header, path)
     lora = LoraFile(path, weights, metadata)
     _check_pairs(lora)
+    ranks = sorted({a.shape[0] for a, _ in lora.modules().values()})
+    if metadata and not metadata.get("rank_pattern") and ranks != [metadata.get("r", 8)]:
+        raise SelfForcingError(f"LoRA file {path}: its {METADATA_KEY} gives rank {metadata.get('r', 8)} but its "
+                               f"weights have rank {', '.join(map(str, ranks))}")
     return lora
 
 
@@ -196,7 +200,36 @@ def _adapter_metadata(header: dict[str, str], path: Path) -> dict | None:
     except (json.JSONDecodeError, RecursionError):
         raise SelfForcingError(f"LoRA file {path}: its {METADATA_KEY} metadata is not JSON") from None
     config = {k[len(PREFIX):]: v for k, v in packed.items() if k.startswith(PREFIX)} if isinstance(packed, dict) else {}
+    if config:
+        _check_metadata(config, path)
     return config or None
+
+
+def _check_metadata(config: dict, path: Path) -> None:
+    """The metadata becomes peft's ``LoraConfig(**config)``: refuse what would fail or mislead
+    there (a rank of 0 or "abc", an alpha that is no number, unknown keys), naming it."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    where = f"LoRA file {path}: its {METADATA_KEY}"
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(LoraConfig)})
+    if unknown:
+        raise SelfForcingError(f"{where} has keys peft's LoraConfig does not know: {', '.join(unknown[:5])}")
+    rank, alpha, targets = config.get("r", 8), config.get("lora_alpha", 8), config.get("target_modules")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise SelfForcingError(f"{where} gives r (the rank) as {rank!r}, not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise SelfForcingError(f"{where} gives lora_alpha as {alpha!r}, not a finite number")
+    if not (isinstance(targets, str) or isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise SelfForcingError(f"{where} gives target_modules as {targets!r}, not a name or a list of names")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise SelfForcingError(f"{where} gives lora_dropout as {dropout!r}, not a number in [0, 1)")
+    try:
+        LoraConfig(**config)
+    except Exception as e:  # whatever peft's checks raise on a value they do not take (KeyError, TypeError, ...)
+        raise SelfForcingError(f"{where} is not a LoRA config peft takes: {describe(e)}") from None
 
 
 def _check_pairs(lora: LoraFile) -> None:
@@ -241,12 +274,19 @@ def load(model: nn.Module, path: str | Path, scale: float = 1.0, name: str = "de
     if name in getattr(model, "peft_config", {}):
         raise SelfForcingError(f"the model already has an adapter named {name!r}")
     ranks = {f"^{k}": v.shape[1] for k, v in lora.weights.items() if k.endswith(".lora_B.weight")}
-    config = _create_lora_config(lora.weights, None, lora.metadata, ranks, model_state_dict=model.state_dict())
     dtype = next(model.parameters()).dtype
-    with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        inject_adapter_in_model(config, model, adapter_name=name)
-    set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in lora.weights.items()}, adapter_name=name)
+    try:
+        config = _create_lora_config(lora.weights, None, lora.metadata, ranks, model_state_dict=model.state_dict())
+        with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            inject_adapter_in_model(config, model, adapter_name=name)
+        set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in lora.weights.items()}, adapter_name=name)
+    except Exception as e:
+        if lora.metadata is None:  # from the weights alone, checked above: a failure here is a bug to report
+            raise
+        # peft checks some settings only as it applies them (bias "sometimes": NotImplementedError)
+        raise SelfForcingError(f"LoRA file {lora.path}: its {METADATA_KEY} is not a LoRA config peft can apply: "
+                               f"{describe(e)}") from None
     active = sorted({a for layer in lora_layers(model) for a in layer.active_adapters} | {name})
     for layer in lora_layers(model):
         layer.set_adapter([a for a in active if a in layer.lora_A])
