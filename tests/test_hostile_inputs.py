@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -496,3 +497,33 @@ def test_a_live_write_in_another_pid_namespace_keeps_its_temporary(tmp_path):
     finally:
         other.kill()
     assert out.read_bytes() == b"the other run" and os.listdir(tmp_path) == ["shared.mp4"]  # the last rename won
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 16 kB file system: room for a config, not for a video, a dataset or a checkpoint."""
+    import subprocess
+
+    place = tmp_path / "full"
+    place.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(place)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small file system needs root")
+    yield place
+    subprocess.run(["umount", str(place)], check=True)
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", PROMPT, "-o", "{full}/out.mp4", "--frames", "300", "--quiet"],
+    ["eval", "-o", "{full}/report", "--n", "2", "--frames", "6"],
+    ["data", "toy", "--out", "{full}/toy", "--n", "50"],
+    ["train", str(ROOT / "configs" / "toy" / "teacher.yaml"), "--set", "output_dir={full}/run", "--set", "steps=2"],
+], ids=["generate", "eval", "data-toy", "train"])
+def test_a_full_disk_is_named_in_one_line_and_leaves_no_temporary(full_disk, monkeypatch, capsys, argv):
+    monkeypatch.chdir(full_disk.parent)
+    assert main([a.format(full=full_disk) for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"error: the disk is full( \(writing .*\))?: free some space or choose another place", lines[-1])
+    assert len(lines) == 1  # ffmpeg's own messages are kept, not printed
+    assert not [p for p in full_disk.rglob(".*")]  # no temporary or lock left
+    assert not (full_disk / "out.mp4").exists() and not (full_disk / "toy").exists()  # no truncated output

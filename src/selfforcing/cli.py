@@ -9,6 +9,8 @@ one line (exit 1) with the traceback under ``--debug``.
 from __future__ import annotations
 
 import argparse
+import errno
+import re
 import contextlib
 import math
 import signal
@@ -694,9 +696,36 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return _fail(130, "interrupted")
         except Exception as e:
-            return _fail(1, f"internal error: {type(e).__name__}: {describe(e)} (rerun with --debug for the "
-                            "traceback; please report it)", debug)
+            number = _machine_errno(e)
+            if number is None:
+                return _fail(1, f"internal error: {type(e).__name__}: {describe(e)} (rerun with --debug for the "
+                                "traceback; please report it)", debug)
+            problem, fix = _MACHINE_ERRORS[number]
+            where = f" (writing {e.filename})" if getattr(e, "filename", None) else ""
+            return _fail(2, f"error: {problem}{where}: {fix}", debug)
     return 0
+
+
+# Failures of the machine, not of the program: named, exit 2, as a bad input is.
+_MACHINE_ERRORS = {errno.ENOSPC: ("the disk is full", "free some space or choose another place"),
+                   errno.EDQUOT: ("the disk quota is used up", "free some space or choose another place"),
+                   errno.EROFS: ("the file system is read-only", "choose another place")}
+
+
+def _machine_errno(error: Exception) -> int | None:
+    """The errno of ``error`` if it is one of ``_MACHINE_ERRORS``, as an ``OSError`` carries it or
+    a writer's message does: safetensors' Rust "(os error 28)"; a short write, which only a full
+    disk makes: numpy's "N requested and M written", torch's "file write failed" or "unexpected
+    pos N vs M"."""
+    number = getattr(error, "errno", None)
+    if number is None:
+        text = str(error)
+        found = re.search(r"\(os error (\d+)\)", text)
+        if found:
+            number = int(found.group(1))
+        elif re.search(r"\d+ requested and \d+ written|file write failed|unexpected pos \d+ vs \d+", text):
+            number = errno.ENOSPC
+    return number if number in _MACHINE_ERRORS else None
 
 
 def _fail(code: int, message: str, debug: bool = False) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -15,28 +17,60 @@ from selfforcing.utils import atomic_path, check_writable
 
 
 class MP4Writer:
-    """Feed (T, H, W, 3) uint8 frames through ``write``; H.264 via imageio-ffmpeg."""
+    """Feed (T, H, W, 3) uint8 frames through ``write``; H.264 by the ffmpeg of imageio-ffmpeg.
 
-    def __init__(self, path: Path, fps: int):
-        self._path, self._fps, self._ffmpeg = path, fps, None
+    ffmpeg runs as imageio-ffmpeg's ``write_frames`` runs it (the same command: libx264, CRF 25,
+    yuv420p), but here its exit status is read: ``write_frames`` ignores it, so a disk that
+    filled up left a truncated video behind a success message. ffmpeg's messages are kept
+    for the error instead of going to the terminal."""
+
+    def __init__(self, path: Path, fps: int, shown: Path | None = None):
+        self._path, self._fps, self._shown = path, fps, shown or path
+        self._ffmpeg: subprocess.Popen | None = None
+        self._messages = tempfile.TemporaryFile()  # a file, not a pipe: a pipe nobody reads can fill and block ffmpeg
         self.frames = 0
 
     def write(self, frames: torch.Tensor | np.ndarray) -> None:
         frames = np.ascontiguousarray(np.asarray(frames, dtype=np.uint8))
         if self._ffmpeg is None:
             height, width = frames.shape[1:3]
-            self._ffmpeg = imageio_ffmpeg.write_frames(
-                str(self._path), (width, height), fps=self._fps, codec="libx264", pix_fmt_out="yuv420p",
-                macro_block_size=2, ffmpeg_log_level="error", output_params=["-f", "mp4"],
-            )
-            self._ffmpeg.send(None)  # start the encoder process
-        for frame in frames:
-            self._ffmpeg.send(frame)
+            command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+                       "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(self._fps), "-i", "-", "-an",
+                       "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "25", "-v", "error", "-f", "mp4",
+                       str(self._path)]
+            # Its own session: Ctrl-C reaches this process, which then stops ffmpeg (close)
+            self._ffmpeg = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                            stderr=self._messages, start_new_session=True)
+        try:
+            for frame in frames:
+                self._ffmpeg.stdin.write(frame.tobytes())
+        except BrokenPipeError:  # ffmpeg stopped: its exit status and messages say why
+            self._finish()
+            raise self._failure()
         self.frames += len(frames)
 
-    def close(self) -> None:
-        if self._ffmpeg is not None:
-            self._ffmpeg.close()
+    def close(self, complete: bool = True) -> None:
+        """Let ffmpeg finish the file (``complete``), or stop it; an ffmpeg that failed raises."""
+        if self._ffmpeg is not None and self._ffmpeg.returncode is None:
+            if not complete:
+                self._ffmpeg.kill()
+            self._finish()
+            if complete and self._ffmpeg.returncode != 0:
+                raise self._failure()
+        self._messages.close()
+
+    def _finish(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self._ffmpeg.stdin.close()
+        self._ffmpeg.wait()
+
+    def _failure(self) -> SelfForcingError:
+        self._messages.seek(0)
+        said = self._messages.read().decode(errors="replace").strip().splitlines()
+        if any("No space left on device" in line for line in said):
+            return SelfForcingError(f"the disk is full (writing {self._shown}): free some space or choose another place")
+        last = said[-1] if said else f"exit status {self._ffmpeg.returncode}"
+        return SelfForcingError(f"cannot write {self._shown}: ffmpeg failed ({last})")
 
 
 def check_mp4_output(path: str | Path) -> None:
@@ -55,11 +89,13 @@ def mp4_writer(path: str | Path, fps: int) -> Iterator[MP4Writer]:
     path = Path(path)
     check_mp4_output(path)
     with atomic_path(path) as tmp:
-        writer = MP4Writer(tmp, fps)
+        writer = MP4Writer(tmp, fps, shown=path)
         try:
             yield writer
-        finally:
-            writer.close()
+        except BaseException:
+            writer.close(complete=False)
+            raise
+        writer.close()
         if writer.frames == 0:
             raise SelfForcingError("no frames were generated; nothing written")
 
