@@ -98,3 +98,34 @@ def test_sigterm_mid_training_then_resume_is_exact(tmp_path):
 
     assert [m["step"] for m in metrics(split)] == list(range(1, steps + 1))  # each step logged once
     assert metrics(split) == metrics(tmp_path / "full")
+
+
+@pytest.mark.parametrize("gap_s", [0.0, 0.02, 0.05])
+def test_ctrl_c_twice_is_one_interrupt(tmp_path, gap_s):
+    """The second Ctrl-C, while the first one's cleanup runs, used to print a traceback from
+    torch's exit handlers: it is ignored, and the command ends as for one."""
+    out = tmp_path / "out.mp4"
+    proc = start(["generate", PROMPT, "-o", str(out), "--frames", "1023", "--quiet"], tmp_path)
+    wait_for(lambda: any(tmp_path.glob(".out.mp4.*.tmp.mp4")), proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(gap_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted"], err[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["generate", PROMPT, "-o", "{tmp}/out.mp4", "--frames", "3"],
+                                  ["train", str(Path(__file__).parents[1] / "configs" / "toy" / "teacher.yaml"),
+                                   "--dry-run"]], ids=["generate", "train-dry-run"])
+def test_output_piped_into_a_reader_that_left_ends_quietly(tmp_path, argv):
+    """``selfforcing ... | true``: the reader is gone before the command prints; it ends as SIGPIPE
+    ends other tools (141), with no traceback, and the work it did stands."""
+    proc = subprocess.Popen([sys.executable, "-m", "selfforcing", *(a.format(tmp=tmp_path) for a in argv)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader leaves at once
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""
+    if argv[0] == "generate":
+        assert os.listdir(tmp_path) == ["out.mp4"]

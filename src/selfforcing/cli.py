@@ -1,18 +1,20 @@
 """Command line: ``selfforcing generate | serve | train | eval | data | ...``.
 
 Every problem with the input is found before any work starts and reported as one line
-naming the value and the fix (exit 2); SIGINT and SIGTERM stop a command with the same
-cleanup, leaving no partial output (exit 130 / 143); anything else is a bug, reported in
-one line (exit 1) with the traceback under ``--debug``.
+naming the value and the fix (exit 2), as is a full disk; SIGINT and SIGTERM stop a command
+with the same cleanup, leaving no partial output (exit 130 / 143); a reader that closes the
+command's output pipe early (``| head``) ends it quietly, as SIGPIPE ends other tools (exit
+141); anything else is a bug, reported in one line (exit 1) with the traceback under ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import re
 import contextlib
+import errno
 import math
+import os
+import re
 import signal
 import sys
 import threading
@@ -663,26 +665,36 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def _stop_signals(exiting: bool):
+    """SIGINT (Ctrl-C) stops a command as KeyboardInterrupt, SIGTERM (``timeout``, ``docker stop``,
+    a job scheduler) as ``Terminated``, so that the same cleanup runs. Once one has, more of
+    either are ignored: a second must not cut the cleanup short, and where the process ends
+    after this command (``exiting``), not until it has (a second Ctrl-C 50 ms after the first
+    printed a traceback from torch's exit handlers)."""
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield
         return
+    stopped = []
 
-    def terminate(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-        raise Terminated()
+    def stop(signum, frame):
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        stopped.append(signum)
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not (stopped and exiting):
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status (see the module docstring)."""
     debug = False
-    with _sigterm_as_interrupt():
+    with _stop_signals(exiting=argv is None):
         try:
             args = build_parser().parse_args(argv)
             args.command_line = ["selfforcing", *(sys.argv[1:] if argv is None else argv)]  # for reports
@@ -695,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(143, "terminated")
         except KeyboardInterrupt:
             return _fail(130, "interrupted")
+        except BrokenPipeError:
+            _quiet_stdout()
+            return 141
         except Exception as e:
             number = _machine_errno(e)
             if number is None:
@@ -710,6 +725,15 @@ def main(argv: list[str] | None = None) -> int:
 _MACHINE_ERRORS = {errno.ENOSPC: ("the disk is full", "free some space or choose another place"),
                    errno.EDQUOT: ("the disk quota is used up", "free some space or choose another place"),
                    errno.EROFS: ("the file system is read-only", "choose another place")}
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null: its reader is gone, and the flush at exit would
+    otherwise fail again ("Exception ignored ... BrokenPipeError")."""
+    with contextlib.suppress(OSError, ValueError):  # (no descriptor: a caller's stream in tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _machine_errno(error: Exception) -> int | None:
