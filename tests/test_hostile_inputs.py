@@ -161,6 +161,8 @@ def inputs(tmp_path_factory):
     _write_config(root, "output_under_file", output_dir=str(root / "afile" / "run"))
     _write_config(root, "seed_negative", seed=-1)
     _write_config(root, "text_encoder_string", text_encoder="hash")
+    _write_config(root, "text_encoder_key", text_encoder={"type": "hash", "dim": 16, "max_length": 8, "vocab": 9})
+    _write_config(root, "text_encoder_dim", text_encoder={"type": "umt5", "dim": "wide"})
     _write_config(root, "sample_every_negative", logging={"sample_every": -1})
     _write_config(root, "name_int", name=5)
     _write_config(root, "tensorboard_text", logging={"tensorboard": "yes please"})
@@ -400,6 +402,10 @@ CASES = {
     "ode-pairs-output-under-file": (["ode-pairs", "{repo}/configs/toy/ode_init.yaml", "--prompts", "{in}/prompts.txt",
                                      "-o", "{in}/afile/pairs.safetensors"], "afile is a file, not a directory"),
     "experiment-missing-plan": (["experiment", "{in}/missing.yaml"], "does not exist"),
+    "train-dry-run-text-encoder-key": (TRAIN + ["{in}/text_encoder_key.yaml", "--dry-run"],
+                                       "unknown text encoder config key(s) ['vocab'] for type 'hash'"),
+    "train-dry-run-text-encoder-dim": (TRAIN + ["{in}/text_encoder_dim.yaml", "--dry-run"],
+                                       "text encoder dim must be a positive integer, got 'wide'"),
     "experiment-plan-not-utf8": (["experiment", "{in}/latin1_plan.yaml"],
                                  "cannot read {in}/latin1_plan.yaml: not UTF-8 text (byte 0xe9 at offset 5)"),
     # defect 7: inputs that would exhaust the machine are refused before anything is allocated

@@ -17,7 +17,8 @@ PLAN = Path(__file__).parents[2] / "configs" / "experiments" / "toy_table2.yaml"
 SHIPPED_TEACHER = Path(__file__).parents[2] / "src" / "selfforcing" / "assets" / "toy-teacher"
 
 
-def test_micro_table_runs_end_to_end(tmp_path, capsys):
+def test_micro_table_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: the plan's paths start from its root, not from here
     assert main(["experiment", str(PLAN), "--preset", "micro", "-o", str(tmp_path)]) == 0, capsys.readouterr().err
     root = tmp_path / "micro"
     table = (root / "table.md").read_text()

@@ -20,7 +20,7 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +71,7 @@ class Plan:
     prompts: dict
     presets: dict
     references: list[str] = field(default_factory=list)  # shared stages scored as reference rows
+    base: Path = field(default=Path(), init=False)  # where the plan's relative paths start (see ``resolve``)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -80,19 +81,27 @@ class Plan:
         data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise SelfForcingError(f"experiment plan {path} must hold a mapping of keys to values")
-        unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
+        unknown = sorted(set(data) - {f.name for f in fields(cls) if f.init})
         if unknown:
             raise SelfForcingError(f"unknown keys in experiment plan {path}: {', '.join(unknown)}")
         try:
             plan = cls(**data)
         except TypeError as e:
             raise SelfForcingError(f"experiment plan {path}: {e}") from None
+        # The shipped plans name files from the repository's root: the plan's nearest ancestor holding configs/
+        plan.base = next((d for d in path.resolve().parents if (d / "configs").is_dir()), path.resolve().parent)
         trained = {name for name, spec in plan.shared.items() if not spec.get("ode_pairs")}
         stray = sorted(set(plan.references) - trained)
         if stray:
             raise SelfForcingError(f"experiment plan {path}: references {', '.join(stray)} are not shared stages "
                                    f"with a model ({', '.join(sorted(trained))})")
         return plan
+
+    def resolve(self, value: str) -> Path:
+        """A path the plan names: as given where it exists (absolute, or from the current
+        directory), else from the plan's base, so a plan runs from any directory."""
+        path = Path(value)
+        return path if path.is_absolute() or path.exists() else self.base / path
 
     def preset(self, name: str) -> Preset:
         if name not in self.presets:
@@ -112,7 +121,7 @@ class Runner:
         self.shared = {**plan.shared, **self.preset.shared}
         for name, spec in self.shared.items():
             _teacher_sampling(spec.get("sampler"))  # a bad sampler fails before hours of training
-            if "path" in spec and not Path(spec["path"], "selfforcing.json").is_file():
+            if "path" in spec and not (plan.resolve(spec["path"]) / "selfforcing.json").is_file():
                 raise SelfForcingError(f"shared stage {name}: no model at {spec['path']} (selfforcing.json not found)")
         self.root = Path(root or plan.output_dir) / preset_name
         self.seeds = self.preset.seeds or plan.seeds
@@ -152,12 +161,12 @@ class Runner:
         """Where a stage's model is: a shared stage given by ``path`` (a shipped model) is used
         as it is, every other stage is trained under the run's root."""
         if seed is None and "path" in self.shared.get(stage, {}):
-            return Path(self.shared[stage]["path"])
+            return self.plan.resolve(self.shared[stage]["path"])
         return self.root / (stage if seed is None else f"{stage}-seed{seed}") / "model"
 
     def stage_config(self, spec: dict, output: Path, seed: int, shared: bool = False) -> dict:
         """A training config with this run's paths, seed, preset overrides and step count."""
-        cfg = load_yaml(spec["config"])
+        cfg = load_yaml(self.plan.resolve(spec["config"]))
         cfg = merge_overrides(cfg, {"output_dir": str(output), "seed": seed})
         cfg = merge_overrides(cfg, spec.get("set", {}))
         cfg = merge_overrides(cfg, self.preset.set)

@@ -477,13 +477,11 @@ def text_encoder_from_config(
     ``"cache"`` encoder reads its own ``path`` key (relative to the working directory).
     ``dtype`` only applies to UMT5 weights; outputs are always float32.
     """
-    if not isinstance(cfg, dict):
-        raise SelfForcingError(f"text encoder config must be a mapping, got {type(cfg).__name__}")
-    kind = cfg.get("type")
+    check_config(cfg)
+    kind = cfg["type"]
     if kind == "hash":
         return HashTextEncoder.from_config(cfg, device=device)
     if kind == "umt5":
-        _check_keys(cfg, {"type", "dim", "max_length"})
         if path is None:
             raise SelfForcingError("a umt5 text encoder needs a model directory, but none was given")
         path = Path(path)
@@ -499,6 +497,22 @@ def text_encoder_from_config(
                 f"text encoder in {path / 'text_encoder'} has dim {encoder.dim}, config says {cfg['dim']}"
             )
         return encoder
-    if kind == "cache":
-        return CachedTextEncoder.from_config(cfg, device=device)
-    raise SelfForcingError(f"unknown text encoder type {kind!r}; expected 'hash', 'umt5' or 'cache'")
+    return CachedTextEncoder.from_config(cfg, device=device)
+
+
+_CONFIG_KEYS = {"hash": {"type", "dim", "max_length"}, "umt5": {"type", "dim", "max_length"}, "cache": {"type", "path"}}
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse a text encoder config that :func:`text_encoder_from_config` would refuse, without
+    loading anything (``train --dry-run`` checks it too)."""
+    if not isinstance(cfg, dict):
+        raise SelfForcingError(f"text encoder config must be a mapping, got {type(cfg).__name__}")
+    kind = cfg.get("type")
+    if kind not in _CONFIG_KEYS:
+        raise SelfForcingError(f"unknown text encoder type {kind!r}; expected 'hash', 'umt5' or 'cache'")
+    _check_keys(cfg, _CONFIG_KEYS[kind])
+    for key in ("dim", "max_length"):
+        value = cfg.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SelfForcingError(f"text encoder {key} must be a positive integer, got {value!r}")

@@ -20,6 +20,7 @@ from typing import Any
 from selfforcing.errors import SelfForcingError
 from selfforcing.files import load_yaml
 from selfforcing.models.lora import BLOCK_LINEARS, LoraSpec
+from selfforcing.models.text_encoders import check_config as check_text_encoder_config
 from selfforcing.schema import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, SEED, UNIT, Range,
                                 bounded, build)
 
@@ -352,6 +353,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_lr_drops(opt.lr_drops)
     if not p.denoising_steps:
         raise SelfForcingError("paradigm.denoising_steps must list at least one timestep, e.g. [1000, 750, 500, 250]")
+    check_text_encoder_config(cfg.text_encoder)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise SelfForcingError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
