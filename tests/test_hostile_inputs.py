@@ -533,3 +533,32 @@ def test_a_full_disk_is_named_in_one_line_and_leaves_no_temporary(full_disk, mon
     assert len(lines) == 1  # ffmpeg's own messages are kept, not printed
     assert not [p for p in full_disk.rglob(".*")]  # no temporary or lock left
     assert not (full_disk / "out.mp4").exists() and not (full_disk / "toy").exists()  # no truncated output
+
+
+def test_a_run_training_in_another_pid_namespace_keeps_its_folder(tmp_path, capsys):
+    """A second `train` into the folder a live run trains in (here from another PID namespace, as
+    from another container) is refused at once: it would have deleted the live run's checkpoint
+    temporary and interleaved its metrics."""
+    import subprocess
+
+    namespace = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
+        pytest.skip("unshare cannot make a PID namespace here (needs root or user namespaces)")
+    run = tmp_path / "run"
+    run.mkdir()
+    script = ("import sys\nfrom pathlib import Path\nfrom selfforcing.utils import exclusive\n"
+              "with exclusive(Path(sys.argv[1]), 'busy'):\n    print('training', flush=True)\n    sys.stdin.readline()\n")
+    live = subprocess.Popen([*namespace, sys.executable, "-c", script, str(run / ".lock")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "training"
+        cfg = tiny_config(run, paradigm={"name": "teacher"}, loss={"name": "denoising"}, steps=1)
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", str(tmp_path / "cfg.yaml"), "--resume"]) == 2
+        assert f"another run is training into {run}" in capsys.readouterr().err
+        assert os.listdir(run) == [".lock"]  # nothing of the refused run
+        live.stdin.write("\n")
+        live.stdin.flush()
+        assert live.wait(timeout=60) == 0
+    finally:
+        live.kill()
