@@ -128,3 +128,16 @@ def killed_write(final: Path, directory: bool = False) -> Path:
                          capture_output=True, text=True)
     assert run.returncode == -9, run.stderr
     return Path(run.stdout.strip())
+
+
+def shrink_rope(pipe, positions: int):
+    """``pipe`` with its model's RoPE table cut to ``positions`` frames (the weights do not depend
+    on it): a stream past the table's end in seconds instead of 1024 frames."""
+    from dataclasses import replace
+
+    from selfforcing.models.wan import Rope3D
+
+    config = replace(pipe.model.config, rope_max_seq_len=positions)
+    pipe.model.rope = Rope3D(config.attention_head_dim, positions).to(pipe.device)
+    pipe.model.config = config
+    return pipe

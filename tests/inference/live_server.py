@@ -20,9 +20,9 @@ HEADER = struct.Struct("<4sIIHHf")
 
 
 @contextmanager
-def live_server(max_streams: int = 2, **options):
-    """Yield (base_url, app) of the shipped toy model served on a free loopback port."""
-    pipe = StreamingPipeline.from_pretrained(DEFAULT_MODEL)
+def live_server(max_streams: int = 2, pipe: StreamingPipeline | None = None, **options):
+    """Yield (base_url, app) of ``pipe`` (default: the shipped toy model) served on a free loopback port."""
+    pipe = pipe or StreamingPipeline.from_pretrained(DEFAULT_MODEL)
     app = create_app(pipe, ServerOptions(max_streams=max_streams, **options))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from factories import randomize_
+from factories import randomize_, shrink_rope
 from factories import write_tiny_diffusers_wan_pipeline
-from selfforcing.cli import main
+from selfforcing.cli import DEFAULT_MODEL, main
 from selfforcing.errors import SelfForcingError
 from selfforcing.inference import SamplingConfig, StreamingPipeline
 from selfforcing.inference.pipeline import to_uint8
@@ -399,3 +399,40 @@ def test_the_shipped_teacher_samples_the_whole_clip():
     video = pipe.generate_bidirectional("a red circle moving right on a black background", 3, steps=2,
                                         guidance_scale=3.0)
     assert video.shape == (1, 3, 32, 32, 3)
+
+
+# ----------------------------------------------------------------------------- unbounded streams (issue 31)
+
+
+SHIPPED_PROMPT = "a red circle bouncing on a dark blue background"
+
+
+def stream_frames(pipe, num_frames, stop_after=None) -> torch.Tensor:
+    frames = []
+    for chunk in pipe.stream([SHIPPED_PROMPT], num_frames, seed=0):
+        frames.append(chunk.frames)
+        if stop_after is not None and sum(f.shape[1] for f in frames) >= stop_after:
+            break
+    return torch.cat(frames, dim=1)
+
+
+def test_the_shipped_default_streams_without_a_length_limit():
+    """As `serve` streams: unbounded, here 2.5x past its RoPE table (cut to 16 frames; the
+    shipped table holds 1024, and absolute positions stopped a stream there)."""
+    pipe = shrink_rope(StreamingPipeline.from_pretrained(DEFAULT_MODEL), 16)
+    assert pipe.sampling.rope_positions == "relative"
+    assert stream_frames(pipe, None, stop_after=40).shape[1] >= 40
+    pipe.sampling = replace(pipe.sampling, rope_positions="absolute")
+    with pytest.raises(SelfForcingError, match="past the RoPE table"):
+        stream_frames(pipe, None, stop_after=40)
+
+
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_relative_positions_give_the_absolute_stream_without_sink_frames(engine):
+    """Attention sees RoPE position differences only: renumbering the window from its start
+    changes nothing but rounding (the shipped default's switch to relative positions)."""
+    pipe = StreamingPipeline.from_pretrained(DEFAULT_MODEL, engine=engine)
+    relative = stream_frames(pipe, 48).int()
+    pipe.sampling = replace(pipe.sampling, rope_positions="absolute")  # (idle caches are kept per position mode)
+    absolute = stream_frames(pipe, 48).int()
+    assert (relative - absolute).abs().max() <= 1 and (relative != absolute).float().mean() < 1e-3

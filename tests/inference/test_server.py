@@ -12,8 +12,11 @@ import urllib.request
 import psutil
 import pytest
 import websockets
+from factories import shrink_rope
 from live_server import frames_in, is_event, live_server, receive_until
 
+from selfforcing.cli import DEFAULT_MODEL
+from selfforcing.inference.pipeline import StreamingPipeline
 from selfforcing.inference.protocol import MAX_PROMPT_CHARS, ProtocolError, Start, Switch, parse_message
 from selfforcing.inference.server import MAX_MESSAGE_BYTES, Outbox, ServerOptions, is_loopback
 
@@ -516,3 +519,19 @@ def test_health_answers_throughout_a_slowloris_and_slow_headers_are_timed_out():
         finally:
             for sock in attackers:
                 sock.close()
+
+
+def test_a_stream_runs_past_twice_the_rope_table():
+    """`serve` streams until the viewer stops: with the shipped default's table cut to 16 frames,
+    a stream goes on 2.5x past it (absolute positions ended it with an error at the table's end)."""
+    pipe = shrink_rope(StreamingPipeline.from_pretrained(DEFAULT_MODEL), 16)
+
+    async def session(address):
+        async with connect(address) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "start", "prompt": PROMPT, "fps": FAST}))
+            got = await receive_until(ws, lambda item: isinstance(item, tuple) and item[0] >= 40, timeout=60)
+            assert not [item for item in got if isinstance(item, dict) and item["type"] == "error"]
+
+    with live_server(max_streams=1, pipe=pipe) as (address, _):
+        asyncio.run(session(address))
