@@ -119,6 +119,26 @@ def _add_model_loading_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny-vae", type=_existing_path, default=None, metavar="FILE",
                         help="decode with this TAEHV tiny autoencoder (e.g. taew2_1.pth for Wan 2.1; the released "
                              "demo's --use_taehv) instead of the model's VAE: much faster, somewhat coarser")
+    _add_sampling_argument(parser)
+
+
+def _add_sampling_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one key of the model's sampling config for this run, e.g. sink_frames=3, "
+                             "kv_cache_frames=9, context_noise=50 (keys as in its selfforcing.json); repeat for more")
+
+
+def _sampling_changes(pairs: list[str]) -> dict:
+    """``--sampling sink_frames=3`` -> {"sink_frames": 3} (values parsed as YAML)."""
+    from selfforcing.files import parse_yaml
+
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SelfForcingError(f"--sampling expects KEY=VALUE, got {pair!r}")
+        changes[key] = parse_yaml(value, f"--sampling {pair!r}")
+    return changes
 
 
 def _weights_dtype(name: str, device):
@@ -139,6 +159,7 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
     pipe = StreamingPipeline.from_pretrained(model, device=device, dtype=_weights_dtype(args.dtype, device),
                                              checkpoint=args.checkpoint, text_encoder_device=text_device,
                                              tiny_vae=args.tiny_vae)
+    pipe.sampling = pipe.sampling.updated(_sampling_changes(args.sampling))
     pipe.load_loras(args.lora, fuse=not args.lora_unfused)  # before compile(): it may freeze the weights
     pipe.model.set_attention_backend(args.attention_backend)  # before compile(): a compiled step keeps its kernel
     if args.cuda_graphs and not args.compile:
@@ -397,7 +418,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
                              window=args.window, loras=args.lora, scene_options=_scene_options(args),
                              teacher_steps=args.teacher_steps, guidance_scale=args.guidance, checkpoint=args.checkpoint,
-                             context=args.context)
+                             context=args.context, sampling=_sampling_changes(args.sampling))
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
           f"semantic {s['semantic_accuracy']:.3f} (objects present {s['object_presence']:.2f}, of the prompted "
@@ -568,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=_positive_int, default=4, help="frames per window of the windowed metrics (FD)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="videos generated at once (default 8)")
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _add_sampling_argument(e)
     e.add_argument("--shapes", nargs="+", default=None,
                    help="shapes of the held-out scenes (default: circle square triangle, the trained ones; "
                         "ring: a shape the shipped models never saw)")

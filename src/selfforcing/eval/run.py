@@ -88,7 +88,7 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
                    seed: int = 0, batch_size: int = 8, device: str = "cpu", window: int = 4,
                    loras: list[tuple[Path, float]] = (), scene_options: dict | None = None,
                    teacher_steps: int | None = None, guidance_scale: float = 3.0,
-                   checkpoint: str | Path | None = None, context: str = "own") -> dict:
+                   checkpoint: str | Path | None = None, context: str = "own", sampling: dict | None = None) -> dict:
     """Generate ``n`` videos of ``num_frames`` (default: the model's cache length) and write
     ``results.json``, per-frame plots and ``samples.png`` (the first prompts' videos above their
     real clips) into ``out_dir``. ``loras`` (file, scale) are fused
@@ -98,13 +98,15 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     Euler steps with CFG ``guidance_scale``) instead of streaming. ``checkpoint`` replaces the
     model's transformer weights (a training checkpoint, scored without exporting it). ``context``
     ``"real"`` generates every chunk from the real clip's earlier frames instead of the model's
-    own (``generate_from_real_context``: the exposure-bias check)."""
+    own (``generate_from_real_context``: the exposure-bias check). ``sampling`` changes keys of
+    the model's sampling config (``eval --sampling``: sink, window, context noise, ...)."""
     if context not in ("own", "real"):
         raise SelfForcingError(f"context must be 'own' (the model's outputs) or 'real' (the real clip's), got {context!r}")
     if context == "real" and teacher_steps is not None:
         raise SelfForcingError("a bidirectional teacher samples every frame at once: it has no context to replace")
     scenes = eval_scenes(n, **(scene_options or {}))  # an unknown shape or colour fails before the model loads
     pipe = StreamingPipeline.from_pretrained(model, device=device, checkpoint=checkpoint)
+    pipe.sampling = pipe.sampling.updated(sampling or {})
     pipe.load_loras(list(loras))
     s = pipe.sampling
     if num_frames is None:
@@ -121,6 +123,8 @@ def evaluate_model(model: str | Path, out_dir: str | Path, n: int = 32, num_fram
     results["model"] = str(model) if checkpoint is None else f"{model} + {checkpoint}"
     results["stream"] = {"fps": fps, "batch_size": batch_size}
     results["context"] = context
+    if sampling:
+        results["sampling"] = dict(sampling)
     if teacher_steps is not None:
         results["sampler"] = {"bidirectional_euler_steps": teacher_steps, "guidance_scale": guidance_scale}
     shown = min(SAMPLE_ROWS, n)

@@ -88,6 +88,10 @@ class SamplingConfig:
         d["denoising_steps"] = list(self.denoising_steps)
         return d
 
+    def updated(self, changes: dict) -> "SamplingConfig":
+        """This config with ``changes`` (``--sampling KEY=VALUE``), checked as a stored one is."""
+        return self.from_dict({**self.to_dict(), **changes})
+
 
 @dataclass
 class StreamStats:
