@@ -4,6 +4,7 @@ eager reference loop, and its compiled step: one graph, never recompiled."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -65,6 +66,17 @@ def test_fast_engine_equals_the_eager_loop_while_the_cache_rolls(frames_per_chun
         sinks = 0
     pipes = pipelines(tiny_model(), frames_per_chunk=frames_per_chunk, sink_frames=sinks, rope_positions=rope)
     assert_same(latents(pipes["eager"], 24), latents(pipes["fast"], 24))
+
+
+@pytest.mark.parametrize("sinks, rope", [(0, "absolute"), (1, "relative")])
+def test_fast_engine_equals_the_eager_loop_with_window_recompute(sinks, rope):
+    """KV recomputation re-encodes the window before every chunk once it rolls (24 frames, a
+    cache of 6: from the third chunk on)."""
+    pipes = pipelines(tiny_model(), sink_frames=sinks, rope_positions=rope, kv_recompute=True)
+    recomputed = latents(pipes["eager"], 24)
+    assert_same(recomputed, latents(pipes["fast"], 24))
+    assert (recomputed - latents(pipelines(tiny_model(), sink_frames=sinks, rope_positions=rope)["eager"], 24)
+            ).abs().max() > 1e-4  # (an option that changes the stream: far past the engines' 1e-5)
 
 
 def test_fast_engine_goes_past_the_rope_table_with_relative_positions():
@@ -154,11 +166,15 @@ def test_the_compiled_step_compiles_once_and_never_recompiles(scope):
     out = latents(fast, 24, switch=lambda c, text: c.switch(text, "recache"), prefix=prefix)
     graphs = counters["stats"]["unique_graphs"]
     out2 = latents(fast, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3))
+    fast.sampling = replace(fast.sampling, kv_recompute=True)  # the window re-encoded before every chunk
+    out3 = latents(fast, 24)
     assert graphs == 2 and counters["stats"]["unique_graphs"] == 2
     assert not counters["recompiles"] and not counters["graph_break"]
     eager = pipes["eager"]
     assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "recache"), prefix=prefix), out)
     assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3)), out2)
+    eager.sampling = replace(eager.sampling, kv_recompute=True)
+    assert_same(latents(eager, 24), out3)
 
 
 class ReplayedStep(CapturedStep):

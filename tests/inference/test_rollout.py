@@ -82,3 +82,28 @@ def test_context_from_final_fills_the_cache_with_the_chunk_inference_would_have_
     assert torch.equal(final[0], early[0])
     assert torch.allclose(final[1], plain[1], atol=1e-6)
     assert (early[1] - plain[1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_window_recompute_makes_each_chunk_see_its_window_alone():
+    """KV recomputation (Krea Realtime): once the cache has evicted frames, each chunk is denoised
+    against K/V re-encoded from the held clean frames only. Stated independently: its last step
+    equals a parallel block-causal forward over [the window's chunks, the chunk]. Without it the
+    held frames' K/V still carry what they attended to before the eviction."""
+    window = 2  # chunks the cache holds
+    for recompute in (True, False):
+        recorder, text, schedule = setup()
+        chunks = list(rollout(recorder, text, KVCache(2, capacity=3 * window), schedule, schedule.few_step_timesteps(),
+                              (1, 4, 3, 8, 8), 5, generator=torch.Generator().manual_seed(0),
+                              recompute_window=recompute))
+        denoise = [c for c in recorder.calls if not c["fill"]]
+        fills = [c for c in recorder.calls if c["fill"]]
+        # chunks 3 and 4 come after an eviction: 2 re-encoding fills each, besides the 4 fills after chunks 0-3
+        assert len(fills) == 4 + (2 * 2 if recompute else 0)
+        for c in range(window + 1, 5):
+            last = denoise[4 * c + 3]
+            x = torch.cat(chunks[c - window:c] + [last["x"]], dim=2)
+            t = torch.cat([torch.zeros(1, 3 * window), last["t"][:, None].expand(1, 3)], dim=1)
+            parallel = recorder.model(x, t, text, attention=BlockCausal(3))[:, :, 3 * window:]
+            gap = (parallel - last["out"]).abs().max()
+            assert gap <= 1e-5 if recompute else gap > 1e-4, (recompute, c, gap)

@@ -54,6 +54,7 @@ class SamplingConfig:
     sink_frames: int = 0  # first frames never evicted
     rope_positions: str = "absolute"  # or "relative" for unbounded length
     context_noise: float = 0.0  # timestep of the cache-fill pass (0 = clean context)
+    kv_recompute: bool = False  # re-encode the window from its clean frames before each chunk once it rolls
     height: int = 480  # output video size in pixels
     width: int = 832
     fps: int = 16
@@ -433,7 +434,7 @@ class StreamingPipeline:
             threads.adapt(device)  # and after each chunk: the cores other work leaves free
             chunks = rollout(
                 self.model, conditioning, cache, self.schedule, timesteps, chunk_shape, num_chunks,
-                generator=generator, context_t=s.context_noise,
+                generator=generator, context_t=s.context_noise, recompute_window=s.kv_recompute,
                 prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
             )
             for index, (x0, frames) in enumerate(self._decoded(chunks, decoder, video_start=not prefix_frames)):

@@ -17,7 +17,11 @@ Training passes ``exit_index``/``grad`` so that only the exit step builds a grap
 
 The live server passes a ``Conditioning`` instead of a fixed text, to switch prompts between
 chunks; a ``"recache"`` switch re-encodes the held frames under the new prompt before step 1,
-which is why the loop keeps the clean latents of the frames its cache holds.
+which is why the loop keeps the clean latents of the frames its cache holds. With
+``recompute_window`` the same re-encoding runs before every chunk once the cache has evicted a
+frame (KV recomputation, as Krea Realtime 14B's blog describes it): a held frame's K/V were
+computed attending to frames evicted since, so they carry those frames on; re-encoded, the
+window's K/V depend on the window's frames alone.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def rollout(
     grad: bool = False,
     hide_first_chunk_from_last: bool = False,
     context_from: str = "exit",
+    recompute_window: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield clean latent chunks of shape ``chunk_shape`` (B, C, n, h, w); ``num_chunks=None`` streams for ever.
 
@@ -86,7 +91,7 @@ def rollout(
     chunk = 0
     while num_chunks is None or chunk < num_chunks:
         text, recache = conditioning.next_chunk()
-        if recache:
+        if recache or recompute_window and cache.frames_seen > len(held):  # (held: the frames not evicted)
             _recache(text, cache, held, frames_per_chunk, fill_cache)
         if hide_first_chunk_from_last and chunk == num_chunks - 1 and chunk > 0:
             cache.hide_frames_before(frames_per_chunk)
