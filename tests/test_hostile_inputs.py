@@ -485,14 +485,22 @@ def test_a_stale_temporary_of_a_killed_write_is_removed_by_the_next_run(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
 
 
-def test_a_live_write_in_another_pid_namespace_keeps_its_temporary(tmp_path):
+@pytest.fixture
+def namespace() -> list[str]:
+    """The command prefix that runs a process in a PID namespace of its own (as another container would)."""
+    import subprocess
+
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode:
+        pytest.skip("unshare cannot make a PID namespace here (needs root or user namespaces)")
+    return prefix
+
+
+def test_a_live_write_in_another_pid_namespace_keeps_its_temporary(tmp_path, namespace):
     """The writer of a temporary is known by the lock it holds, not by its pid, which means nothing
     across PID namespaces (another container, or another host on a shared folder)."""
     import subprocess
 
-    namespace = ["unshare", "--pid", "--fork", "--mount-proc"]
-    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
-        pytest.skip("unshare cannot make a PID namespace here (needs root or user namespaces)")
     out = tmp_path / "shared.mp4"
     script = ("import sys\nfrom pathlib import Path\nfrom selfforcing.utils import atomic_path\n"
               "with atomic_path(Path(sys.argv[1])) as tmp:\n"
@@ -542,15 +550,12 @@ def test_a_full_disk_is_named_in_one_line_and_leaves_no_temporary(full_disk, mon
     assert not (full_disk / "out.mp4").exists() and not (full_disk / "toy").exists()  # no truncated output
 
 
-def test_a_run_training_in_another_pid_namespace_keeps_its_folder(tmp_path, capsys):
+def test_a_run_training_in_another_pid_namespace_keeps_its_folder(tmp_path, capsys, namespace):
     """A second `train` into the folder a live run trains in (here from another PID namespace, as
     from another container) is refused at once: it would have deleted the live run's checkpoint
     temporary and interleaved its metrics."""
     import subprocess
 
-    namespace = ["unshare", "--pid", "--fork", "--mount-proc"]
-    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
-        pytest.skip("unshare cannot make a PID namespace here (needs root or user namespaces)")
     run = tmp_path / "run"
     run.mkdir()
     script = ("import sys\nfrom pathlib import Path\nfrom selfforcing.utils import exclusive\n"
