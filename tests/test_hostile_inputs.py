@@ -97,6 +97,8 @@ def inputs(tmp_path_factory):
     shutil.copy(DEFAULT_MODEL / WEIGHTS, root / "model.safetensors")
     _truncate(_copy_model(root, "truncated_model") / WEIGHTS)
     (_copy_model(root, "badjson_model") / "selfforcing.json").write_text("{")
+    absolute = _copy_model(root, "absolute_model") / "selfforcing.json"  # stops at its RoPE table, 1024 frames
+    absolute.write_text(_replaced(absolute.read_text(), '"rope_positions": "relative"', '"rope_positions": "absolute"'))
     bad = _copy_model(root, "badsampling_model") / "selfforcing.json"
     config = json.loads(bad.read_text())
     config["sampling"]["frames_per_chunk"] = "three"
@@ -205,7 +207,8 @@ CASES = {
     "generate-frames-zero": (G + ["--frames", "0"], "argument --frames: must be a positive integer, got 0"),
     "generate-frames-negative": (G + ["--frames", "-5"], "must be a positive integer, got -5"),
     "generate-frames-text": (G + ["--frames", "abc"], "expected an integer, got 'abc'"),
-    "generate-frames-past-rope": (G + ["--frames", "1026"], "1026 frames is past this model's limit of 1023"),
+    "generate-frames-past-rope": (G + ["--model", "{in}/absolute_model", "--frames", "1026"],
+                                  "1026 frames is past this model's limit of 1023"),
     "generate-frames-not-chunked": (G + ["--frames", "10"], "not a multiple of the chunk size"),
     "generate-height-zero": (G + ["--height", "0"], "argument --height: must be a positive integer"),
     "generate-height-odd": (G + ["--height", "30"], "height and width must be multiples of 4"),
@@ -332,7 +335,8 @@ CASES = {
     "eval-window-zero": (EVAL + ["--window", "0"], "argument --window: must be a positive integer"),
     "eval-batch-zero": (EVAL + ["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
     "eval-seed-text": (EVAL + ["--seed", "x"], "argument --seed: expected an integer, got 'x'"),
-    "eval-frames-past-rope": (EVAL + ["--frames", "1026"], "1026 frames is past this model's limit"),
+    "eval-frames-past-rope": (EVAL + ["--model", "{in}/absolute_model", "--frames", "1026"],
+                              "1026 frames is past this model's limit"),
     "eval-model-missing": (EVAL + ["--model", "{in}/missing"], "does not exist"),
     "eval-model-truncated": (EVAL + ["--model", "{in}/truncated_model"], "Error while deserializing header"),
     "eval-device-unknown": (EVAL + ["--device", "gpu"], "unknown device 'gpu'"),
