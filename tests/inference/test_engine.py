@@ -79,6 +79,17 @@ def test_fast_engine_equals_the_eager_loop_with_window_recompute(sinks, rope):
             ).abs().max() > 1e-4  # (an option that changes the stream: far past the engines' 1e-5)
 
 
+@pytest.mark.parametrize("sinks, rope", [(1, "absolute"), (2, "relative"), (3, "relative")])
+def test_fast_engine_equals_the_eager_loop_with_an_ema_sink(sinks, rope):
+    """The fast engine stores keys rotated: an evicted key is moved to its sink's position
+    before it is fused (the eager cache fuses pre-RoPE keys)."""
+    pipes = pipelines(tiny_model(), sink_frames=sinks, rope_positions=rope, kv_cache_frames=3 + sinks, sink_ema=0.7)
+    fused = latents(pipes["eager"], 24)
+    assert_same(fused, latents(pipes["fast"], 24))
+    plain = pipelines(tiny_model(), sink_frames=sinks, rope_positions=rope, kv_cache_frames=3 + sinks)["eager"]
+    assert (fused - latents(plain, 24)).abs().max() > 1e-4
+
+
 def test_fast_engine_goes_past_the_rope_table_with_relative_positions():
     pipes = pipelines(tiny_model(rope_max_seq_len=10), sink_frames=1, rope_positions="relative")
     assert_same(latents(pipes["eager"], 30), latents(pipes["fast"], 30))  # frame 29 is past the 10-position table
@@ -168,6 +179,8 @@ def test_the_compiled_step_compiles_once_and_never_recompiles(scope):
     out2 = latents(fast, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3))
     fast.sampling = replace(fast.sampling, kv_recompute=True)  # the window re-encoded before every chunk
     out3 = latents(fast, 24)
+    fast.sampling = replace(fast.sampling, kv_recompute=False, sink_ema=0.5)  # evicted frames fused into the sink
+    out4 = latents(fast, 24)
     assert graphs == 2 and counters["stats"]["unique_graphs"] == 2
     assert not counters["recompiles"] and not counters["graph_break"]
     eager = pipes["eager"]
@@ -175,6 +188,8 @@ def test_the_compiled_step_compiles_once_and_never_recompiles(scope):
     assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3)), out2)
     eager.sampling = replace(eager.sampling, kv_recompute=True)
     assert_same(latents(eager, 24), out3)
+    eager.sampling = replace(eager.sampling, kv_recompute=False, sink_ema=0.5)
+    assert_same(latents(eager, 24), out4)
 
 
 class ReplayedStep(CapturedStep):

@@ -67,3 +67,32 @@ def test_reset_and_validation():
         KVCache(1, capacity=2, sink_frames=3)
     with pytest.raises(SelfForcingError, match="rope_positions"):
         KVCache(1, capacity=2, rope_positions="nope")
+
+
+def frame_fill(cache, frame_values):
+    """Append one chunk whose frames' K and V are the constants ``frame_values`` (2 tokens each)."""
+    slots = cache.evict(len(frame_values))
+    k = torch.cat([torch.full((1, 2, 1, 2), float(x)) for x in frame_values], dim=1)
+    cache.append(0, slots, k, -k)
+    cache.commit(slots)
+
+
+def test_ema_sink_fuses_each_evicted_frame_into_its_sink():
+    """Reward Forcing's EMA-Sink, restated: sink j starts as frame j and, as each later frame f
+    with f % sinks == j leaves the window (oldest first), becomes a * sink + (1 - a) * frame f."""
+    a, sinks, values = 0.6, 2, [3.0, 5.0, 7.0, 11.0, 13.0, 17.0, 19.0, 23.0, 29.0, 31.0]
+    cache = KVCache(1, capacity=4, sink_frames=sinks, sink_ema=a)
+    for start in range(0, len(values), 2):  # chunks of 2 frames
+        frame_fill(cache, values[start:start + 2])
+    # held: the 2 sinks and frames 8, 9; frames 2..7 were evicted, in that order
+    expected = [values[0], values[1]]
+    for f in range(2, 8):
+        expected[f % sinks] = a * expected[f % sinks] + (1 - a) * values[f]
+    k, v = cache.window(0)
+    by_slot = {int(frame): slot for slot, frame in enumerate(cache.slot_frame.tolist())}
+    for j in range(sinks):
+        sink_k = k[0, by_slot[j] * 2:(by_slot[j] + 1) * 2]
+        assert torch.allclose(sink_k, torch.tensor(expected[j])) and torch.allclose(v[0, by_slot[j] * 2], torch.tensor(-expected[j]))
+    assert torch.equal(k[0, by_slot[9] * 2], torch.full((1, 2), values[9]))  # the recent frames are untouched
+    with pytest.raises(SelfForcingError, match="sink_ema must be in"):
+        KVCache(1, capacity=4, sink_frames=0, sink_ema=0.5)

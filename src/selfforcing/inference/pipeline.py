@@ -55,6 +55,7 @@ class SamplingConfig:
     rope_positions: str = "absolute"  # or "relative" for unbounded length
     context_noise: float = 0.0  # timestep of the cache-fill pass (0 = clean context)
     kv_recompute: bool = False  # re-encode the window from its clean frames before each chunk once it rolls
+    sink_ema: float = 0.0  # > 0: evicted frames are fused into the sinks by EMA (Reward Forcing's EMA-Sink)
     height: int = 480  # output video size in pixels
     width: int = 832
     fps: int = 16
@@ -70,6 +71,12 @@ class SamplingConfig:
             )
         if self.rope_positions not in ROPE_MODES:
             raise SelfForcingError(f"rope_positions must be one of {ROPE_MODES}, got {self.rope_positions!r}")
+        if not 0 <= self.sink_ema < 1 or self.sink_ema and not self.sink_frames:
+            raise SelfForcingError(f"sink_ema must be in [0, 1), and > 0 only with sink_frames; got {self.sink_ema} "
+                                   f"with {self.sink_frames} sink frames")
+        if self.sink_ema and self.kv_recompute:
+            raise SelfForcingError("sink_ema and kv_recompute do not go together: the recompute re-encodes the sinks "
+                                   "from their own frames, undoing the EMA")
         if not 0 <= self.context_noise < 1000:
             raise SelfForcingError(f"context_noise must be in [0, 1000), got {self.context_noise}")
         if min(self.height, self.width, self.fps) < 1:
@@ -288,7 +295,7 @@ class StreamingPipeline:
         s = self.sampling
         weight = self.model.proj_out.weight
         key = (chunk_shape[0], *chunk_shape[3:], weight.dtype, weight.device, s.kv_cache_frames, s.sink_frames,
-               s.rope_positions, s.frames_per_chunk)
+               s.rope_positions, s.frames_per_chunk, s.sink_ema)
         idle = self._idle_caches.setdefault(key, [])
         cache = idle.pop() if idle else self.new_cache()
         try:
@@ -301,8 +308,8 @@ class StreamingPipeline:
         s = self.sampling
         if self.engine == "fast":
             return StaticKVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions,
-                                 chunk_frames=s.frames_per_chunk)
-        return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions)
+                                 chunk_frames=s.frames_per_chunk, sink_ema=s.sink_ema)
+        return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions, s.sink_ema)
 
     def compile(self, mode: str | None = "default-for-device", cuda_graphs: bool = False,
                 scope: str = "default-for-device") -> None:

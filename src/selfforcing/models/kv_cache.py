@@ -28,9 +28,17 @@ ROPE_MODES = ("absolute", "relative")
 
 
 class KVCache:
-    def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute"):
+    def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute",
+                 sink_ema: float = 0.0):
+        """``sink_ema`` > 0 makes the sinks an EMA-Sink (Reward Forcing): each frame the ring evicts
+        is fused into sink ``frame % sink_frames`` as ``sink = sink_ema * sink + (1 - sink_ema) *
+        evicted``, keys and values alike, once the forward that evicts it is done."""
         if capacity < 0 or sink_frames < 0:
             raise SelfForcingError(f"cache capacity and sink frames must be >= 0, got {capacity}, {sink_frames}")
+        if not 0 <= sink_ema < 1 or sink_ema and not sink_frames:
+            raise SelfForcingError(f"sink_ema must be in [0, 1), and > 0 only with sink frames; got {sink_ema} "
+                                   f"with {sink_frames} sink frames")
+        self.sink_ema = sink_ema
         if sink_frames > capacity:
             raise SelfForcingError(f"sink_frames ({sink_frames}) cannot exceed the cache capacity ({capacity})")
         if rope_positions not in ROPE_MODES:
@@ -55,6 +63,7 @@ class KVCache:
         self.tokens_per_frame: int | None = None
         self.hidden_before = 0  # frames with an index below this stay cached but are not attended
         self.overwrites += 1
+        self._evicted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> K/V a chunk evicts (sink_ema)
 
     def skip_to(self, frame: int) -> None:
         """Number the next appended frame ``frame``: after a ``reset``, re-filling held frames at
@@ -141,12 +150,18 @@ class KVCache:
                 f"batch {self._k[layer].shape[0]}); call reset() before changing resolution or batch"
             )
         index = (slots[:, None] * tpf + torch.arange(tpf)).flatten().to(k.device)
+        if self.sink_ema:  # the frames this chunk evicts, kept to fuse into the sinks at commit
+            self._evicted[layer] = (self._k[layer].index_select(1, index), self._v[layer].index_select(1, index))
         self._k[layer].index_copy_(1, index, k.detach())  # the cache never holds an autograd graph
         self._v[layer].index_copy_(1, index, v.detach())
 
     def commit(self, slots: torch.Tensor) -> int:
         """Mark ``slots`` as holding the next frames of the stream; returns how many held frames
         they evicted."""
+        if self.sink_ema and self._evicted:
+            for layer, (k, v) in self._evicted.items():
+                self._fuse_into_sinks(layer, slots, k, v)
+            self._evicted = {}
         n = len(slots)
         evicted = int((slots < self.num_valid).sum())
         if evicted:
@@ -155,6 +170,25 @@ class KVCache:
         self.frames_seen += n
         self.num_valid = min(self.capacity, self.num_valid + n)
         return evicted
+
+    def _fuse_into_sinks(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shift=None) -> None:
+        """EMA-Sink: fuse the K/V ``k``, ``v`` (B, len(slots)*tokens, H, D) that ``slots`` held
+        before this chunk into the sinks, in stream order. ``shift(frames)`` (rotated keys, the
+        static cache) moves an evicted key to its sink's position first."""
+        tpf, a = self.tokens_per_frame, self.sink_ema
+        held = self.slot_frame[slots]
+        positions = self.positions()
+        for i in held.argsort().tolist():
+            if slots[i] >= self.num_valid:
+                continue  # a free slot: nothing evicted there
+            sink = int(held[i]) % self.sink_frames
+            sink_slot = int((self.slot_frame[: self.num_valid] == sink).nonzero()[0])
+            ek, ev = k[:, i * tpf:(i + 1) * tpf], v[:, i * tpf:(i + 1) * tpf]
+            if shift is not None:
+                ek = shift(ek, int(positions[sink_slot]) - int(positions[slots[i]]))
+            span = slice(sink_slot * tpf, (sink_slot + 1) * tpf)
+            self._k[layer][:, span].mul_(a).add_(ek, alpha=1 - a)
+            self._v[layer][:, span].mul_(a).add_(ev, alpha=1 - a)
 
     def _allocate(self, k: torch.Tensor, frames: int) -> None:
         """Size the buffers on the first append of a stream; reuse them if the shape is unchanged."""
@@ -187,13 +221,13 @@ class StaticKVCache(KVCache):
     static = True
 
     def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute",
-                 chunk_frames: int = 3):
+                 chunk_frames: int = 3, sink_ema: float = 0.0):
         if chunk_frames < 1:
             raise SelfForcingError(f"chunk_frames must be >= 1, got {chunk_frames}")
         self.chunk_frames = chunk_frames
         self._text = self._text_source = None  # the prompt's cross-attention K/V in fixed buffers
         self._rope: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
-        super().__init__(num_layers, capacity, sink_frames, rope_positions)
+        super().__init__(num_layers, capacity, sink_frames, rope_positions, sink_ema)
 
     def allocate(self, batch: int, tokens_per_frame: int, heads: int, head_dim: int, dtype, device) -> None:
         """Size the buffers for a stream (no-op when they already fit; a new shape needs ``reset``)."""
@@ -262,11 +296,18 @@ class StaticKVCache(KVCache):
         keep = torch.cat([~hidden, torch.arange(self.chunk_frames) < frames])
         return keep.repeat_interleave(self.tokens_per_frame).to(self._k[0].device, non_blocking=True)[None, None, None]
 
-    def commit_chunk(self, slots: torch.Tensor) -> int:
+    def commit_chunk(self, slots: torch.Tensor, shift=None) -> int:
         """Record the chunk just written after the held frames as held in ``slots``, moving the
         frames that landed elsewhere (in the scratch slots, once the ring is full); returns how
-        many held frames were evicted (with relative positions the others all move down by it)."""
+        many held frames were evicted (with relative positions the others all move down by it).
+        ``shift(keys, frames)`` rotates keys along time: the EMA-Sink needs it, keys being stored
+        rotated here."""
         tpf, n = self.tokens_per_frame, len(slots)
+        if self.sink_ema:
+            index = (slots[:, None] * tpf + torch.arange(tpf)).flatten().to(self._k[0].device, non_blocking=True)
+            for layer in range(self.num_layers):
+                self._fuse_into_sinks(layer, slots, self._k[layer].index_select(1, index),
+                                      self._v[layer].index_select(1, index), shift)
         written = torch.arange(self.num_valid, self.num_valid + n)
         moved = written != slots
         if moved.any():

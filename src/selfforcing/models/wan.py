@@ -756,10 +756,14 @@ class CausalWanModel(nn.Module):
         with self._attention_kernels():
             out = step(x, t, text, sa)[:, :, :num_frames]
         if update_cache:
-            evicted = cache.commit_chunk(slots)
+            evicted = cache.commit_chunk(slots, shift=self._shift_keys)
             if evicted and cache.rope_positions == "relative":
                 cache.rotate_non_sinks(*self.rope.frame_shift(-evicted), apply_rope)
         return out
+
+    def _shift_keys(self, keys: torch.Tensor, frames: int) -> torch.Tensor:
+        """Rotated keys (B, tokens, H, D) moved ``frames`` positions along time."""
+        return apply_rope(keys, *self.rope.frame_shift(frames))
 
     def _with_context_frames(self, x, t, context, attention, frames, frames_t):
         """Run [context frames ; x] as one sequence, both halves at the same RoPE positions."""
