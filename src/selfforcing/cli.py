@@ -584,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", type=Path, required=True, help="directory for results.json and plots")
     e.add_argument("--n", type=_number(int, Range(2, name="at least 2 (FD needs covariances)")), default=32,
                    help="number of videos")
-    e.add_argument("--frames", type=_positive_int, default=None, help="video frames (default: training length)")
+    e.add_argument("--frames", type=_positive_int, default=None,
+                   help="video frames (default: as many as the model's KV cache holds)")
     e.add_argument("--seed", type=_seed, default=0, help="noise seed of the generated videos (default 0)")
     e.add_argument("--window", type=_positive_int, default=4, help="frames per window of the windowed metrics (FD)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="videos generated at once (default 8)")

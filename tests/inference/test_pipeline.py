@@ -429,9 +429,10 @@ def test_the_shipped_default_streams_without_a_length_limit():
 
 @pytest.mark.parametrize("engine", ["eager", "fast"])
 def test_relative_positions_give_the_absolute_stream_without_sink_frames(engine):
-    """Attention sees RoPE position differences only: renumbering the window from its start
-    changes nothing but rounding (the shipped default's switch to relative positions)."""
+    """Attention sees RoPE position differences only: without sinks, renumbering the window from
+    its start changes nothing but rounding (the switch of the shipped model to relative positions)."""
     pipe = StreamingPipeline.from_pretrained(DEFAULT_MODEL, engine=engine)
+    pipe.sampling = replace(pipe.sampling, sink_frames=0, kv_cache_frames=12)  # the released plain rolling window
     relative = stream_frames(pipe, 48).int()
     pipe.sampling = replace(pipe.sampling, rope_positions="absolute")  # (idle caches are kept per position mode)
     absolute = stream_frames(pipe, 48).int()
