@@ -174,3 +174,31 @@ def test_stages_run_side_by_side_give_the_table_of_one_job(tmp_path):
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(SelfForcingError, match="preset micro: jobs must be a positive integer, got 'two'"):
         Runner(Plan.load(path), "micro", root=tmp_path)
+
+
+LONG_PLAN = Path(__file__).parents[2] / "configs" / "experiments" / "toy_long.yaml"
+
+
+def test_the_long_video_plan_scores_each_sampling_option_and_its_drift(tmp_path, capsys):
+    """Every row of toy_long is the shipped model streamed with its own sampling changes: each is
+    evaluated with them (results.json records them), and the table ends with each row's drift."""
+    assert main(["experiment", str(LONG_PLAN), "--preset", "micro", "-o", str(tmp_path)]) == 0, capsys.readouterr().err
+    root = tmp_path / "micro"
+    result = json.loads((root / "eval" / "4x" / "sink3_window3-seed0" / "results.json").read_text())
+    assert result["sampling"] == {"sink_frames": 3, "kv_cache_frames": 6} and result["num_frames"] == 12
+    table = (root / "table.md").read_text()
+    assert "### drift: total at each length minus at 1x" in table and "| ema_sink (reference) | " in table
+    assert "already trained" not in table  # nothing here is trained
+    assert (root / "plots" / "4x" / "samples.png").is_file()
+
+
+def test_eval_lengths_are_checked(tmp_path):
+    plan = yaml.safe_load(LONG_PLAN.read_text())
+    for lengths, message in [({}, "eval.lengths must map names to video frames"),
+                             ({"1x": "twelve"}, "eval.lengths must map")]:
+        (tmp_path / "plan.yaml").write_text(yaml.safe_dump({**plan, "eval": {"n": 2, "lengths": lengths}}))
+        with pytest.raises(SelfForcingError, match=message):
+            Runner(Plan.load(tmp_path / "plan.yaml"), "cpu", root=tmp_path).run()  # (micro brings its own lengths)
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({**plan, "eval": {"n": 2, "lengths": {"1x": 6}, "frames": 6}}))
+    with pytest.raises(SelfForcingError, match="unknown eval keys: frames"):
+        Runner(Plan.load(tmp_path / "plan.yaml"), "cpu", root=tmp_path).run()

@@ -226,6 +226,11 @@ class Runner:
         """The many-step sampler a reference row is scored with (None: the model's own rollout)."""
         return None if per_seed else self.shared[stage].get("sampler")
 
+    def sampling(self, stage: str, per_seed: bool) -> dict | None:
+        """Changes to the sampling config a reference row streams with (``eval --sampling``): a
+        training-free option scored on a given model (sink, window, KV recomputation, ...)."""
+        return None if per_seed else self.shared[stage].get("sampling")
+
     def tasks(self, methods: list[str], lengths: dict[str, int], ev: dict) -> dict[tuple, Task]:
         """Every stage to train and every evaluation, each after the stages it starts from, in the
         order a single job runs them: the shared stages (the critical path) first, evaluations last."""
@@ -244,17 +249,18 @@ class Runner:
             spec = self.plan.methods[name]
             for seed in self.seeds:
                 tasks[("train", name, seed)] = Task(after(spec), partial(self.train, name, spec, seed, True))
+        training_length = next(iter(lengths), None)
         for _, stage, per_seed in self.rows(methods):
-            sampler = self.sampler(stage, per_seed)
+            sampler, sampling = self.sampler(stage, per_seed), self.sampling(stage, per_seed)
             for seed in self.seeds:
                 model = ("train", stage, seed if per_seed else None)
                 for length, frames in lengths.items():
-                    if sampler is not None and length != "train":
+                    if sampler is not None and length != training_length:
                         continue  # a bidirectional teacher makes clips of its training length; it has no rollout
                     tasks[("eval", length, stage, seed)] = Task(
                         (model,) if model in tasks else (),
                         partial(self.evaluate, self.model_dir(*model[1:]), self.root / "eval" / length /
-                                f"{stage}-seed{seed}", frames, seed, ev, sampler))
+                                f"{stage}-seed{seed}", frames, seed, ev, sampler, sampling))
         return tasks
 
     def run(self, only: list[str] | None = None) -> dict:
@@ -264,15 +270,16 @@ class Runner:
         self.root.mkdir(parents=True, exist_ok=True)
         methods = [name for name in self.methods if not only or name in only]
         ev = {**self.plan.eval, **self.preset.eval}
-        lengths = {"train": ev.get("frames"), "long": ev.get("long_frames")}  # None: not evaluated
-        lengths = {length: frames for length, frames in lengths.items() if frames is not None}
-        done = run_tasks(self.tasks(methods, lengths, ev), self.jobs)
+        lengths = _lengths(ev)
+        tasks = self.tasks(methods, lengths, ev)
+        done = run_tasks(tasks, self.jobs)
         trained = [line for key, line in done.items() if key[0] == "train" and line]  # with their wall times
         eval_seconds = sum(done[key][1] for key in done if key[0] == "eval")
         results: dict[str, dict] = {length: {} for length in lengths}
-        samples: dict[str, tuple[Path, dict | None]] = {}  # row -> model and sampler of its strip (first seed)
+        samples: dict[str, tuple] = {}  # row -> model, sampler and sampling of its strip (first seed)
         for row, stage, per_seed in self.rows(methods):
-            samples[row] = (self.model_dir(stage, self.seeds[0] if per_seed else None), self.sampler(stage, per_seed))
+            samples[row] = (self.model_dir(stage, self.seeds[0] if per_seed else None), self.sampler(stage, per_seed),
+                            self.sampling(stage, per_seed))
             for length in lengths:
                 runs = [done[key][0] for key in (("eval", length, stage, seed) for seed in self.seeds) if key in done]
                 if runs:
@@ -288,11 +295,13 @@ class Runner:
         with atomic_path(self.root / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         with atomic_path(self.root / "table.md") as tmp:
-            tmp.write_text(markdown_table(summary, self.seeds, log, trained=bool(trained)))
+            skipped = not trained and any(key[0] == "train" for key in tasks)
+            tmp.write_text(markdown_table(summary, self.seeds, log, note="All stages were already trained." if skipped
+                                          else None))
         return summary
 
     def evaluate(self, model: Path, out: Path, frames: int, seed: int, ev: dict,
-                 sampler: dict | None) -> tuple[dict, float]:
+                 sampler: dict | None, sampling: dict | None = None) -> tuple[dict, float]:
         """Score one model at one length, reusing an evaluation that is already on disk (0 s). A
         ``sampler`` ({steps, guidance}) scores a bidirectional teacher with its many-step sampler."""
         from selfforcing.eval.run import evaluate_model
@@ -301,10 +310,10 @@ class Runner:
             return load_json(out / RESULTS_FILE), 0.0
         start = time.perf_counter()
         result = evaluate_model(model, out, n=ev["n"], num_frames=frames, seed=seed, window=ev.get("window", 3),
-                                **_teacher_sampling(sampler))
+                                sampling=sampling, **_teacher_sampling(sampler))
         return result, time.perf_counter() - start
 
-    def write_samples(self, models: dict[str, tuple[Path, dict | None]], num_frames: int, path: Path) -> None:
+    def write_samples(self, models: dict[str, tuple], num_frames: int, path: Path) -> None:
         """Sample strips of every row (first seed) for a few held-out prompts."""
         from selfforcing.data.toy_world import toy_prompts
         from selfforcing.eval.report import write_sample_strips
@@ -312,9 +321,12 @@ class Runner:
         from selfforcing.inference.pipeline import StreamingPipeline
 
         prompts = toy_prompts(SAMPLE_PROMPTS, EVAL_SEED)  # the first held-out evaluation prompts
-        videos = {row: generate_videos(StreamingPipeline.from_pretrained(model), prompts, num_frames, len(prompts),
-                                       seed=0, **_teacher_sampling(sampler))[0]
-                  for row, (model, sampler) in models.items()}
+        videos = {}
+        for row, (model, sampler, sampling) in models.items():
+            pipe = StreamingPipeline.from_pretrained(model)
+            pipe.sampling = pipe.sampling.updated(sampling or {})
+            videos[row] = generate_videos(pipe, prompts, num_frames, len(prompts), seed=0,
+                                          **_teacher_sampling(sampler))[0]
         write_sample_strips(videos, prompts, path, every=max(1, num_frames // 12))
 
 
@@ -358,6 +370,21 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _lengths(ev: dict) -> dict[str, int]:
+    """The eval section's ``lengths``, {name: video frames}, the training length first (a
+    bidirectional teacher is scored there only)."""
+    lengths = ev.get("lengths")
+    if not isinstance(lengths, dict) or not lengths or not all(
+            isinstance(name, str) and isinstance(frames, int) and not isinstance(frames, bool) and frames > 0
+            for name, frames in lengths.items()):
+        raise SelfForcingError(f"eval.lengths must map names to video frames, the training length first, e.g. "
+                               f"{{train: 12, long: 48}}; got {lengths!r}")
+    unknown = sorted(set(ev) - {"n", "lengths", "window"})
+    if unknown:
+        raise SelfForcingError(f"unknown eval keys: {', '.join(unknown)} (the eval section takes n, lengths, window)")
+    return lengths
+
+
 def _teacher_sampling(sampler: dict | None) -> dict:
     """A shared stage's ``sampler`` ({steps, guidance}) as evaluate_model / generate_videos arguments."""
     if sampler is None:
@@ -382,7 +409,7 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def markdown_table(summary: dict, seeds: list[int], log: list[str], trained: bool) -> str:
+def markdown_table(summary: dict, seeds: list[int], log: list[str], note: str | None = None) -> str:
     lines = []
     for length, methods in summary.items():
         lines += [f"### {length} length (mean ± std over seeds {seeds})", "",
@@ -394,6 +421,15 @@ def markdown_table(summary: dict, seeds: list[int], log: list[str], trained: boo
             lines.append(f"| {name} | " + " | ".join(cells)
                          + f" | {s['semantic_early']:.3f} → {s['semantic_late']:.3f} | {s['fps']:.1f} |")
         lines.append("")
-    if not trained:
-        lines.append("All stages were already trained.")
+    first, *longer = summary
+    if longer:  # how much each row loses as the videos grow past the training length
+        lines += [f"### drift: total at each length minus at {first}", "",
+                  "| method | " + " | ".join(longer) + " |", "|---|" + "---|" * len(longer)]
+        for name, s in summary[first].items():
+            cells = [f"{summary[length][name]['total']['mean'] - s['total']['mean']:+.1f}"
+                     if name in summary[length] else "n/a" for length in longer]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if note:
+        lines.append(note)
     return "\n".join(lines + ["Wall times: " + "; ".join(log)]) + "\n"
