@@ -150,7 +150,7 @@ class KVCache:
                 f"batch {self._k[layer].shape[0]}); call reset() before changing resolution or batch"
             )
         index = (slots[:, None] * tpf + torch.arange(tpf)).flatten().to(k.device)
-        if self.sink_ema:  # the frames this chunk evicts, kept to fuse into the sinks at commit
+        if self.sink_ema and bool((slots < self.num_valid).any()):  # what this chunk evicts, fused into the sinks at commit
             self._evicted[layer] = (self._k[layer].index_select(1, index), self._v[layer].index_select(1, index))
         self._k[layer].index_copy_(1, index, k.detach())  # the cache never holds an autograd graph
         self._v[layer].index_copy_(1, index, v.detach())
@@ -303,7 +303,7 @@ class StaticKVCache(KVCache):
         ``shift(keys, frames)`` rotates keys along time: the EMA-Sink needs it, keys being stored
         rotated here."""
         tpf, n = self.tokens_per_frame, len(slots)
-        if self.sink_ema:
+        if self.sink_ema and bool((slots < self.num_valid).any()):  # (nothing to fuse while the ring fills)
             index = (slots[:, None] * tpf + torch.arange(tpf)).flatten().to(self._k[0].device, non_blocking=True)
             for layer in range(self.num_layers):
                 self._fuse_into_sinks(layer, slots, self._k[layer].index_select(1, index),
