@@ -437,3 +437,14 @@ def test_relative_positions_give_the_absolute_stream_without_sink_frames(engine)
     pipe.sampling = replace(pipe.sampling, rope_positions="absolute")  # (idle caches are kept per position mode)
     absolute = stream_frames(pipe, 48).int()
     assert (relative - absolute).abs().max() <= 1 and (relative != absolute).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_a_stream_builds_no_autograd_graph_even_for_trainable_weights(engine):
+    """Streaming is inference: a model whose weights require grad (a LoRA being trained, say)
+    still streams without recording a graph."""
+    pipe = toy_pipeline()
+    pipe.engine = engine
+    pipe.model.requires_grad_(True)
+    chunk = next(pipe.stream(["a red circle"], 6, seed=0))
+    assert not chunk.latents.requires_grad and not chunk.frames.requires_grad

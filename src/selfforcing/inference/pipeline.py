@@ -379,7 +379,6 @@ class StreamingPipeline:
         validate_prompts(prompts)
         return self.model.encode_text(self.text_encoder.encode(prompts).to(self.device))
 
-    @torch.no_grad()
     def _check_memory(self, chunk_shape: tuple[int, ...]) -> None:
         """Refuse a stream whose KV cache and one chunk's activations cannot fit, before it
         allocates (a 4000x4000 toy stream wanted 24 GB of the CPU's memory, then was killed)."""
@@ -394,6 +393,7 @@ class StreamingPipeline:
                    f"{s.kv_cache_frames} latent frames: {kv_cache / GIB:,.1f} GiB)", self.device,
                    "lower --height and --width, or the batch")
 
+    @torch.no_grad()
     def stream(
         self,
         prompts: list[str] | str | Conditioning,
