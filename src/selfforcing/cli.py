@@ -128,19 +128,6 @@ def _add_sampling_argument(parser: argparse.ArgumentParser) -> None:
                              "kv_cache_frames=9, context_noise=50 (keys as in its selfforcing.json); repeat for more")
 
 
-def _sampling_changes(pairs: list[str]) -> dict:
-    """``--sampling sink_frames=3`` -> {"sink_frames": 3} (values parsed as YAML)."""
-    from selfforcing.files import parse_yaml
-
-    changes = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SelfForcingError(f"--sampling expects KEY=VALUE, got {pair!r}")
-        changes[key] = parse_yaml(value, f"--sampling {pair!r}")
-    return changes
-
-
 def _weights_dtype(name: str, device):
     """``--dtype``: ``auto`` is bfloat16 on CUDA, as the released code infers, float32 elsewhere."""
     import torch
@@ -159,7 +146,7 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
     pipe = StreamingPipeline.from_pretrained(model, device=device, dtype=_weights_dtype(args.dtype, device),
                                              checkpoint=args.checkpoint, text_encoder_device=text_device,
                                              tiny_vae=args.tiny_vae)
-    pipe.sampling = pipe.sampling.updated(_sampling_changes(args.sampling))
+    pipe.sampling = pipe.sampling.updated(_overrides(args.sampling, "--sampling"))
     pipe.load_loras(args.lora, fuse=not args.lora_unfused)  # before compile(): it may freeze the weights
     pipe.model.set_attention_backend(args.attention_backend)  # before compile(): a compiled step keeps its kernel
     if args.cuda_graphs and not args.compile:
@@ -357,23 +344,23 @@ def cmd_dmd_probe(args: argparse.Namespace) -> None:
                                       if f"object_push/{part}/{band}" in figures) for band in bands))
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """``--set data.batch_size=4`` -> nested dict (values parsed as YAML)."""
+def _overrides(pairs: list[str], flag: str = "--set") -> dict:
+    """``--set data.batch_size=4`` (or ``--sampling sink_frames=3``) -> nested dict (values parsed as YAML)."""
     from selfforcing.files import parse_yaml
 
     out: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SelfForcingError(f"--set expects KEY=VALUE, got {pair!r}")
+            raise SelfForcingError(f"{flag} expects KEY=VALUE, got {pair!r}")
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SelfForcingError(f"--set {pair!r} sets a key inside {part}, which another --set gave a value")
+                raise SelfForcingError(f"{flag} {pair!r} sets a key inside {part}, which another {flag} gave a value")
         try:
-            node[leaf] = parse_yaml(value, f"--set {pair!r}")
+            node[leaf] = parse_yaml(value, f"{flag} {pair!r}")
         except SelfForcingError as e:
             raise SelfForcingError(f"{e}; quote the value if it is text") from None
     return out
@@ -418,7 +405,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              seed=args.seed, batch_size=args.batch_size, device=str(_device(args.device)),
                              window=args.window, loras=args.lora, scene_options=_scene_options(args),
                              teacher_steps=args.teacher_steps, guidance_scale=args.guidance, checkpoint=args.checkpoint,
-                             context=args.context, sampling=_sampling_changes(args.sampling))
+                             context=args.context, sampling=_overrides(args.sampling, "--sampling"))
     s = results["scalars"]
     print(f"{results['num_videos']} videos x {results['num_frames']} frames: total {s['total']:.1f}, "
           f"semantic {s['semantic_accuracy']:.3f} (objects present {s['object_presence']:.2f}, of the prompted "

@@ -39,26 +39,36 @@ _RANDOM = r"[0-9a-f]{8}"
 _NAME_KEPT = 200
 
 
+def _open_locked(path: Path, flags: int) -> int | None:
+    """Open ``path`` (``os.open`` ``flags``, read-write) and take an exclusive flock on it without
+    waiting: the descriptor; None if its holder removed the file in the instant before our lock
+    (open it afresh). ``BlockingIOError`` if another process holds it. On a file system without
+    locks the descriptor comes back unlocked: nobody else can take a lock there either."""
+    fd = os.open(path, flags | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # ENOLCK and kin: no locks here
+        return fd
+    if _same_file(path, fd):
+        return fd
+    os.close(fd)
+    return None
+
+
 def _new_lock(directory: Path, prefix: str) -> tuple[str, int]:
     """Create and lock ``prefix + RANDOM + ".lock"`` in ``directory``; return ``prefix + RANDOM`` and the
     descriptor holding the lock."""
     while True:
         stem = prefix + secrets.token_hex(4)
-        path = directory / f"{stem}.lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+            fd = _open_locked(directory / f"{stem}.lock", os.O_CREAT | os.O_EXCL)
+        except (FileExistsError, BlockingIOError):  # the name is taken, or a cleaner looks at it: another name
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a cleaner holds it for the instant it looks: start again
-            os.close(fd)
-            continue
-        except OSError:  # no locks on this file system: cleaners cannot take one either, so never remove
+        if fd is not None:
             return stem, fd
-        if _same_file(path, fd):  # else a cleaner removed it in the instant before our lock: start again
-            return stem, fd
-        os.close(fd)
 
 
 def _try_lock(fd: int) -> bool:
@@ -144,18 +154,12 @@ def _remove_if_unowned(lock: Path) -> None:
 def exclusive(path: Path, busy: str) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (made for the block, removed after it); raise
     ``SelfForcingError(busy)`` at once if another process holds it (two runs writing one place)."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = None
+    while fd is None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = _open_locked(path, os.O_CREAT)
         except BlockingIOError:
-            os.close(fd)
             raise SelfForcingError(busy) from None
-        except OSError:  # no locks on this file system: nothing to hold
-            break
-        if _same_file(path, fd):  # else its holder removed it as we opened it: take a new one
-            break
-        os.close(fd)
     try:
         yield
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -64,11 +66,13 @@ class MP4Writer:
             self._ffmpeg.stdin.close()
         self._ffmpeg.wait()
 
-    def _failure(self) -> SelfForcingError:
+    def _failure(self) -> Exception:
+        """What stopped ffmpeg: a full disk as the ``OSError`` a write of our own would have met
+        (the CLI names those), anything else in ffmpeg's last line."""
         self._messages.seek(0)
         said = self._messages.read().decode(errors="replace").strip().splitlines()
         if any("No space left on device" in line for line in said):
-            return SelfForcingError(f"the disk is full (writing {self._shown}): free some space or choose another place")
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._shown))
         last = said[-1] if said else f"exit status {self._ffmpeg.returncode}"
         return SelfForcingError(f"cannot write {self._shown}: ffmpeg failed ({last})")
 
