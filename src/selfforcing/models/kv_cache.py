@@ -177,7 +177,7 @@ class KVCache:
         static cache) moves an evicted key to its sink's position first."""
         tpf, a = self.tokens_per_frame, self.sink_ema
         held = self.slot_frame[slots]
-        positions = self.positions()
+        positions = None if shift is None else self.positions()  # (pre-RoPE keys need no move)
         for i in held.argsort().tolist():
             if slots[i] >= self.num_valid:
                 continue  # a free slot: nothing evicted there

@@ -559,10 +559,9 @@ def _first_chunk_block(block: WanBlock, tokens, mod, text: TextContext, sa: Stat
 class CausalWanModel(nn.Module):
     def __init__(self, config: WanConfig):
         super().__init__()
-        device = torch.get_default_device()
-        check_fits(config.num_parameters() * torch.get_default_dtype().itemsize, "a Wan transformer of "
-                   f"{config.num_parameters():.3g} parameters", device,
-                   "check num_layers, ffn_dim and the head sizes in its config")
+        parameters = config.num_parameters()
+        check_fits(parameters * torch.get_default_dtype().itemsize, f"a Wan transformer of {parameters:.3g} parameters",
+                   torch.get_default_device(), "check num_layers, ffn_dim and the head sizes in its config")
         self.config = config
         dim = config.dim
         self.rope = Rope3D(config.attention_head_dim, config.rope_max_seq_len)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from selfforcing.errors import SelfForcingError
 from selfforcing.files import load_yaml
 from selfforcing.models.lora import BLOCK_LINEARS, LoraSpec
