@@ -448,3 +448,15 @@ def test_a_stream_builds_no_autograd_graph_even_for_trainable_weights(engine):
     pipe.model.requires_grad_(True)
     chunk = next(pipe.stream(["a red circle"], 6, seed=0))
     assert not chunk.latents.requires_grad and not chunk.frames.requires_grad
+
+
+def test_the_sampling_defaults_are_the_released_inference():
+    """Self-Forcing's released inference: chunks of 3 latent frames, the 4-step list 1000/750/500/250
+    warped by shift 5, a rolling cache of the last 21 latent frames, no sinks, absolute RoPE, a clean
+    context. Every long-video option (sinks, a shorter window, KV recomputation, the EMA-Sink,
+    context noise, relative positions) is off unless a model or --sampling turns it on."""
+    s = SamplingConfig()
+    assert (s.frames_per_chunk, s.denoising_steps, s.timestep_shift) == (3, (1000, 750, 500, 250), 5.0)
+    assert (s.kv_cache_frames, s.sink_frames, s.rope_positions) == (21, 0, "absolute")
+    assert (s.context_noise, s.kv_recompute, s.sink_ema) == (0.0, False, 0.0)
+    assert (s.height, s.width, s.fps) == (480, 832, 16)
