@@ -90,6 +90,17 @@ def test_fast_engine_equals_the_eager_loop_with_an_ema_sink(sinks, rope):
     assert (fused - latents(plain, 24)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("sinks, rope", [(0, "absolute"), (2, "relative")])
+def test_fast_engine_equals_the_eager_loop_with_a_rolling_window(sinks, rope):
+    """Rolling Forcing's window: four chunks denoised in one forward (the engine's chunk is the
+    window; a cache fill is a padded piece of it), the cache of 6 frames rolling under it."""
+    pipes = pipelines(tiny_model(), sink_frames=sinks, rope_positions=rope, rolling_window=True)
+    rolled = latents(pipes["eager"], 24)
+    assert_same(rolled, latents(pipes["fast"], 24))
+    assert (rolled - latents(pipelines(tiny_model(), sink_frames=sinks, rope_positions=rope)["eager"], 24)
+            ).abs().max() > 1e-4
+
+
 def test_fast_engine_goes_past_the_rope_table_with_relative_positions():
     pipes = pipelines(tiny_model(rope_max_seq_len=10), sink_frames=1, rope_positions="relative")
     assert_same(latents(pipes["eager"], 30), latents(pipes["fast"], 30))  # frame 29 is past the 10-position table
@@ -183,6 +194,11 @@ def test_the_compiled_step_compiles_once_and_never_recompiles(scope):
     out4 = latents(fast, 24)
     assert graphs == 2 and counters["stats"]["unique_graphs"] == 2
     assert not counters["recompiles"] and not counters["graph_break"]
+    fast.sampling = replace(fast.sampling, sink_ema=0.0, rolling_window=True)  # a step the size of the window:
+    out5 = latents(fast, 24)  # its own two graphs (nothing cached yet; the rest); partial windows and fills padded
+    out6 = latents(fast, 24)
+    assert counters["stats"]["unique_graphs"] == 4 and not counters["recompiles"] and not counters["graph_break"]
+    assert torch.equal(out5, out6)
     eager = pipes["eager"]
     assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "recache"), prefix=prefix), out)
     assert_same(latents(eager, 24, switch=lambda c, text: c.switch(text, "blend", blend_chunks=3)), out2)
@@ -190,6 +206,8 @@ def test_the_compiled_step_compiles_once_and_never_recompiles(scope):
     assert_same(latents(eager, 24), out3)
     eager.sampling = replace(eager.sampling, kv_recompute=False, sink_ema=0.5)
     assert_same(latents(eager, 24), out4)
+    eager.sampling = replace(eager.sampling, sink_ema=0.0, rolling_window=True)
+    assert_same(latents(eager, 24), out5)
 
 
 class ReplayedStep(CapturedStep):

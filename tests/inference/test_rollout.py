@@ -107,3 +107,78 @@ def test_window_recompute_makes_each_chunk_see_its_window_alone():
             parallel = recorder.model(x, t, text, attention=BlockCausal(3))[:, :, 3 * window:]
             gap = (parallel - last["out"]).abs().max()
             assert gap <= 1e-5 if recompute else gap > 1e-4, (recompute, c, gap)
+
+
+class _FinishedThenWindow:
+    """Attention of the reference below: a finished chunk sees the finished chunks up to itself
+    (its K/V were cached when it finished), the window sees everything."""
+
+    def __init__(self, finished_frames: int, frames_per_chunk: int):
+        self.finished, self.n = finished_frames, frames_per_chunk
+
+    def frame_mask(self, num_frames, device=None):
+        idx = torch.arange(num_frames, device=device)
+        query_end = torch.where(idx < self.finished, idx // self.n * self.n + self.n, num_frames)
+        return idx[None, :] < query_end[:, None]
+
+
+def rolling_reference(model, text, schedule, timesteps, shape, num_chunks, generator):
+    """Rolling Forcing as its released training pipeline lays it out: window w spans the chunks
+    max(0, w - S + 1) .. min(w, last), chunk c at step w - c (it entered at window c as noise);
+    restated with one full-sequence forward over [finished chunks ; window] instead of a cache."""
+    B, C, n, h, w = shape
+    S = len(timesteps)
+    finished, noisy = [], {}
+    for window in range(num_chunks + S - 1):
+        if window < num_chunks:
+            noisy[window] = torch.randn(shape, generator=generator)
+        members = range(max(0, window - S + 1), min(window, num_chunks - 1) + 1)
+        x = torch.cat(finished + [noisy[c] for c in members], dim=2)
+        t = torch.cat([torch.zeros(B, n * len(finished))] + [timesteps[window - c].expand(B, n) for c in members], 1)
+        v = model(x, t, text, attention=_FinishedThenWindow(n * len(finished), n))
+        x0 = schedule.x0_from_flow(x, v, t)[:, :, n * len(finished):].split(n, dim=2)
+        for c, x0_c in zip(members, x0):
+            step = window - c
+            if step == S - 1:
+                finished.append(x0_c)
+            else:
+                fresh = torch.randn(shape, generator=generator)
+                noisy[c] = schedule.add_noise(x0_c, fresh, timesteps[step + 1].expand(B))
+    return torch.cat(finished, dim=2)
+
+
+@torch.no_grad()
+def test_rolling_window_equals_a_step_by_step_reference():
+    recorder, text, schedule = setup()
+    timesteps = schedule.few_step_timesteps()
+    shape, chunks = (1, 4, 3, 8, 8), 6
+    video = torch.cat(list(rollout(recorder, text, KVCache(2, capacity=18), schedule, timesteps, shape, chunks,
+                                   generator=torch.Generator().manual_seed(0), rolling_window=True)), dim=2)
+    reference = rolling_reference(recorder.model, text, schedule, timesteps, shape, chunks,
+                                  torch.Generator().manual_seed(0))
+    assert video.shape == (1, 4, 18, 8, 8) and video.abs().max() > 0.1
+    assert (video - reference).abs().max() <= 1e-4
+    windows = [c for c in recorder.calls if not c["fill"]]
+    # chunks + S - 1 window forwards, up to S chunks each at staggered levels, oldest the cleanest
+    assert [c["x"].shape[2] // 3 for c in windows] == [1, 2, 3, 4, 4, 4, 3, 2, 1]
+    assert torch.equal(windows[4]["t"][0, ::3], timesteps.flip(0))
+
+
+def test_rolling_window_carries_gradient_in_every_fourth_window_only():
+    """One exit step x per video: chunk c yields its estimate from window c + ((x - c) mod S),
+    so the windows with gradient are those at index x modulo S, and they tile the video."""
+    recorder, text, schedule = setup()
+    timesteps = schedule.few_step_timesteps()
+    first = 2
+    chunks = list(rollout(recorder, text, KVCache(2, capacity=18), schedule, timesteps, (1, 4, 3, 8, 8), 6,
+                          generator=torch.Generator().manual_seed(0), rolling_window=True, grad=True,
+                          exit_index=[(first - c) % 4 for c in range(6)], context_from="final"))
+    windows = [c for c in recorder.calls if not c["fill"]]
+    assert [i for i, c in enumerate(windows) if c["grad"]] == [2, 6]
+    assert not any(c["grad"] for c in recorder.calls if c["fill"])
+    assert all(c.requires_grad for c in chunks)
+    with torch.no_grad():  # the exit estimates differ from the clean chunks where the exit is not the last step
+        clean = list(rollout(recorder, text, KVCache(2, capacity=18), schedule, timesteps, (1, 4, 3, 8, 8), 6,
+                             generator=torch.Generator().manual_seed(0), rolling_window=True))
+    for c, (estimate, final) in enumerate(zip(chunks, clean)):
+        assert torch.allclose(estimate, final, atol=1e-5) == ((first - c) % 4 == 3)

@@ -39,6 +39,17 @@ def test_each_holistic_loss_has_a_shipped_config_that_selects_it():
     ({"paradigm": {"context_from": "last"}}, "paradigm.context_from must be one of exit, final"),
     ({"paradigm": {"name": "diffusion_forcing", "context_from": "final"}}, "context_from final applies to self_forcing"),
     ({"loss": {"name": "dmd", "ode_clean_context": 0.2}}, "loss.ode_clean_context is set but does not apply"),
+    # the long-horizon options (tiny_config: 6 frames in chunks of 3)
+    ({"paradigm": {"rollout_frames": 10, "hide_first_chunk_from_last": False}},
+     "rollout_frames 10 must be a multiple of frames_per_chunk"),
+    ({"paradigm": {"rollout_frames": 3}}, "at least data.num_frames"),
+    ({"paradigm": {"rollout_frames": 0}}, "paradigm.rollout_frames must be a positive integer, got 0"),
+    ({"paradigm": {"kv_cache_frames": 4, "sink_frames": 2}}, r"kv_cache_frames \(4\) minus sink_frames \(2\)"),
+    ({"paradigm": {"sink_frames": -1}}, "paradigm.sink_frames must be >= 0"),
+    ({"paradigm": {"rollout_frames": 12}}, r"hide_first_chunk_from_last \(§3.4\) applies to a plain rollout"),
+    ({"paradigm": {"rolling_window": True, "hide_first_chunk_from_last": False}}, "set context_from: final"),
+    ({"paradigm": {"rolling_window": "yes"}}, "paradigm.rolling_window must be"),
+    ({"paradigm": {"name": "diffusion_forcing", "rollout_frames": 12}}, "rollout_frames applies to self_forcing only"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, change, message):
     cfg = tiny_config(tmp_path, teacher={"path": "somewhere"})

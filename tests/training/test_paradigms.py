@@ -133,3 +133,51 @@ def test_cross_attention_projections_get_gradients_whatever_the_exit_step():
         rollout(model, shared_seed=seed).square().mean().backward()
         assert all(b.attn2.to_k.weight.grad is not None and b.attn2.to_k.weight.grad.abs().sum() > 0
                    for b in model.blocks)
+
+
+def test_long_rollout_trains_only_its_window_at_the_exit_step():
+    """18 frames streamed through a 6-frame rolling cache, a 9-frame window trained: the chunks
+    before the window run every step without gradient (and fill the cache), each window chunk
+    carries gradient at its exit step alone."""
+    model = tiny_student()
+    calls = count_forwards(model)
+    video = rollout(model, shared_seed=4, rollout_frames=18, kv_cache_frames=6, hide_first_chunk_from_last=False)
+    g = torch.Generator().manual_seed(4)
+    start = int(torch.randint(0, 4, (1,), generator=g))  # the window's first chunk, then the exit step
+    exit_index = int(torch.randint(0, 4, (1,), generator=g))
+    before = [(False, False)] * 4 + [(False, True)]
+    window = [(False, False)] * exit_index + [(True, False)] + [(False, True)]
+    assert calls == before * start + window * 2 + window[:-1]
+    assert video.shape == (2, 12, 9, 8, 8) and video.requires_grad
+    video.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_long_rollout_windows_start_anywhere_in_the_rollout():
+    model = tiny_student()
+    starts = set()
+    for seed in range(12):
+        calls = count_forwards(model)
+        with torch.no_grad():
+            rollout(model, shared_seed=seed, grad=False, rollout_frames=18, kv_cache_frames=6,
+                    hide_first_chunk_from_last=False)
+        starts.add((len(calls) - 9) // 5)  # each chunk before the window: 4 steps and a fill
+        model._forward_pre_hooks.clear()
+    assert starts == {0, 1, 2, 3}
+
+
+def test_long_rollout_of_the_training_length_is_the_released_rollout():
+    """rollout_frames and kv_cache_frames at their defaults' values change nothing: same draws, same video."""
+    a = rollout(tiny_student(), shared_seed=2)
+    b = rollout(tiny_student(), shared_seed=2, rollout_frames=9, kv_cache_frames=9)
+    assert torch.equal(a, b)
+
+
+def test_rolling_window_rollout_has_gradient_in_the_windows_at_the_exit_step():
+    model = tiny_student()
+    calls = count_forwards(model)
+    video = rollout(model, shared_seed=0, rolling_window=True, context_from="final", hide_first_chunk_from_last=False)
+    first = int(torch.randint(0, 4, (1,), generator=torch.Generator().manual_seed(0)))
+    windows = [grad for grad, fill in calls if not fill]
+    assert len(windows) == 3 + 4 - 1 and [i for i, g in enumerate(windows) if g] == list(range(first, 6, 4))
+    assert video.shape == (2, 12, 9, 8, 8) and video.requires_grad

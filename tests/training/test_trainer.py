@@ -135,8 +135,15 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
         assert torch.allclose(a, b, atol=1e-5), k
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_dir):
-    sections = dict(loss={"name": "dmd", "generator_every": 2}, logging={"checkpoint_every": 2})
+LONG_ROLLOUT = {"rollout_frames": 12, "kv_cache_frames": 6, "sink_frames": 3, "hide_first_chunk_from_last": False}
+ROLLING_WINDOW = {"rolling_window": True, "context_from": "final", "hide_first_chunk_from_last": False}
+
+
+@pytest.mark.parametrize("paradigm", [{}, LONG_ROLLOUT, ROLLING_WINDOW], ids=["released", "long", "rolling"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_dir, paradigm):
+    """The long rollout's window and the rolling window's exit are drawn from the checkpointed generators."""
+    sections = dict(loss={"name": "dmd", "generator_every": 2}, logging={"checkpoint_every": 2},
+                    paradigm={"name": "self_forcing", "frames_per_chunk": 3, **paradigm})
     full = make(tmp_path / "full", teacher_dir, steps=4, **sections).train()
     make(tmp_path / "split", teacher_dir, steps=2, **sections).train()
     resumed = make(tmp_path / "split", teacher_dir, steps=4, **sections)
@@ -174,6 +181,16 @@ def test_a_critic_warmed_up_alone_resumes_into_distillation(tmp_path, teacher_di
     rest = run("two", 4, warmup=2, resume=True)
     assert ["generator_loss" in h for h in rest] == [True, True]
     assert [h["generator_loss"] for h in one[2:]] == [h["generator_loss"] for h in rest]
+
+
+def test_the_long_horizon_options_leave_earlier_fingerprints_alone(tmp_path):
+    """Checkpoints written before the long-horizon keys existed still resume; setting one is a new run."""
+    released = config_from_dict(tiny_config(tmp_path, teacher={"path": "teacher"}))
+    assert released.fingerprint() == "259463c2f1566e00"  # computed before the keys were added
+    for option in (LONG_ROLLOUT, {"sink_frames": 3, "hide_first_chunk_from_last": False}, ROLLING_WINDOW):
+        changed = config_from_dict(tiny_config(tmp_path, teacher={"path": "teacher"},
+                                               paradigm={"name": "self_forcing", **option}))
+        assert changed.fingerprint() != released.fingerprint()
 
 
 def test_checkpoints_fingerprinted_with_the_schedule_still_resume_under_that_schedule(tmp_path, teacher_dir):

@@ -56,6 +56,7 @@ class SamplingConfig:
     context_noise: float = 0.0  # timestep of the cache-fill pass (0 = clean context)
     kv_recompute: bool = False  # re-encode the window from its clean frames before each chunk once it rolls
     sink_ema: float = 0.0  # > 0: evicted frames are fused into the sinks by EMA (Reward Forcing's EMA-Sink)
+    rolling_window: bool = False  # Rolling Forcing: len(denoising_steps) chunks denoised jointly, staggered
     height: int = 480  # output video size in pixels
     width: int = 832
     fps: int = 16
@@ -95,6 +96,11 @@ class SamplingConfig:
         d = asdict(self)
         d["denoising_steps"] = list(self.denoising_steps)
         return d
+
+    @property
+    def forward_frames(self) -> int:
+        """Latent frames in the largest forward: a chunk, or a rolling window of chunks."""
+        return self.frames_per_chunk * (len(self.denoising_steps) if self.rolling_window else 1)
 
     def updated(self, changes: dict) -> "SamplingConfig":
         """This config with ``changes`` (``--sampling KEY=VALUE``), checked as a stored one is."""
@@ -295,7 +301,7 @@ class StreamingPipeline:
         s = self.sampling
         weight = self.model.proj_out.weight
         key = (chunk_shape[0], *chunk_shape[3:], weight.dtype, weight.device, s.kv_cache_frames, s.sink_frames,
-               s.rope_positions, s.frames_per_chunk, s.sink_ema)
+               s.rope_positions, s.frames_per_chunk, s.sink_ema, s.rolling_window)
         idle = self._idle_caches.setdefault(key, [])
         cache = idle.pop() if idle else self.new_cache()
         try:
@@ -308,7 +314,7 @@ class StreamingPipeline:
         s = self.sampling
         if self.engine == "fast":
             return StaticKVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions,
-                                 chunk_frames=s.frames_per_chunk, sink_ema=s.sink_ema)
+                                 chunk_frames=s.forward_frames, sink_ema=s.sink_ema)
         return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions, s.sink_ema)
 
     def compile(self, mode: str | None = "default-for-device", cuda_graphs: bool = False,
@@ -387,7 +393,7 @@ class StreamingPipeline:
         tokens = (h // config.patch_size[1]) * (w // config.patch_size[2])  # per latent frame
         size = self.model.proj_out.weight.dtype.itemsize
         kv_cache = 2 * config.num_layers * batch * s.kv_cache_frames * tokens * config.dim * size
-        chunk = batch * frames * tokens * (config.ffn_dim + 4 * config.dim) * size  # the FFN's and q/k/v/out's
+        chunk = batch * s.forward_frames * tokens * (config.ffn_dim + 4 * config.dim) * size  # the FFN's and q/k/v/out's
         video = batch * 3 * self.video_frames(frames) * s.height * s.width * 4  # one decoded chunk, float
         check_fits(kv_cache + chunk + video, f"a {s.width}x{s.height} stream of batch {batch} (its KV cache of "
                    f"{s.kv_cache_frames} latent frames: {kv_cache / GIB:,.1f} GiB)", self.device,
@@ -442,6 +448,7 @@ class StreamingPipeline:
             chunks = rollout(
                 self.model, conditioning, cache, self.schedule, timesteps, chunk_shape, num_chunks,
                 generator=generator, context_t=s.context_noise, recompute_window=s.kv_recompute,
+                rolling_window=s.rolling_window,
                 prefix=None if initial_latents is None else initial_latents.to(device, self.model.proj_out.weight.dtype),
             )
             for index, (x0, frames) in enumerate(self._decoded(chunks, decoder, video_start=not prefix_frames)):

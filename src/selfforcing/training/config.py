@@ -73,8 +73,22 @@ class ParadigmConfig:
     # "exit" (released) the early estimate, "final" (ours) the chunk denoised on to the last step
     context_from: str = "exit"
     gradient_checkpointing: bool = False
+    # Long horizons (self_forcing only; docs/TRAINING.md, "Long videos"). rollout_frames: stream
+    # this many latent frames, the training window of data.num_frames drawn uniformly from them
+    # (Self-Forcing++ / LongLive; null: the training length, as released); kv_cache_frames and
+    # sink_frames: the rolling cache of that rollout (null: data.num_frames, never evicting);
+    # rolling_window: Rolling Forcing's joint denoising window.
+    rollout_frames: int | None = bounded(AT_LEAST_ONE, None)
+    kv_cache_frames: int | None = bounded(AT_LEAST_ONE, None)
+    sink_frames: int = bounded(NON_NEGATIVE, 0)
+    rolling_window: bool = False
+
+    def cache_frames(self, num_frames: int) -> int:
+        """The rolling cache of a self-forcing rollout, in latent frames."""
+        return num_frames if self.kv_cache_frames is None else self.kv_cache_frames
 
 
+LONG_HORIZON_DEFAULTS = {"rollout_frames": None, "kv_cache_frames": None, "sink_frames": 0, "rolling_window": False}
 SCORE_T_SAMPLING = ("official", "continuous")
 CONTEXT_FROM = ("exit", "final")
 
@@ -203,6 +217,9 @@ class TrainConfig:
         if not with_schedule:
             for key in ("critic_warmup", "generator_every"):
                 d["loss"].pop(key)
+        for key, default in LONG_HORIZON_DEFAULTS.items():  # (checkpoints from before these keys still resume)
+            if d["paradigm"][key] == default:
+                d["paradigm"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -301,6 +318,7 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("paradigm.context_from", p.context_from, CONTEXT_FROM)
     if p.context_from != "exit" and p.name != "self_forcing":
         raise SelfForcingError(f"paradigm.context_from {p.context_from} applies to self_forcing only")
+    _check_long_horizon(p, data.num_frames)
     if loss.name in DISTILLATION_LOSSES:
         if p.name not in DISTILLATION_PARADIGMS:
             raise SelfForcingError(f"loss {loss.name} needs a generator paradigm ({', '.join(DISTILLATION_PARADIGMS)}), "
@@ -355,6 +373,30 @@ def validate(cfg: TrainConfig) -> None:
     check_text_encoder_config(cfg.text_encoder)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise SelfForcingError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+
+
+def _check_long_horizon(p: ParadigmConfig, num_frames: int) -> None:
+    """The long-horizon options of self_forcing: each in one line, before anything is built."""
+    given = {key: getattr(p, key) for key, default in LONG_HORIZON_DEFAULTS.items() if getattr(p, key) != default}
+    if not given:
+        return
+    if p.name != "self_forcing":
+        raise SelfForcingError(f"paradigm.{next(iter(given))} applies to self_forcing only")
+    n, cache = p.frames_per_chunk, p.cache_frames(num_frames)
+    rollout = num_frames if p.rollout_frames is None else p.rollout_frames
+    if rollout < num_frames or rollout % n:
+        raise SelfForcingError(f"paradigm.rollout_frames {rollout} must be a multiple of frames_per_chunk ({n}) and at "
+                               f"least data.num_frames ({num_frames}), the window that trains")
+    if cache - p.sink_frames < n:
+        raise SelfForcingError(f"paradigm.kv_cache_frames ({cache}) minus sink_frames ({p.sink_frames}) must hold at "
+                               f"least one chunk ({n} frames)")
+    if p.hide_first_chunk_from_last and (rollout > num_frames or p.sink_frames or p.rolling_window):
+        raise SelfForcingError("paradigm.hide_first_chunk_from_last (§3.4) applies to a plain rollout of the training "
+                               "length; with a long rollout the rolling cache evicts the first chunk itself, sinks "
+                               "must stay visible, and a rolling window hides nothing: set it false")
+    if p.rolling_window and (p.context_from != "final" or p.exit_per_chunk):
+        raise SelfForcingError("paradigm.rolling_window fills the cache with each chunk's final output and draws one "
+                               "exit step per video (Rolling Forcing): set context_from: final and exit_per_chunk: false")
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:

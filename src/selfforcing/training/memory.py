@@ -267,21 +267,27 @@ def _student_samples(cfg: TrainConfig, gen: _Net, tokens: int, grad: bool) -> li
     """Self Forcing: per chunk, one forward with gradient (its exit step) attending to the KV
     cache of the chunks before it; the other denoising steps and the cache fill run without
     gradient at the same sizes. Teacher / diffusion forcing: one forward over [context ; noisy]."""
-    p = cfg.paradigm
+    p, frames = cfg.paradigm, cfg.data.num_frames
     if p.name != "self_forcing":
         return [_Forward(gen, 2 * tokens, grad=grad, masked=True)]
-    chunks = cfg.data.num_frames // p.frames_per_chunk
+    chunks, per_frame = frames // p.frames_per_chunk, tokens // frames
     chunk = tokens // chunks
-    return [_Forward(gen, chunk, cache=i * chunk, grad=grad) for i in range(chunks)]
+    before = (p.rollout_frames or frames) - frames  # frames a long rollout's window may come after, at most
+    held = [min(before + i * p.frames_per_chunk, p.cache_frames(frames)) * per_frame for i in range(chunks)]
+    if p.rolling_window:  # the windows with gradient tile the video: one in every len(steps), each that many chunks
+        steps = len(p.denoising_steps)
+        return [_Forward(gen, steps * chunk, cache=held[-1], grad=grad) for _ in range(-(-(chunks + steps - 1) // steps))]
+    return [_Forward(gen, chunk, cache=cache, grad=grad) for cache in held]
 
 
 def _kv_cache_bytes(cfg: TrainConfig, nets: dict[str, _Net], tokens: int) -> int:
-    """K and V (dim each per token, bf16) of every latent frame, for every generator layer;
+    """K and V (dim each per token, bf16) of every latent frame the cache holds, for every generator layer;
     counted as alive through the whole step (it is freed once the rollout ends)."""
-    if cfg.paradigm.name != "self_forcing":
+    p, frames = cfg.paradigm, cfg.data.num_frames
+    if p.name != "self_forcing":
         return 0
     c = nets["generator"].config
-    return c.num_layers * 2 * tokens * c.dim * BF16
+    return c.num_layers * 2 * (tokens // frames) * p.cache_frames(frames) * c.dim * BF16
 
 
 def _tokens(cfg: TrainConfig, model: WanConfig) -> int:

@@ -103,6 +103,8 @@ class Objective:
                     self.student, shape, batch.text, self.schedule, p.frames_per_chunk, ts, rngs.shared, rngs.noise,
                     context_t=p.context_noise, exit_per_chunk=p.exit_per_chunk,
                     hide_first_chunk_from_last=p.hide_first_chunk_from_last, grad=grad, context_from=p.context_from,
+                    rollout_frames=p.rollout_frames, kv_cache_frames=p.kv_cache_frames, sink_frames=p.sink_frames,
+                    rolling_window=p.rolling_window,
                 )
             paradigm = teacher_forcing if p.name == "teacher_forcing" else diffusion_forcing
             return paradigm.generate(self.student, batch.latents, batch.text, self.schedule, self.attention, ts,

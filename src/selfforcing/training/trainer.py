@@ -260,9 +260,10 @@ class Trainer:
                                       self.cfg.loss.guidance_scale)
             else:
                 chunk = (*shape[:2], p.frames_per_chunk, *shape[3:])
-                x0 = torch.cat(list(rollout(model, text, KVCache(len(model.blocks), d.num_frames), self.schedule,
-                                            self.objective.timesteps.to(self.env.device), chunk,
-                                            d.num_frames // p.frames_per_chunk, generator=g)), dim=2)
+                cache = KVCache(len(model.blocks), p.cache_frames(d.num_frames), p.sink_frames, "relative")
+                x0 = torch.cat(list(rollout(model, text, cache, self.schedule, self.objective.timesteps.to(self.env.device),
+                                            chunk, d.num_frames // p.frames_per_chunk, generator=g,
+                                            rolling_window=p.rolling_window)), dim=2)
         model.train(was_training)
         return to_uint8(self.vae.decode(x0))[0]
 
@@ -438,9 +439,9 @@ class Trainer:
         # 1 uint8 level apart on 0.005 % of pixels), and a stream is no longer stopped at the
         # end of the RoPE table (1024 latent frames).
         sampling = SamplingConfig(frames_per_chunk=p.frames_per_chunk, denoising_steps=tuple(p.denoising_steps),
-                                  timestep_shift=p.timestep_shift, kv_cache_frames=d.num_frames,
-                                  rope_positions="relative", context_noise=p.context_noise, height=d.height,
-                                  width=d.width)
+                                  timestep_shift=p.timestep_shift, kv_cache_frames=p.cache_frames(d.num_frames),
+                                  sink_frames=p.sink_frames, rope_positions="relative", context_noise=p.context_noise,
+                                  rolling_window=p.rolling_window, height=d.height, width=d.width)
         # A prompt-embedding cache exports as the encoder it came from: streaming takes any prompt.
         text_config = getattr(self.text_encoder, "source_config", None)
         StreamingPipeline(model, self.text_encoder, self.vae, sampling).save_pretrained(path, text_config)
