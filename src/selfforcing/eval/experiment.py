@@ -95,6 +95,11 @@ class Plan:
         if stray:
             raise SelfForcingError(f"experiment plan {path}: references {', '.join(stray)} are not shared stages "
                                    f"with a model ({', '.join(sorted(trained))})")
+        for name, spec in plan.methods.items():
+            of = spec.get("of")
+            if of is not None and (of not in plan.methods or "of" in plan.methods[of] or set(spec) - {"of", "sampling"}):
+                raise SelfForcingError(f"experiment plan {path}: method {name} is another method's models streamed "
+                                       f"otherwise, so it takes only `of` (a trained method) and `sampling`")
         return plan
 
     def resolve(self, value: str) -> Path:
@@ -148,7 +153,8 @@ class Runner:
     def needed_shared_stages(self, methods: list[str]) -> list[str]:
         """The shared stages the chosen rows start from, directly or through another shared
         stage (in the plan's order)."""
-        needed, todo = set(), [self.plan.methods[m] for m in methods] + [{"model": r} for r in self.references]
+        needed, todo = set(), [self.plan.methods[self.trained(m)] for m in methods] + [{"model": r}
+                                                                                    for r in self.references]
         while todo:
             for stage in self.starts_from(todo.pop()):
                 if stage not in needed:
@@ -229,7 +235,11 @@ class Runner:
     def sampling(self, stage: str, per_seed: bool) -> dict | None:
         """Changes to the sampling config a reference row streams with (``eval --sampling``): a
         training-free option scored on a given model (sink, window, KV recomputation, ...)."""
-        return None if per_seed else self.shared[stage].get("sampling")
+        return (self.plan.methods if per_seed else self.shared)[stage].get("sampling")
+
+    def trained(self, method: str) -> str:
+        """The method whose models a row streams: a variant's (``of``), else its own."""
+        return self.plan.methods[method].get("of", method)
 
     def tasks(self, methods: list[str], lengths: dict[str, int], ev: dict) -> dict[tuple, Task]:
         """Every stage to train and every evaluation, each after the stages it starts from, in the
@@ -245,7 +255,7 @@ class Runner:
                 tasks[("train", name, None)] = Task(after(spec), partial(self.ode_pairs, spec))
             elif "path" not in spec:  # a shipped stage is used as given
                 tasks[("train", name, None)] = Task(after(spec), partial(self.train, name, spec, self.seeds[0], False))
-        for name in methods:
+        for name in dict.fromkeys(self.trained(m) for m in methods):
             spec = self.plan.methods[name]
             for seed in self.seeds:
                 tasks[("train", name, seed)] = Task(after(spec), partial(self.train, name, spec, seed, True))
@@ -253,7 +263,7 @@ class Runner:
         for _, stage, per_seed in self.rows(methods):
             sampler, sampling = self.sampler(stage, per_seed), self.sampling(stage, per_seed)
             for seed in self.seeds:
-                model = ("train", stage, seed if per_seed else None)
+                model = ("train", self.trained(stage) if per_seed else stage, seed if per_seed else None)
                 for length, frames in lengths.items():
                     if sampler is not None and length != training_length:
                         continue  # a bidirectional teacher makes clips of its training length; it has no rollout
@@ -278,7 +288,8 @@ class Runner:
         results: dict[str, dict] = {length: {} for length in lengths}
         samples: dict[str, tuple] = {}  # row -> model, sampler and sampling of its strip (first seed)
         for row, stage, per_seed in self.rows(methods):
-            samples[row] = (self.model_dir(stage, self.seeds[0] if per_seed else None), self.sampler(stage, per_seed),
+            samples[row] = (self.model_dir(self.trained(stage) if per_seed else stage, self.seeds[0] if per_seed else None),
+                            self.sampler(stage, per_seed),
                             self.sampling(stage, per_seed))
             for length in lengths:
                 runs = [done[key][0] for key in (("eval", length, stage, seed) for seed in self.seeds) if key in done]
