@@ -179,17 +179,37 @@ def test_stages_run_side_by_side_give_the_table_of_one_job(tmp_path):
 LONG_PLAN = Path(__file__).parents[2] / "configs" / "experiments" / "toy_long.yaml"
 
 
-def test_the_long_video_plan_scores_each_sampling_option_and_its_drift(tmp_path, capsys):
-    """Every row of toy_long is the shipped model streamed with its own sampling changes: each is
-    evaluated with them (results.json records them), and the table ends with each row's drift."""
+def test_the_long_video_plan_trains_each_method_and_scores_each_sampling_option(tmp_path, capsys):
+    """toy_long: the long-horizon methods trained from one ODE init, rows with `of` streaming a
+    trained row's models with other sampling (nothing trained again), and the shipped student
+    under each training-free option; every evaluation records its sampling, and the table ends
+    with each row's drift."""
     assert main(["experiment", str(LONG_PLAN), "--preset", "micro", "-o", str(tmp_path)]) == 0, capsys.readouterr().err
     root = tmp_path / "micro"
     result = json.loads((root / "eval" / "4x" / "sink3_window3-seed0" / "results.json").read_text())
     assert result["sampling"] == {"sink_frames": 3, "kv_cache_frames": 6} and result["num_frames"] == 12
+    variant = json.loads((root / "eval" / "4x" / "sf_rolling_sink3_window3-seed0" / "results.json").read_text())
+    assert variant["sampling"] == {"sink_frames": 3, "kv_cache_frames": 6}
+    assert not (root / "sf_rolling_sink3_window3-seed0").exists()  # streams sf_rolling's model
+    rolling = json.loads((root / "sf_rolling-seed0" / "model" / "selfforcing.json").read_text())["sampling"]
+    assert rolling["rolling_window"] is True  # trained and streamed the same way
+    long = json.loads((root / "sf_long-seed0" / "model" / "selfforcing.json").read_text())["sampling"]
+    assert (long["sink_frames"], long["kv_cache_frames"]) == (3, 6)  # the cache it was trained with
     table = (root / "table.md").read_text()
     assert "### drift: total at each length minus at 1x" in table and "| ema_sink (reference) | " in table
-    assert "already trained" not in table  # nothing here is trained
+    for row in ("sf_dmd", "sf_long", "sf_rolling", "sf_rolling_sink3_window3", "tf_dmd", "df_dmd"):
+        assert f"| {row} | " in table
     assert (root / "plots" / "4x" / "samples.png").is_file()
+
+
+def test_a_variant_row_takes_only_a_trained_method_and_sampling(tmp_path):
+    plan = yaml.safe_load(LONG_PLAN.read_text())
+    for variant in ({"of": "nowhere"}, {"of": "sf_rolling_sink3_window3"},
+                    {"of": "sf_dmd", "config": "configs/toy/sf_dmd.yaml"}):
+        plan["methods"]["bad"] = variant
+        (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+        with pytest.raises(SelfForcingError, match="method bad is another method's models streamed otherwise"):
+            Plan.load(tmp_path / "plan.yaml")
 
 
 def test_eval_lengths_are_checked(tmp_path):
