@@ -314,7 +314,7 @@ class StreamingPipeline:
         s = self.sampling
         if self.engine == "fast":
             return StaticKVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions,
-                                 chunk_frames=s.forward_frames, sink_ema=s.sink_ema)
+                                 chunk_frames=s.forward_frames, sink_ema=s.sink_ema, fill_frames=s.frames_per_chunk)
         return KVCache(len(self.model.blocks), s.kv_cache_frames, s.sink_frames, s.rope_positions, s.sink_ema)
 
     def compile(self, mode: str | None = "default-for-device", cuda_graphs: bool = False,

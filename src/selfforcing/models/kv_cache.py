@@ -216,15 +216,22 @@ class StaticKVCache(KVCache):
 
     The attended prefix grows while the cache fills, then stays at the whole buffer: a
     compiled step marks that one length dynamic and so compiles once.
+
+    ``fill_frames`` (default ``chunk_frames``) is a second step size, for a rolling window: its
+    forwards are windows of ``chunk_frames`` but its cache fills are one chunk of ``fill_frames``,
+    which would otherwise be padded to a whole window. A piece is padded to the smaller size
+    that holds it.
     """
 
     static = True
 
     def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute",
-                 chunk_frames: int = 3, sink_ema: float = 0.0):
-        if chunk_frames < 1:
-            raise SelfForcingError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        self.chunk_frames = chunk_frames
+                 chunk_frames: int = 3, sink_ema: float = 0.0, fill_frames: int | None = None):
+        fill_frames = chunk_frames if fill_frames is None else fill_frames
+        if not 1 <= fill_frames <= chunk_frames:
+            raise SelfForcingError(f"chunk_frames must be >= 1 and fill_frames in [1, chunk_frames], got "
+                                   f"{chunk_frames}, {fill_frames}")
+        self.chunk_frames, self.fill_frames = chunk_frames, fill_frames
         self._text = self._text_source = None  # the prompt's cross-attention K/V in fixed buffers
         self._rope: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         super().__init__(num_layers, capacity, sink_frames, rope_positions, sink_ema)
@@ -280,20 +287,24 @@ class StaticKVCache(KVCache):
         return self._rope[1]
 
     # ---- one forward -----------------------------------------------------
-    def attended(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the buffer prefix the next chunk attends to: the held frames, then its own
-        ``chunk_frames`` slots, where it writes its K/V (the last ``chunk_frames`` frames)."""
-        n = (self.num_valid + self.chunk_frames) * self.tokens_per_frame
+    def step_frames(self, frames: int) -> int:
+        """The step size a piece of ``frames`` frames runs at (padded up to it)."""
+        return self.fill_frames if frames <= self.fill_frames else self.chunk_frames
+
+    def attended(self, layer: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the buffer prefix the next piece attends to: the held frames, then its own
+        ``step`` slots, where it writes its K/V (the last ``step`` frames)."""
+        n = (self.num_valid + step) * self.tokens_per_frame
         return self._k[layer][:, :n], self._v[layer][:, :n]
 
-    def attention_mask(self, frames: int) -> torch.Tensor | None:
-        """None when the chunk attends to everything in its prefix (the compiled path); else a
+    def attention_mask(self, frames: int, step: int) -> torch.Tensor | None:
+        """None when the piece attends to everything in its prefix (the compiled path); else a
         (1, 1, 1, prefix) bool mask hiding frames below ``hidden_before`` and the padding of a
-        chunk of only ``frames`` frames."""
+        piece of only ``frames`` frames in a step of ``step``."""
         hidden = self.slot_frame[: self.num_valid] < self.hidden_before
-        if frames == self.chunk_frames and not hidden.any():
+        if frames == step and not hidden.any():
             return None
-        keep = torch.cat([~hidden, torch.arange(self.chunk_frames) < frames])
+        keep = torch.cat([~hidden, torch.arange(step) < frames])
         return keep.repeat_interleave(self.tokens_per_frame).to(self._k[0].device, non_blocking=True)[None, None, None]
 
     def commit_chunk(self, slots: torch.Tensor, shift=None) -> int:

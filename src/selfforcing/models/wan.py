@@ -719,16 +719,17 @@ class CausalWanModel(nn.Module):
         return self._step(x, t, text, sa)
 
     def _static_forward(self, x, t, text: TextContext, cache: StaticKVCache, update_cache: bool) -> torch.Tensor:
-        """Host bookkeeping around one fixed-shape step: pad a partial piece to a full chunk,
+        """Host bookkeeping around one fixed-shape step: pad a partial piece to its step size,
         take positions and the attended buffer prefix from the cache, run the step, then
         record the chunk in the ring (and, with relative positions, shift the keys of an
         evicted window). Padded pieces of a prefix or a re-cache need a mask and run eagerly."""
         cfg = self.config
         B, _, num_frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
-        f, n = num_frames // pt, cache.chunk_frames
-        if f > n:
-            raise SelfForcingError(f"a forward of {f} frames does not fit this cache's {n}-frame chunks")
+        f = num_frames // pt
+        if f > cache.chunk_frames:
+            raise SelfForcingError(f"a forward of {f} frames does not fit this cache's {cache.chunk_frames}-frame chunks")
+        n = cache.step_frames(f)
         t = self._per_frame(t, B, f, x.device).contiguous()  # one memory layout: one compiled graph
         x = x.contiguous()
         if f < n:
@@ -739,9 +740,9 @@ class CausalWanModel(nn.Module):
         positions = cache.next_positions(f)
         positions = torch.cat([positions, positions[-1:].expand(n - f)])
         slots = cache.evict(f) if update_cache else None
-        views = [cache.attended(layer) for layer in range(len(self.blocks))]
+        views = [cache.attended(layer, n) for layer in range(len(self.blocks))]
         sa = StaticAttnInputs(cache.chunk_rope(self.rope, positions, h, w), [k for k, _ in views],
-                              [v for _, v in views], cache.attention_mask(f))
+                              [v for _, v in views], cache.attention_mask(f, n))
         compiled = getattr(self, "_compiled_steps", None)
         if compiled is None or sa.mask is not None:
             step = self._step
