@@ -115,13 +115,13 @@ def rollout(
             _recache(text, cache, held, frames_per_chunk, fill_cache)
         if hide_first_chunk_from_last and chunk == num_chunks - 1 and chunk > 0:
             cache.hide_frames_before(frames_per_chunk)
-        exit_at = exit_index[chunk] if isinstance(exit_index, list) else exit_index
+        exit_at = _at(exit_index, chunk, None)
         if window is not None:
             x0, context = window.next_chunk(exit_index, grad)
         else:
             noise = torch.randn(chunk_shape, generator=generator, device=device)
             x0 = few_step_denoise(flow, noise, timesteps, schedule, exit_index=exit_at,
-                                  grad=grad[chunk] if isinstance(grad, list) else grad, generator=generator)
+                                  grad=_at(grad, chunk, False), generator=generator)
             context = x0.detach()
         yield x0
         chunk += 1
@@ -154,13 +154,12 @@ class _JointWindow:
                 noise = torch.randn(self.chunk_shape, generator=self.generator, device=self.timesteps.device)
                 self.chunks.append([self.entered, 0, noise])
                 self.entered += 1
-            exits = [(c, _at(exit_index, c, last)) for c, _, _ in self.chunks]
-            with torch.set_grad_enabled(any(step == exit_at and _at(grad, c, False)
-                                            for (c, step, _), (_, exit_at) in zip(self.chunks, exits))):
+            exiting = [(c, _at(grad, c, False)) for c, step, _ in self.chunks if step == _at(exit_index, c, last)]
+            with torch.set_grad_enabled(any(chunk_grad for _, chunk_grad in exiting)):
                 x0s = self._denoise()
-            for (c, step, _), x0, (_, exit_at) in zip(self.chunks, x0s, exits):
-                if step == exit_at:
-                    self.estimates[c] = x0 if _at(grad, c, False) else x0.detach()
+            oldest = self.chunks[0][0]  # (chunk indices in the window are consecutive)
+            for c, chunk_grad in exiting:
+                self.estimates[c] = x0s[c - oldest] if chunk_grad else x0s[c - oldest].detach()
             done = self.chunks[0][1] == last
             for entry, x0 in zip(self.chunks[done:], x0s[done:]):  # the others move one step on, noised afresh
                 entry[1] += 1
