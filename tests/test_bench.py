@@ -47,6 +47,19 @@ def test_bench_compiles_once_per_scope_and_labels_the_rows(capsys):
     assert all(float(row[4]) > 0 for row in rows)
 
 
+def test_bench_streams_with_sampling_changes(tmp_path, capsys):
+    """A long-video option's cost: every row streams with the --sampling changes, and the table's
+    command line names them."""
+    out = tmp_path / "PERF.md"
+    assert main(["bench", "--preset", "toy", "--frames-per-chunk", "3", "--latent-frames", "12", "--repeats", "1",
+                 "--sampling", "rolling_window=true", "--sampling", "sink_frames=3", "--append", str(out)]) == 0
+    [rows] = tables(capsys.readouterr().out)
+    assert [row[:4] for row in rows] == [["toy", "fast", "3", "12"]] and float(rows[0][4]) > 0
+    assert "--sampling rolling_window=true --sampling sink_frames=3" in out.read_text()
+    assert main(["bench", "--repeats", "1", "--sampling", "sink_frames=30"]) == 2
+    assert "kv_cache_frames (21) minus sink_frames (30)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "huge"], "no benchmark preset 'huge'"),
     (["--latent-frames", "7", "--frames-per-chunk", "3"], "not a multiple of frames per chunk 3"),

@@ -88,7 +88,8 @@ def random_tiny_vae(device: torch.device) -> "TinyVAE":
 
 def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engine: str = "fast",
                     dit_only: bool = False, compile_mode: str | None = "default-for-device",
-                    attention_backend: str | None = None, compile_scope: str = "default-for-device") -> StreamingPipeline:
+                    attention_backend: str | None = None, compile_scope: str = "default-for-device",
+                    sampling_changes: dict | None = None) -> StreamingPipeline:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if name == "toy":
@@ -110,6 +111,7 @@ def random_pipeline(name: str, frames_per_chunk: int, device: torch.device, engi
         raise SelfForcingError(f"no benchmark preset {name!r}; choose toy, mid or wan2.1-1.3b")
     if engine not in ENGINES:
         raise SelfForcingError(f"no engine {engine!r}; choose from {', '.join(ENGINES)}")
+    sampling = sampling.updated(sampling_changes or {})  # (bench --sampling: a long-video option's cost, say)
     # The first frame as the live server hands it over: alone, as soon as it is decoded.
     pipe = StreamingPipeline(model.to(device, dtype), text, vae, sampling, engine=engine.split("+")[0],
                              early_first_frame=True)
@@ -161,10 +163,12 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
               repeats: int, output: Path | None, engines: list[str] = ("fast",),
               command: Sequence[str] = ("selfforcing", "bench"),
               attention_backend: str | None = None,
-              compile_scopes: Sequence[str] = ("default-for-device",)) -> list[BenchResult]:
+              compile_scopes: Sequence[str] = ("default-for-device",),
+              sampling_changes: dict | None = None) -> list[BenchResult]:
     """Stream every engine at every chunk size (a compiled engine once per compile scope,
     labelled with it unless it is the whole step); print the table and append it to
-    ``output``, headed by ``command`` (the command line that measured it) and the machine."""
+    ``output``, headed by ``command`` (the command line that measured it) and the machine.
+    ``sampling_changes`` apply to every row (``bench --sampling``)."""
     runs = [(engine, scope) for engine in engines
             for scope in (compile_scopes if engine in COMPILED_ENGINES else ("default-for-device",))]
     results = []
@@ -172,7 +176,8 @@ def run_bench(preset: str, device: torch.device, frames_per_chunk: list[int], la
         if latent_frames % n:
             raise SelfForcingError(f"--latent-frames {latent_frames} is not a multiple of frames per chunk {n}")
         for engine, scope in runs:
-            pipe = random_pipeline(preset, n, device, engine, attention_backend=attention_backend, compile_scope=scope)
+            pipe = random_pipeline(preset, n, device, engine, attention_backend=attention_backend, compile_scope=scope,
+                                   sampling_changes=sampling_changes)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timing = bench_one(pipe, latent_frames, repeats)

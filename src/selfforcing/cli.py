@@ -285,7 +285,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(preset=args.preset, device=_device(args.device), frames_per_chunk=args.frames_per_chunk,
               latent_frames=args.latent_frames, repeats=args.repeats, output=args.append, engines=args.engines,
               command=args.command_line, attention_backend=args.attention_backend,
-              compile_scopes=args.compile_scope or ["default-for-device"])
+              compile_scopes=args.compile_scope or ["default-for-device"],
+              sampling_changes=_overrides(args.sampling, "--sampling"))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -533,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--training", action="store_true",
                    help="time training iterations of Self Forcing vs Teacher / Diffusion Forcing (+ DMD) instead")
     b.add_argument("--append", type=Path, default=None, help="append the result table to this markdown file")
+    _add_sampling_argument(b)
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train from a YAML experiment config (use torchrun for several processes)")
     t.add_argument("config", type=Path, help="experiment config, e.g. configs/toy/sf_dmd.yaml")
