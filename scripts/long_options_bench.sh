@@ -6,11 +6,7 @@
 #   bash scripts/long_options_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source scripts/device_env.sh
 out="${OUT:-.}/long_options.md"
 bench() { python3 -m selfforcing bench --preset wan2.1-1.3b --device cuda --engines fast --frames-per-chunk 3 \
     --latent-frames 42 --repeats 2 --append "$out" "$@"; }
