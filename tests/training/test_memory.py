@@ -76,6 +76,18 @@ def test_supervised_activations_follow_the_documented_estimate(tmp_path):
     assert plan.kv_cache_gib == 0 and [r.role for r in plan.rows] == ["generator", "EMA"]
 
 
+def test_long_horizon_options_plan_their_cache_and_windows(tmp_path, teacher_dir):
+    """A long rollout's cache holds kv_cache_frames whatever the rollout's length; a rolling
+    window keeps whole windows for its backward, more than one chunk at a time."""
+    released = plan_memory(_cfg(tmp_path, teacher_dir), 1)
+    long = plan_memory(_cfg(tmp_path, teacher_dir, paradigm={
+        "name": "self_forcing", "rollout_frames": 60, "kv_cache_frames": 3, "hide_first_chunk_from_last": False}), 1)
+    assert long.kv_cache_gib == pytest.approx(released.kv_cache_gib / 2)  # 3 frames held instead of the video's 6
+    rolling = plan_memory(_cfg(tmp_path, teacher_dir, paradigm={
+        "name": "self_forcing", "rolling_window": True, "context_from": "final", "hide_first_chunk_from_last": False}), 1)
+    assert rolling.activations_gib > released.activations_gib and rolling.kv_cache_gib == released.kv_cache_gib
+
+
 def test_effective_batch_uses_the_accumulation_at_this_world_size(tmp_path, teacher_dir):
     plan = plan_memory(_cfg(tmp_path, teacher_dir, optim={"total_batch_size": 16, "grad_accum": 1}), 4)
     assert (plan.grad_accum, plan.effective_batch) == (2, 16)
