@@ -377,11 +377,11 @@ def validate(cfg: TrainConfig) -> None:
 
 def _check_long_horizon(p: ParadigmConfig, num_frames: int) -> None:
     """The long-horizon options of self_forcing: each in one line, before anything is built."""
-    given = {key: getattr(p, key) for key, default in LONG_HORIZON_DEFAULTS.items() if getattr(p, key) != default}
+    given = [key for key, default in LONG_HORIZON_DEFAULTS.items() if getattr(p, key) != default]
     if not given:
         return
     if p.name != "self_forcing":
-        raise SelfForcingError(f"paradigm.{next(iter(given))} applies to self_forcing only")
+        raise SelfForcingError(f"paradigm.{given[0]} applies to self_forcing only")
     n, cache = p.frames_per_chunk, p.cache_frames(num_frames)
     rollout = num_frames if p.rollout_frames is None else p.rollout_frames
     if rollout < num_frames or rollout % n:
