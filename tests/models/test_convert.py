@@ -132,6 +132,18 @@ def test_self_forcing_checkpoint_falls_back_to_generator(tmp_path, original_stat
     assert_same_state(load_state_dict_file(path), diffusers_state)
 
 
+@pytest.mark.parametrize("layout", ["generator", "generator_ema", "model", "state_dict", "flat"])
+@pytest.mark.parametrize("prefix", ["", "model.", "model._fsdp_wrapped_module.", "_orig_mod."])
+def test_each_released_checkpoint_layout_loads(tmp_path, original_state, diffusers_state, layout, prefix):
+    """The layouts the causal Wan family publishes: Self-Forcing / CausVid / Causal Forcing
+    (``generator`` or ``generator_ema``, keys under ``model.``, FSDP fragments in EMA dicts),
+    LongLive (``model`` as a fallback), ``state_dict`` dicts, and flat files (Reward Forcing)."""
+    weights = {prefix + key: value for key, value in original_state.items()}
+    path = tmp_path / "released.pt"
+    torch.save(weights if layout == "flat" else {layout: weights, "step": 10}, path)
+    assert_same_state(load_state_dict_file(path, prefer="generator"), diffusers_state)
+
+
 def test_original_safetensors_loads(tmp_path, original_state, diffusers_state):
     path = tmp_path / "wan.safetensors"
     save_file({key: value.contiguous() for key, value in original_state.items()}, str(path))

@@ -71,6 +71,8 @@ _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_
 # Self-Forcing saves the generator wrapper, whose transformer lives at ``model``.
 _SELF_FORCING_PREFIX = "model."
 _GENERATOR_KEYS = ("generator_ema", "generator")
+# Other projects' dicts that hold the weights under one key (LongLive falls back to "model").
+_STATE_KEYS = ("model", "state_dict")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _MAX_LISTED_KEYS = 10
 
@@ -230,7 +232,8 @@ def load_state_dict_file(path: str | Path, prefer: str = "generator_ema") -> dic
     """Load a Wan transformer checkpoint of any supported kind as diffusers-named tensors.
 
     Accepts Self-Forcing training checkpoints (``generator_ema`` / ``generator``
-    entries, ``prefer`` chosen first), bare original-format state dicts and
+    entries, ``prefer`` chosen first), weights under ``model`` or ``state_dict`` (the
+    layouts of its successors' releases), bare original-format state dicts and
     diffusers-format state dicts, in ``.safetensors`` or ``.pt``/``.pth``/``.bin``
     files. ``torch.load`` runs with ``weights_only=True`` so a checkpoint cannot
     execute code. Every problem with the file raises :class:`SelfForcingError`.
@@ -241,6 +244,8 @@ def load_state_dict_file(path: str | Path, prefer: str = "generator_ema") -> dic
     loaded = read_checkpoint_file(path)
     if isinstance(loaded, Mapping) and any(name in loaded for name in _GENERATOR_KEYS):
         loaded = _pick_generator(loaded, prefer, path)
+    elif isinstance(loaded, Mapping) and (held := [k for k in _STATE_KEYS if isinstance(loaded.get(k), Mapping)]):
+        loaded = loaded[held[0]]
     if not isinstance(loaded, Mapping) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
     ):
