@@ -1,5 +1,6 @@
 """The shared autoregressive rollout loop."""
 
+import pytest
 import torch
 
 from factories import randomize_
@@ -182,3 +183,22 @@ def test_rolling_window_carries_gradient_in_every_fourth_window_only():
                              generator=torch.Generator().manual_seed(0), rolling_window=True))
     for c, (estimate, final) in enumerate(zip(chunks, clean)):
         assert torch.allclose(estimate, final, atol=1e-5) == ((first - c) % 4 == 3)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+@torch.no_grad()
+def test_hidden_frames_stream_as_the_smaller_rolling_cache(sinks):
+    """A cache of 6 + 9 frames that lets attention see 6 (training keeps the rest hidden, so
+    that a checkpointed forward's window survives until its backward) streams exactly as a
+    rolling cache of 6 frames, relative positions and all."""
+    recorder, text, schedule = setup()
+    timesteps = schedule.few_step_timesteps()
+
+    def stream(cache):
+        return torch.cat(list(rollout(recorder, text, cache, schedule, timesteps, (1, 4, 3, 8, 8), 8,
+                                      generator=torch.Generator().manual_seed(0))), dim=2)
+
+    plain = stream(KVCache(2, capacity=6, sink_frames=sinks, rope_positions="relative"))
+    hidden = KVCache(2, capacity=15, sink_frames=sinks, rope_positions="relative", attended_frames=6)
+    assert (stream(hidden) - plain).abs().max() <= 1e-5 and plain.abs().max() > 0.1
+    assert len(hidden) == 15 and hidden.overwrites == 1  # (the reset) frames overwritten only once hidden

@@ -153,6 +153,20 @@ def test_long_rollout_trains_only_its_window_at_the_exit_step():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_long_rollout_through_a_rolling_cache_checkpoints_to_the_same_gradients():
+    """The cache rolls inside the trained window; its exit steps' checkpointed forwards re-read
+    their windows in the backward, which nothing has overwritten (the rollout keeps the video's
+    length more frames, hidden)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_student()
+        model.gradient_checkpointing = checkpointing
+        rollout(model, shared_seed=4, rollout_frames=18, kv_cache_frames=6, sink_frames=3,
+                hide_first_chunk_from_last=False).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() <= 1e-6 * grads[0].abs().max()
+
+
 def test_long_rollout_windows_start_anywhere_in_the_rollout():
     model = tiny_student()
     starts = set()

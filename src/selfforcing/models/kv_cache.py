@@ -29,10 +29,17 @@ ROPE_MODES = ("absolute", "relative")
 
 class KVCache:
     def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute",
-                 sink_ema: float = 0.0):
+                 sink_ema: float = 0.0, attended_frames: int | None = None):
         """``sink_ema`` > 0 makes the sinks an EMA-Sink (Reward Forcing): each frame the ring evicts
         is fused into sink ``frame % sink_frames`` as ``sink = sink_ema * sink + (1 - sink_ema) *
-        evicted``, keys and values alike, once the forward that evicts it is done."""
+        evicted``, keys and values alike, once the forward that evicts it is done.
+
+        ``attended_frames`` (< ``capacity``) makes attention see what a cache of that capacity
+        would hold (the sinks and the most recent other frames, at the positions they would
+        have there) while older frames stay in their slots, hidden, until the ring needs them:
+        a training rollout whose checkpointed forwards re-read their window in the backward can
+        then stream through a rolling cache, since a frame is only overwritten once no forward
+        sees it (``overwrites`` counts only those that were still seen)."""
         if capacity < 0 or sink_frames < 0:
             raise SelfForcingError(f"cache capacity and sink frames must be >= 0, got {capacity}, {sink_frames}")
         if not 0 <= sink_ema < 1 or sink_ema and not sink_frames:
@@ -43,8 +50,12 @@ class KVCache:
             raise SelfForcingError(f"sink_frames ({sink_frames}) cannot exceed the cache capacity ({capacity})")
         if rope_positions not in ROPE_MODES:
             raise SelfForcingError(f"rope_positions must be one of {ROPE_MODES}, got {rope_positions!r}")
+        if attended_frames is not None and not sink_frames < attended_frames <= capacity:
+            raise SelfForcingError(f"attended_frames ({attended_frames}) must exceed sink_frames ({sink_frames}) and "
+                                   f"not exceed the capacity ({capacity})")
         self.num_layers = num_layers
         self.capacity = capacity
+        self.attended_frames = attended_frames
         self.sink_frames = sink_frames
         self.rope_positions = rope_positions
         self._k: list[torch.Tensor] = []
@@ -101,26 +112,35 @@ class KVCache:
         chunk may not see the first, as after eviction at extrapolation time)."""
         self.hidden_before = frame
 
+    def _seen(self) -> torch.Tensor:
+        """(held,) bool: the held frames attention sees (all but those ``attended_frames`` hides)."""
+        held = self.slot_frame[: self.num_valid]
+        if self.attended_frames is None:
+            return torch.ones_like(held, dtype=torch.bool)
+        return (held < self.sink_frames) | (held >= self.frames_seen - (self.attended_frames - self.sink_frames))
+
     def key_mask(self) -> torch.Tensor | None:
         """(frames*tokens,) bool over the window, False for hidden frames; None if nothing is hidden."""
-        held = self.slot_frame[: self.num_valid]
-        if not (held < self.hidden_before).any():
+        keep = (self.slot_frame[: self.num_valid] >= self.hidden_before) & self._seen()
+        if keep.all():
             return None
-        return (held >= self.hidden_before).repeat_interleave(self.tokens_per_frame)
+        return keep.repeat_interleave(self.tokens_per_frame)
 
     def positions(self) -> torch.Tensor:
         """RoPE frame positions of the held frames, in slot order."""
         held = self.slot_frame[: self.num_valid]
         if self.rope_positions == "absolute":
             return held
-        # Relative: sinks keep 0..S-1, the rest are numbered by age right after them.
-        rank = torch.empty_like(held)
-        rank[held.argsort()] = torch.arange(len(held))
+        # Relative: sinks keep 0..S-1, the rest are numbered by age right after them (frames hidden
+        # by ``attended_frames`` count for nothing: their positions are never read).
+        seen = self._seen()
+        rank = torch.zeros_like(held)
+        rank[seen.nonzero().flatten()[held[seen].argsort()]] = torch.arange(int(seen.sum()))
         return rank
 
     def next_positions(self, num_frames: int) -> torch.Tensor:
         """RoPE positions for the next ``num_frames`` frames of the stream."""
-        start = self.frames_seen if self.rope_positions == "absolute" else self.num_valid
+        start = self.frames_seen if self.rope_positions == "absolute" else int(self._seen().sum())
         return torch.arange(start, start + num_frames)
 
     # ---- writing ---------------------------------------------------------
@@ -163,8 +183,9 @@ class KVCache:
                 self._fuse_into_sinks(layer, slots, k, v)
             self._evicted = {}
         n = len(slots)
-        evicted = int((slots < self.num_valid).sum())
-        if evicted:
+        overwritten = slots[slots < self.num_valid]
+        evicted = len(overwritten)
+        if evicted and (self.sink_ema or self._seen()[overwritten].any()):  # (a hidden frame: no forward reads it)
             self.overwrites += 1
         self.slot_frame[slots] = torch.arange(self.frames_seen, self.frames_seen + n)
         self.frames_seen += n

@@ -287,7 +287,10 @@ def _kv_cache_bytes(cfg: TrainConfig, nets: dict[str, _Net], tokens: int) -> int
     if p.name != "self_forcing":
         return 0
     c = nets["generator"].config
-    return c.num_layers * 2 * (tokens // frames) * p.cache_frames(frames) * c.dim * BF16
+    held = p.cache_frames(frames)
+    if (p.rollout_frames or frames) > held:  # a rolling cache keeps a video's length more, hidden (self_forcing.py)
+        held += frames
+    return c.num_layers * 2 * (tokens // frames) * held * c.dim * BF16
 
 
 def _tokens(cfg: TrainConfig, model: WanConfig) -> int:

@@ -58,8 +58,12 @@ def generate(
         exits = [sample_exit_index(steps, exit_generator) for _ in range(window if exit_per_chunk else 1)] * (
             1 if exit_per_chunk else window)
     # Relative positions: with no frame ever evicted (the released setting) they equal the absolute ones.
-    cache = KVCache(len(model.blocks), capacity=kv_cache_frames or F, sink_frames=sink_frames,
-                    rope_positions="relative")
+    # A cache that rolls keeps F more frames, hidden, so that nothing an exit step saw is overwritten
+    # before its backward (a checkpointed forward re-reads its window then).
+    cached = kv_cache_frames or F
+    rolls = num_chunks * frames_per_chunk > cached
+    cache = KVCache(len(model.blocks), capacity=cached + F if rolls else cached, sink_frames=sink_frames,
+                    rope_positions="relative", attended_frames=cached if rolls else None)
     chunks = list(rollout(
         model, model.encode_text(text), cache, schedule, timesteps, (B, C, frames_per_chunk, h, w), start + window,
         generator=generator, context_t=context_t, exit_index=[None] * start + exits,
