@@ -161,17 +161,22 @@ def _load_pipeline(args: argparse.Namespace, model: Path):
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from selfforcing.inference.video import check_mp4_output, mp4_writer, read_mp4
+    from selfforcing.inference.pipeline import to_uint8
+    from selfforcing.inference.video import check_mp4_output, mp4_writer, read_image, read_mp4
     from selfforcing.models.text_encoders import validate_prompts
 
     validate_prompts([args.prompt])
     check_mp4_output(args.output)
+    if args.extend is not None and args.image is not None:
+        raise SelfForcingError("--extend and --image both give the stream's start: pass one")
     if args.extend is not None and Path(args.extend).resolve() == Path(args.output).resolve():
         raise SelfForcingError(f"-o {args.output} is the video to extend: the continuation alone would replace it; "
                                "write it to another file")
     if args.strip is not None:
         check_writable(args.strip)
     video = None if args.extend is None else read_mp4(args.extend)  # both before the model loads
+    if args.image is not None:
+        read_image(args.image, 8, 8)  # a bad image fails before the model loads (fitted to the video below)
     model = args.model
     if model is None:
         model = DEFAULT_MODEL
@@ -185,6 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.height or args.width:
         pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
                                 width=args.width or pipe.sampling.width)
+    if args.image is not None:  # (after --height / --width: the image is fitted to the video)
+        video = read_image(args.image, pipe.sampling.height, pipe.sampling.width)
     initial = None if video is None else pipe.encode_video(torch.from_numpy(video)[None])
     prefix = 0 if initial is None else initial.shape[2]
     num_frames = args.frames or pipe.video_frames(21, prefix)
@@ -193,6 +200,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     with mp4_writer(args.output, pipe.sampling.fps) as writer, progress_bar(
         total=num_frames, unit="frame", desc="generating", quiet=args.quiet
     ) as bar:
+        if args.image is not None:  # the video opens with the image, as the VAE gives it back
+            with torch.no_grad():
+                first = to_uint8(pipe.vae.decode(initial))[0]
+            writer.write(first)
+            frames.append(first)
         for chunk in pipe.stream([args.prompt], num_frames, seed=args.seed, initial_latents=initial):
             writer.write(chunk.frames[0])
             bar.update(chunk.frames.shape[1])
@@ -203,7 +215,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         write_sample_strips({Path(model).name: torch.cat(frames)[None].numpy()}, [args.prompt], args.strip)
     stats = pipe.stats
-    print(f"wrote {args.output}: {stats.frames} frames; first frame after {stats.first_frame_s:.3f} s; "
+    print(f"wrote {args.output}: {stats.frames + (args.image is not None)} frames; first frame after "
+          f"{stats.first_frame_s:.3f} s; "
           f"{stats.fps:.1f} FPS")
 
 
@@ -474,12 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strip", type=Path, default=None, metavar="PNG",
                    help="also write every frame side by side into this image (the whole clip at a glance)")
     g.add_argument("--frames", type=_positive_int, default=None,
-                   help="video frames (default: 21 latent frames); with --extend, the frames added")
+                   help="video frames (default: 21 latent frames); with --extend or --image, the frames added")
     g.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped toy model)")
     g.add_argument("--checkpoint", type=Path, default=None, help="transformer weights to load on top (.safetensors/.pt)")
     g.add_argument("--height", type=_positive_int, default=None, help="video height in pixels (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None, help="video width in pixels (default: the model's)")
     g.add_argument("--extend", type=Path, default=None, help="continue this mp4 (its frames fill the KV cache)")
+    g.add_argument("--image", type=Path, default=None,
+                   help="image-to-video: the image (centre-cropped and resized to the video) is the first frame, "
+                        "encoded alone as the first latent frame, and the stream continues from it")
     g.add_argument("--seed", type=_seed, default=0, help="noise seed: the same seed gives the same video (default 0)")
     _add_model_loading_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,7 +12,7 @@ from selfforcing.cli import DEFAULT_MODEL, main
 from selfforcing.errors import SelfForcingError
 from selfforcing.inference import SamplingConfig, StreamingPipeline
 from selfforcing.inference.pipeline import to_uint8
-from selfforcing.inference.video import read_mp4
+from selfforcing.inference.video import read_image, read_mp4
 from selfforcing.models import CausalWanModel, WanConfig, preset
 from selfforcing.models.text_encoders import HashTextEncoder
 from selfforcing.models.vae import PixelCodec
@@ -149,6 +149,35 @@ def test_generate_extends_an_existing_video(toy_dir, tmp_path):
     assert read_mp4(extended).shape == (3, 16, 16, 3)
     assert run_cli("generate", "a cat", "--model", toy_dir, "-o", tmp_path / "x.mp4", "--extend",
                    tmp_path / "none.mp4", "--quiet") == 2
+
+
+def test_generate_from_an_image_opens_with_it_and_streams_on(toy_dir, tmp_path, capsys):
+    """Image-to-video: the image, centre-cropped and resized to the video, is the first latent
+    frame (its K/V fill the cache) and the video's first frame is that latent decoded; the
+    stream continues from it (--frames: the frames added)."""
+    from PIL import Image
+
+    image = np.zeros((48, 96, 3), np.uint8)  # twice as wide: the centre square survives the crop
+    image[..., 2] = 120
+    image[16:32, 40:56] = (230, 20, 20)
+    Image.fromarray(image).save(tmp_path / "start.png")
+    out = tmp_path / "i2v.mp4"
+    assert run_cli("generate", "a red square", "--model", toy_dir, "-o", out, "--frames", 6,
+                   "--image", tmp_path / "start.png", "--quiet") == 0
+    video, fitted = read_mp4(out), read_image(tmp_path / "start.png", 16, 16)[0]
+    assert video.shape == (7, 16, 16, 3) and "7 frames" in capsys.readouterr().out
+    assert fitted[8, 8, 0] > 200 > fitted[1, 1, 0] and fitted[1, 1, 2] > 100  # the square in the middle, blue around
+    loaded = StreamingPipeline.from_pretrained(toy_dir)
+    with torch.no_grad():  # the first frame as written: the image through the VAE, here unchanged
+        round_trip = to_uint8(loaded.vae.decode(loaded.encode_video(torch.from_numpy(fitted[None, None]))))[0, 0]
+    assert (round_trip.int() - torch.from_numpy(fitted).int()).abs().max() <= 1
+    assert np.abs(video[0].astype(int) - fitted.astype(int)).mean() < 16  # (the mp4: 4:2:0 colour at 16x16)
+    assert run_cli("generate", "a cat", "--model", toy_dir, "-o", tmp_path / "x.mp4", "--image", tmp_path / "i2v.mp4",
+                   "--quiet") == 2
+    assert "cannot read" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
+    assert run_cli("generate", "a cat", "--model", toy_dir, "-o", tmp_path / "x.mp4", "--image", tmp_path / "start.png",
+                   "--extend", out, "--quiet") == 2
+    assert "pass one" in capsys.readouterr().err
 
 
 def test_bidirectional_teacher_sampler_is_euler_cfg_over_the_whole_clip(pipe):

@@ -104,6 +104,26 @@ def mp4_writer(path: str | Path, fps: int) -> Iterator[MP4Writer]:
             raise SelfForcingError("no frames were generated; nothing written")
 
 
+def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
+    """An image as a (1, height, width, 3) uint8 clip of one frame: centre-cropped to the video's
+    aspect ratio, then resized (Lanczos), so that nothing is stretched."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SelfForcingError(f"image {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+        raise SelfForcingError(f"cannot read {path} as an image (PNG, JPEG, WebP, ...)") from None
+    scale = max(width / image.width, height / image.height)
+    crop_w, crop_h = round(width / scale), round(height / scale)
+    left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
+    image = image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + crop_w, top + crop_h))
+    return np.array(image, dtype=np.uint8)[None]
+
+
 def read_mp4(path: str | Path) -> np.ndarray:
     """Decode a video to (T, H, W, 3) uint8; a file ffmpeg cannot decode is the user's error,
     reported in one line (ffmpeg's own report opens with its whole build banner)."""
