@@ -33,7 +33,7 @@ from selfforcing.memory import GIB, check_fits
 from selfforcing.inference.conditioning import Conditioning
 from selfforcing.inference.rollout import rollout
 from selfforcing.models.convert import check_weight_files, load_state_dict_file
-from selfforcing.models.kv_cache import ROPE_MODES, KVCache, StaticKVCache
+from selfforcing.models.kv_cache import ROPE_MODES, KVCache, StaticKVCache, check_sink_ema
 from selfforcing.models.text_encoders import TextEncoder, negative_text, text_encoder_from_config, validate_prompts
 from selfforcing.models.vae import VideoVAE, vae_from_config
 from selfforcing.models.wan import CausalWanModel, TextContext
@@ -72,9 +72,7 @@ class SamplingConfig:
             )
         if self.rope_positions not in ROPE_MODES:
             raise SelfForcingError(f"rope_positions must be one of {ROPE_MODES}, got {self.rope_positions!r}")
-        if not 0 <= self.sink_ema < 1 or self.sink_ema and not self.sink_frames:
-            raise SelfForcingError(f"sink_ema must be in [0, 1), and > 0 only with sink_frames; got {self.sink_ema} "
-                                   f"with {self.sink_frames} sink frames")
+        check_sink_ema(self.sink_ema, self.sink_frames)
         if self.sink_ema and self.kv_recompute:
             raise SelfForcingError("sink_ema and kv_recompute do not go together: the recompute re-encodes the sinks "
                                    "from their own frames, undoing the EMA")

@@ -27,6 +27,13 @@ from selfforcing.errors import SelfForcingError
 ROPE_MODES = ("absolute", "relative")
 
 
+def check_sink_ema(sink_ema: float, sink_frames: int) -> None:
+    """An EMA-Sink decay in [0, 1), and one only where there are sinks to fuse into."""
+    if not 0 <= sink_ema < 1 or sink_ema and not sink_frames:
+        raise SelfForcingError(f"sink_ema must be in [0, 1), and > 0 only with sink_frames; got {sink_ema} "
+                               f"with {sink_frames} sink frames")
+
+
 class KVCache:
     def __init__(self, num_layers: int, capacity: int, sink_frames: int = 0, rope_positions: str = "absolute",
                  sink_ema: float = 0.0, attended_frames: int | None = None):
@@ -42,9 +49,7 @@ class KVCache:
         sees it (``overwrites`` counts only those that were still seen)."""
         if capacity < 0 or sink_frames < 0:
             raise SelfForcingError(f"cache capacity and sink frames must be >= 0, got {capacity}, {sink_frames}")
-        if not 0 <= sink_ema < 1 or sink_ema and not sink_frames:
-            raise SelfForcingError(f"sink_ema must be in [0, 1), and > 0 only with sink frames; got {sink_ema} "
-                                   f"with {sink_frames} sink frames")
+        check_sink_ema(sink_ema, sink_frames)
         self.sink_ema = sink_ema
         if sink_frames > capacity:
             raise SelfForcingError(f"sink_frames ({sink_frames}) cannot exceed the cache capacity ({capacity})")
