@@ -36,6 +36,7 @@ from selfforcing.models.wan import CausalWanModel, WanConfig, preset
 from selfforcing.training import loading
 from selfforcing.training.config import ScoreModelConfig, TrainConfig, grad_accum_steps
 from selfforcing.training.losses.gan import DiscriminatorHead
+from selfforcing.training.paradigms.self_forcing import rollout_cache
 
 GIB = 2**30
 FP32, BF16 = 4, 2
@@ -287,9 +288,7 @@ def _kv_cache_bytes(cfg: TrainConfig, nets: dict[str, _Net], tokens: int) -> int
     if p.name != "self_forcing":
         return 0
     c = nets["generator"].config
-    held = p.cache_frames(frames)
-    if (p.rollout_frames or frames) > held:  # a rolling cache keeps a video's length more, hidden (self_forcing.py)
-        held += frames
+    held, _ = rollout_cache(frames, p.rollout_frames, p.kv_cache_frames)  # hidden frames included
     return c.num_layers * 2 * (tokens // frames) * held * c.dim * BF16
 
 

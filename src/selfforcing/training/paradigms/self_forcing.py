@@ -29,6 +29,17 @@ from selfforcing.models.wan import CausalWanModel
 from selfforcing.training.paradigms import sample_exit_index
 
 
+def rollout_cache(num_frames: int, rollout_frames: int | None, kv_cache_frames: int | None) -> tuple[int, int | None]:
+    """(capacity, attended frames) of a training rollout's cache: ``kv_cache_frames`` (default the
+    video's ``num_frames``); when the rollout is longer than that, so that the cache rolls, it keeps
+    ``num_frames`` more, hidden, so that nothing an exit step saw is overwritten before its
+    backward (a checkpointed forward re-reads its window then)."""
+    cached = kv_cache_frames or num_frames
+    if (rollout_frames or num_frames) <= cached:
+        return cached, None
+    return cached + num_frames, cached
+
+
 def generate(
     model: CausalWanModel, shape: tuple[int, ...], text: torch.Tensor, schedule: FlowMatchSchedule,
     frames_per_chunk: int, timesteps: torch.Tensor, exit_generator: torch.Generator,
@@ -58,12 +69,9 @@ def generate(
         exits = [sample_exit_index(steps, exit_generator) for _ in range(window if exit_per_chunk else 1)] * (
             1 if exit_per_chunk else window)
     # Relative positions: with no frame ever evicted (the released setting) they equal the absolute ones.
-    # A cache that rolls keeps F more frames, hidden, so that nothing an exit step saw is overwritten
-    # before its backward (a checkpointed forward re-reads its window then).
-    cached = kv_cache_frames or F
-    rolls = num_chunks * frames_per_chunk > cached
-    cache = KVCache(len(model.blocks), capacity=cached + F if rolls else cached, sink_frames=sink_frames,
-                    rope_positions="relative", attended_frames=cached if rolls else None)
+    capacity, attended = rollout_cache(F, rollout_frames, kv_cache_frames)
+    cache = KVCache(len(model.blocks), capacity=capacity, sink_frames=sink_frames, rope_positions="relative",
+                    attended_frames=attended)
     chunks = list(rollout(
         model, model.encode_text(text), cache, schedule, timesteps, (B, C, frames_per_chunk, h, w), start + window,
         generator=generator, context_t=context_t, exit_index=[None] * start + exits,
