@@ -241,6 +241,11 @@ class Runner:
         """The method whose models a row streams: a variant's (``of``), else its own."""
         return self.plan.methods[method].get("of", method)
 
+    def row_model(self, stage: str, per_seed: bool, seed: int) -> tuple[str, int | None]:
+        """(stage, seed) of the model a row streams at ``seed``: a method's (or its variant's
+        trained method's) of that seed, a shared stage's one model."""
+        return (self.trained(stage), seed) if per_seed else (stage, None)
+
     def tasks(self, methods: list[str], lengths: dict[str, int], ev: dict) -> dict[tuple, Task]:
         """Every stage to train and every evaluation, each after the stages it starts from, in the
         order a single job runs them: the shared stages (the critical path) first, evaluations last."""
@@ -263,7 +268,7 @@ class Runner:
         for _, stage, per_seed in self.rows(methods):
             sampler, sampling = self.sampler(stage, per_seed), self.sampling(stage, per_seed)
             for seed in self.seeds:
-                model = ("train", self.trained(stage) if per_seed else stage, seed if per_seed else None)
+                model = ("train", *self.row_model(stage, per_seed, seed))
                 for length, frames in lengths.items():
                     if sampler is not None and length != training_length:
                         continue  # a bidirectional teacher makes clips of its training length; it has no rollout
@@ -288,9 +293,8 @@ class Runner:
         results: dict[str, dict] = {length: {} for length in lengths}
         samples: dict[str, tuple] = {}  # row -> model, sampler and sampling of its strip (first seed)
         for row, stage, per_seed in self.rows(methods):
-            samples[row] = (self.model_dir(self.trained(stage) if per_seed else stage, self.seeds[0] if per_seed else None),
-                            self.sampler(stage, per_seed),
-                            self.sampling(stage, per_seed))
+            samples[row] = (self.model_dir(*self.row_model(stage, per_seed, self.seeds[0])),
+                            self.sampler(stage, per_seed), self.sampling(stage, per_seed))
             for length in lengths:
                 runs = [done[key][0] for key in (("eval", length, stage, seed) for seed in self.seeds) if key in done]
                 if runs:
