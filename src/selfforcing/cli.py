@@ -162,7 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from selfforcing.inference.pipeline import to_uint8
-    from selfforcing.inference.video import check_mp4_output, mp4_writer, read_image, read_mp4
+    from selfforcing.inference.video import check_mp4_output, fit_image, load_image, mp4_writer, read_mp4
     from selfforcing.models.text_encoders import validate_prompts
 
     validate_prompts([args.prompt])
@@ -175,8 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.strip is not None:
         check_writable(args.strip)
     video = None if args.extend is None else read_mp4(args.extend)  # both before the model loads
-    if args.image is not None:
-        read_image(args.image, 8, 8)  # a bad image fails before the model loads (fitted to the video below)
+    image = None if args.image is None else load_image(args.image)  # (fitted to the video once it is known)
     model = args.model
     if model is None:
         model = DEFAULT_MODEL
@@ -191,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pipe.sampling = replace(pipe.sampling, height=args.height or pipe.sampling.height,
                                 width=args.width or pipe.sampling.width)
     if args.image is not None:  # (after --height / --width: the image is fitted to the video)
-        video = read_image(args.image, pipe.sampling.height, pipe.sampling.width)
+        video = fit_image(image, pipe.sampling.height, pipe.sampling.width)
     initial = None if video is None else pipe.encode_video(torch.from_numpy(video)[None])
     prefix = 0 if initial is None else initial.shape[2]
     num_frames = args.frames or pipe.video_frames(21, prefix)

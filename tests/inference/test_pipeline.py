@@ -12,7 +12,7 @@ from selfforcing.cli import DEFAULT_MODEL, main
 from selfforcing.errors import SelfForcingError
 from selfforcing.inference import SamplingConfig, StreamingPipeline
 from selfforcing.inference.pipeline import to_uint8
-from selfforcing.inference.video import read_image, read_mp4
+from selfforcing.inference.video import fit_image, load_image, read_mp4
 from selfforcing.models import CausalWanModel, WanConfig, preset
 from selfforcing.models.text_encoders import HashTextEncoder
 from selfforcing.models.vae import PixelCodec
@@ -164,7 +164,7 @@ def test_generate_from_an_image_opens_with_it_and_streams_on(toy_dir, tmp_path, 
     out = tmp_path / "i2v.mp4"
     assert run_cli("generate", "a red square", "--model", toy_dir, "-o", out, "--frames", 6,
                    "--image", tmp_path / "start.png", "--quiet") == 0
-    video, fitted = read_mp4(out), read_image(tmp_path / "start.png", 16, 16)[0]
+    video, fitted = read_mp4(out), fit_image(load_image(tmp_path / "start.png"), 16, 16)[0]
     assert video.shape == (7, 16, 16, 3) and "7 frames" in capsys.readouterr().out
     assert fitted[8, 8, 0] > 200 > fitted[1, 1, 0] and fitted[1, 1, 2] > 100  # the square in the middle, blue around
     loaded = StreamingPipeline.from_pretrained(toy_dir)

@@ -104,9 +104,8 @@ def mp4_writer(path: str | Path, fps: int) -> Iterator[MP4Writer]:
             raise SelfForcingError("no frames were generated; nothing written")
 
 
-def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
-    """An image as a (1, height, width, 3) uint8 clip of one frame: centre-cropped to the video's
-    aspect ratio, then resized (Lanczos), so that nothing is stretched."""
+def load_image(path: str | Path):
+    """An image file as an RGB ``PIL.Image``; a file that is not one is the user's error, in one line."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -114,9 +113,16 @@ def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
         raise SelfForcingError(f"image {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            return image.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
         raise SelfForcingError(f"cannot read {path} as an image (PNG, JPEG, WebP, ...)") from None
+
+
+def fit_image(image, height: int, width: int) -> np.ndarray:
+    """An RGB ``PIL.Image`` as a (1, height, width, 3) uint8 clip of one frame: centre-cropped to
+    the video's aspect ratio, then resized (Lanczos), so that nothing is stretched."""
+    from PIL import Image
+
     scale = max(width / image.width, height / image.height)
     crop_w, crop_h = round(width / scale), round(height / scale)
     left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
