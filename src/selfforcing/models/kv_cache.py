@@ -124,6 +124,11 @@ class KVCache:
             return torch.ones_like(held, dtype=torch.bool)
         return (held < self.sink_frames) | (held >= self.frames_seen - (self.attended_frames - self.sink_frames))
 
+    def _num_seen(self) -> int:
+        """How many held frames attention sees (counted without tensors where it sees them all:
+        the fast engine asks before every forward)."""
+        return self.num_valid if self.attended_frames is None else int(self._seen().sum())
+
     def key_mask(self) -> torch.Tensor | None:
         """(frames*tokens,) bool over the window, False for hidden frames; None if nothing is hidden."""
         keep = (self.slot_frame[: self.num_valid] >= self.hidden_before) & self._seen()
@@ -145,7 +150,7 @@ class KVCache:
 
     def next_positions(self, num_frames: int) -> torch.Tensor:
         """RoPE positions for the next ``num_frames`` frames of the stream."""
-        start = self.frames_seen if self.rope_positions == "absolute" else int(self._seen().sum())
+        start = self.frames_seen if self.rope_positions == "absolute" else self._num_seen()
         return torch.arange(start, start + num_frames)
 
     # ---- writing ---------------------------------------------------------
